@@ -1,0 +1,98 @@
+"""The latentdit command line: thin Typer commands over the stage libraries.
+
+    latentdit --help
+    latentdit inspect STORE
+    latentdit validate STORE
+
+Each command parses its options into the stage's config and calls the library; a
+`LatentditError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from latent_store import LatentditError, describe_store, validate_store
+from latent_store.summary import format_description
+from latent_store.validate import DEFAULT_MAX_CLIPPED
+
+app = typer.Typer(
+    help="Encode images once into uint8 VAE latents, then train and sample class-conditional DiTs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+F = TypeVar("F", bound=Callable)
+
+StorePath = Annotated[Path, typer.Argument(help="A latent store folder (Zarr v3 group).")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def user_errors(fn: F) -> F:
+    """Turn LatentditError into a one-line message and exit code 2 (no traceback)."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LatentditError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _configure(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+@app.command()
+@user_errors
+def inspect(store: StorePath, as_json: JsonFlag = False) -> None:
+    """Describe a store: samples, classes, size, VAE, quantization, statistics, completion."""
+    d = describe_store(store)
+    typer.echo(json.dumps(d, indent=2) if as_json else format_description(d))
+
+
+@app.command()
+@user_errors
+def validate(
+    store: StorePath,
+    as_json: JsonFlag = False,
+    max_clipped: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Largest clipped fraction of quantized values.")
+    ] = DEFAULT_MAX_CLIPPED,
+) -> None:
+    """Check a store before training on it; exit 0 only when every check passes."""
+    checks = validate_store(store, max_clipped=max_clipped)
+    ok = all(c.ok for c in checks)
+    if as_json:
+        typer.echo(json.dumps({"ok": ok, "checks": [c.to_dict() for c in checks]}, indent=2))
+    else:
+        for c in checks:
+            typer.echo(f"{'PASS' if c.ok else 'FAIL'} {c.name}: {c.message}")
+        typer.echo(f"{store}: {'valid' if ok else 'INVALID'}")
+    raise typer.Exit(0 if ok else 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Read a store into RAM, or stream it shard by shard.
+
+Training never indexes Zarr sample by sample: `load_latents` reads whole shards into one uint8
+array, `iter_shards` yields whole shards in a seeded, rank-aware order for stores larger than RAM.
+Dequantize batches with `latent_store.dequantize` on the consumer's device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from latent_store.schema import LABEL_FILL, StoreSpec
+from latent_store.store import LatentStore
+
+
+@dataclass(frozen=True)
+class LatentArrays:
+    """Written samples held in RAM.
+
+    latents: uint8 (M, V, C, H, W); labels: int64 (M,); indices: int64 (M,) positions in the
+    store (to look up keys); logstd: uint8 like latents, only for posterior "moments".
+    """
+
+    latents: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    logstd: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _shard_arrays(store: LatentStore, shard: int) -> LatentArrays:
+    data = store.read_shard(shard)
+    keep = data["labels"] != LABEL_FILL
+    start, _ = store.spec.shard_bounds(shard)
+    return LatentArrays(
+        latents=data["latents"][keep],
+        labels=data["labels"][keep].astype(np.int64),
+        indices=np.flatnonzero(keep) + start,
+        logstd=data["logstd"][keep] if "logstd" in data else None,
+    )
+
+
+def _concat(parts: Sequence[LatentArrays], spec: StoreSpec) -> LatentArrays:
+    if not parts:
+        empty = np.zeros((0, *spec.sample_shape), np.uint8)
+        return LatentArrays(empty, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    logstd = [p.logstd for p in parts]
+    return LatentArrays(
+        latents=np.concatenate([p.latents for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        indices=np.concatenate([p.indices for p in parts]),
+        logstd=None if logstd[0] is None else np.concatenate(logstd),
+    )
+
+
+def load_latents(
+    path: str | os.PathLike | LatentStore,
+    *,
+    shards: Sequence[int] | None = None,
+    allow_incomplete: bool = False,
+    threads: int = 4,
+) -> LatentArrays:
+    """Load the written samples of a store (or of some shards) into RAM.
+
+    Raises StoreIncompleteError naming the missing shards unless every requested shard is
+    complete or `allow_incomplete` is set (incomplete shards are then skipped).
+    """
+    store = path if isinstance(path, LatentStore) else LatentStore(path)
+    todo = store.require_complete(shards, allow_incomplete=allow_incomplete)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        parts = list(pool.map(lambda s: _shard_arrays(store, s), todo))
+    return _concat(parts, store.spec)
+
+
+def shard_order(num_shards: int, *, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
+    """This rank's shards for an epoch: one seeded permutation shared by all ranks, dealt round-robin."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_shards)
+    return perm[rank::world_size].tolist()
+
+
+def iter_shards(
+    path: str | os.PathLike | LatentStore,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    allow_incomplete: bool = False,
+) -> Iterator[LatentArrays]:
+    """Yield this rank's complete shards, whole, in a seeded order that changes every epoch."""
+    store = path if isinstance(path, LatentStore) else LatentStore(path)
+    complete = store.require_complete(allow_incomplete=allow_incomplete)
+    for i in shard_order(len(complete), seed=seed, epoch=epoch, rank=rank, world_size=world_size):
+        yield _shard_arrays(store, complete[i])

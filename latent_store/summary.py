@@ -1,0 +1,88 @@
+"""Describe a store for `latentdit inspect`: counts, classes, size, provenance, completion."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+import numpy as np
+
+from latent_store.schema import LABEL_FILL
+from latent_store.store import LatentStore, _format_ranges
+from latent_store.writer import summarize_records
+
+FAILURES_SHOWN = 10
+
+
+def _bytes_on_disk(store: LatentStore) -> int | None:
+    if store.local_root is None:
+        return None
+    return sum(f.stat().st_size for f in store.local_root.rglob("*") if f.is_file())
+
+
+def describe_store(path: str | os.PathLike) -> dict:
+    """A JSON-ready description of a store."""
+    store = LatentStore(path)
+    spec = store.spec
+    records = store.records()
+    summary = summarize_records(store)
+    labels = store.array("labels")[:]
+    counts = np.bincount(labels[labels != LABEL_FILL], minlength=spec.num_classes)
+    failures = [asdict(f) for r in records if r for f in r.failures]
+    missing = [i for i, r in enumerate(records) if r is None]
+    return {
+        "path": store.path,
+        "format_version": spec.to_attrs()["format_version"],
+        "samples": spec.num_samples,
+        "samples_written": summary["samples_written"],
+        "latent_shape": list(spec.latent_shape),
+        "variants": list(spec.variants),
+        "posterior": spec.posterior,
+        "image_size": spec.image_size,
+        "crop": spec.crop,
+        "classes": spec.num_classes,
+        "per_class_min": int(counts.min()) if counts.size else 0,
+        "per_class_max": int(counts.max()) if counts.size else 0,
+        "bytes_on_disk": _bytes_on_disk(store),
+        "vae": asdict(spec.vae),
+        "quantization": spec.quant.to_attrs(),
+        "clipped_fraction": summary["clipped_fraction"],
+        "channel_mean": summary["channel_mean"],
+        "channel_std": summary["channel_std"],
+        "shards_complete": summary["shards_complete"],
+        "shards_total": summary["shards_total"],
+        "incomplete": _format_ranges(missing) if missing else "",
+        "failures": len(failures),
+        "failure_reasons": summary["failure_reasons"],
+        "failures_first": failures[:FAILURES_SHOWN],
+        "image_modes": summary["image_modes"],
+        "source": dict(spec.source),
+        "tool_version": spec.tool_version,
+        "command": spec.command,
+    }
+
+
+def format_description(d: dict) -> str:
+    """Human-readable lines for `describe_store`'s dict."""
+
+    def floats(xs):
+        return "[" + ", ".join(f"{x:.4g}" for x in xs) + "]"
+
+    size = f"{d['bytes_on_disk'] / 1e6:.1f} MB" if d["bytes_on_disk"] is not None else "remote"
+    complete = "complete" if not d["incomplete"] else f"INCOMPLETE: {d['incomplete']}"
+    lines = [
+        f"store        {d['path']}  (format v{d['format_version']}, {size})",
+        f"samples      {d['samples_written']} written of {d['samples']}, {d['failures']} failed",
+        f"shards       {d['shards_complete']}/{d['shards_total']} {complete}",
+        f"latents      {'x'.join(map(str, d['latent_shape']))} uint8, variants {', '.join(d['variants'])}, posterior {d['posterior']}",
+        f"images       {d['image_size']} px, crop {d['crop']}, modes {d['image_modes']}",
+        f"classes      {d['classes']} (per class: min {d['per_class_min']}, max {d['per_class_max']})",
+        f"vae          {d['vae']['id']} ({d['vae']['cls']}, scaling {d['vae']['scaling_factor']}, shift {d['vae']['shift_factor']})",
+        f"quantization {d['quantization']['scheme']}, clipped {d['clipped_fraction']:.2e}",
+        f"mean         {floats(d['channel_mean'])}",
+        f"std          {floats(d['channel_std'])}",
+    ]
+    if d["failures"]:
+        lines.append(f"failures     {d['failure_reasons']}")
+        lines += [f"  {f['key']}: {f['reason']}" for f in d["failures_first"]]
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""Checks that catch a broken store before GPU hours are spent on it.
+
+`validate_store` returns one `Check` per rule; the store is sound only when all pass. Each failed
+check says what is wrong and where (shard, sample index, array), and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from latent_store.errors import LatentditError
+from latent_store.quantize import QMAX
+from latent_store.schema import LABEL_FILL, ShardRecord
+from latent_store.store import LatentStore, _format_ranges, shard_checksum
+from latent_store.writer import summarize_records
+
+DEFAULT_MAX_CLIPPED = 1e-3  # clipped fraction of quantized values tolerated
+MAX_LISTED = 5  # problems listed per check before "..."
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one rule: its name, whether it passed, and what was found."""
+
+    name: str
+    ok: bool
+    message: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _listing(problems: list[str]) -> str:
+    more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return "; ".join(problems[:MAX_LISTED]) + more
+
+
+def _check(name: str, problems: list[str], ok_message: str) -> Check:
+    return Check(name, not problems, _listing(problems) if problems else ok_message)
+
+
+def check_arrays(store: LatentStore) -> Check:
+    spec = store.spec
+    n, sample = spec.num_samples, spec.sample_shape
+    want = {
+        "latents": ("uint8", (n, *sample), (spec.chunk_size, *sample)),
+        "labels": ("int16", (n,), (spec.shard_size,)),
+        "keys": (None, (n,), (spec.shard_size,)),
+        "shard_records": (None, (spec.num_shards,), (1,)),
+    }
+    if spec.posterior == "moments":
+        want["logstd"] = want["latents"]
+    problems = []
+    for name, (dtype, shape, chunks) in want.items():
+        try:
+            arr = store.array(name)
+        except LatentditError as e:
+            problems.append(str(e))
+            continue
+        if tuple(arr.shape) != shape:
+            problems.append(f"{name}: shape {tuple(arr.shape)} does not match metadata {shape}")
+        if dtype and str(arr.dtype) != dtype:
+            problems.append(f"{name}: dtype {arr.dtype} does not match {dtype}")
+        if tuple(arr.chunks) != chunks:
+            problems.append(f"{name}: chunks {tuple(arr.chunks)} do not match {chunks}")
+    return _check("arrays", problems, f"shapes, dtypes and chunks match ({n} samples)")
+
+
+def check_completion(store: LatentStore, records: list[ShardRecord | None]) -> Check:
+    missing = [i for i, r in enumerate(records) if r is None]
+    problems = [f"no completion marker for {_format_ranges(missing)}"] if missing else []
+    if missing:
+        problems[0] += "; re-run the encode command to finish them"
+    return _check("completion", problems, f"all {len(records)} shards complete")
+
+
+def check_shards(store: LatentStore, records: list[ShardRecord | None]) -> tuple[Check, Check]:
+    """Checksums and labels of every complete shard (one read of each shard)."""
+    spec, root = store.spec, store.local_root
+    corrupt, bad_labels = [], []
+    for shard, record in enumerate(records):
+        if record is None:
+            continue
+        lost = [k for k in store.shard_files(shard) if root is not None and not (root / k).exists()]
+        if lost:
+            corrupt.append(f"shard {shard}: data file missing ({', '.join(lost)})")
+            continue
+        try:
+            data = store.read_shard(shard)
+        except Exception as e:
+            corrupt.append(f"shard {shard}: unreadable ({type(e).__name__}: {e})")
+            continue
+        if (actual := shard_checksum(data)) != record.checksum:
+            corrupt.append(
+                f"shard {shard}: checksum mismatch (recorded {record.checksum}, data {actual})"
+            )
+        bad_labels += _label_problems(spec.num_classes, record, data["labels"])
+    return (
+        _check("checksums", corrupt, "every complete shard matches its checksum"),
+        _check("labels", bad_labels, f"labels in [0, {spec.num_classes}), fill only at failures"),
+    )
+
+
+def _label_problems(num_classes: int, record: ShardRecord, labels: np.ndarray) -> list[str]:
+    failed = np.zeros(len(labels), bool)
+    failed[[f.index - record.start for f in record.failures]] = True
+    problems = []
+    out = np.flatnonzero((labels != LABEL_FILL) & ((labels < 0) | (labels >= num_classes)))
+    if out.size:
+        i = out[0]
+        problems.append(
+            f"shard {record.shard}: {out.size} labels outside [0, {num_classes}), "
+            f"first {int(labels[i])} at sample {record.start + i}"
+        )
+    unwritten = np.flatnonzero((labels == LABEL_FILL) & ~failed)
+    if unwritten.size:
+        problems.append(
+            f"shard {record.shard}: {unwritten.size} samples hold the fill value -1 without a "
+            f"recorded failure, first at sample {record.start + unwritten[0]}"
+        )
+    relabeled = np.flatnonzero((labels != LABEL_FILL) & failed)
+    if relabeled.size:
+        problems.append(f"shard {record.shard}: {relabeled.size} failed samples carry a label")
+    return problems
+
+
+def check_keys(store: LatentStore) -> Check:
+    keys = store.array("keys")[:].tolist()
+    problems = []
+    if empty := sum(1 for k in keys if not k):
+        problems.append(f"{empty} empty keys")
+    if dup := [k for k, n in Counter(keys).items() if n > 1 and k]:
+        problems.append(f"{len(dup)} duplicated keys, e.g. {dup[0]!r}")
+    return _check("keys", problems, f"{len(keys)} keys, unique")
+
+
+def check_quantization(store: LatentStore, summary: dict, max_clipped: float) -> Check:
+    spec = store.spec
+    problems = []
+    for name, q in (("quant", spec.quant), ("logstd_quant", spec.logstd_quant)):
+        if q is not None and not q.is_finite():
+            problems.append(f"{name} parameters are not finite and positive: {q.to_attrs()}")
+    clipped = summary["clipped_fraction"]
+    if clipped > max_clipped:
+        problems.append(
+            f"{clipped:.2e} of values were clipped, above {max_clipped:.0e}: the calibration "
+            "range is too narrow; re-encode with more calibration samples"
+        )
+    return _check("quantization", problems, f"parameters finite, clipped fraction {clipped:.2e}")
+
+
+def check_statistics(store: LatentStore, summary: dict) -> Check:
+    q = store.spec.quant
+    problems = []
+    for c, (mean, std) in enumerate(
+        zip(summary["channel_mean"], summary["channel_std"], strict=True)
+    ):
+        lo, hi = q.offset[c], q.offset[c] + QMAX * q.scale[c]
+        if not (math.isfinite(mean) and math.isfinite(std)):
+            problems.append(f"channel {c}: statistics not finite (mean {mean}, std {std})")
+        elif not lo <= mean <= hi:
+            problems.append(
+                f"channel {c}: mean {mean:.4g} outside the quantized range [{lo:.4g}, {hi:.4g}]"
+            )
+        elif std < q.scale[c]:
+            problems.append(
+                f"channel {c}: std {std:.3g} below one quantization step {q.scale[c]:.3g} "
+                "(constant latents: was the VAE or the input broken?)"
+            )
+    return _check("statistics", problems, "per-channel mean and std plausible")
+
+
+def validate_store(
+    path: str | os.PathLike, *, max_clipped: float = DEFAULT_MAX_CLIPPED
+) -> list[Check]:
+    """Run every check on a store. Opening errors (no store, unknown format) raise instead."""
+    store = LatentStore(path)
+    checks = [check_arrays(store)]
+    if not checks[0].ok:  # reading shards through wrong shapes would only add noise
+        return checks
+    records = store.records()
+    summary = summarize_records(store)
+    checks += [check_completion(store, records), *check_shards(store, records), check_keys(store)]
+    checks += [check_quantization(store, summary, max_clipped), check_statistics(store, summary)]
+    return checks

@@ -1,0 +1,1 @@
+"""sampler stage of latentdit."""

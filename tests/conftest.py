@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny stores written by the real writer."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from latent_store import (
+    ClassInfo,
+    StoreSpec,
+    StoreWriter,
+    VaeInfo,
+    calibrate,
+    create_store,
+    finalize_store,
+    quantize,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_latents(n: int, channels: int = 4, size: int = 8, variants: int = 1, seed: int = 0):
+    """Float latents (n, V, C, H, W) with a different mean and std per channel."""
+    rng = np.random.default_rng(seed)
+    mean = np.linspace(-1, 1, channels).reshape(1, 1, channels, 1, 1)
+    std = np.linspace(0.5, 2, channels).reshape(1, 1, channels, 1, 1)
+    x = rng.standard_normal((n, variants, channels, size, size)) * std + mean
+    return x.astype(np.float32)
+
+
+def make_spec(n: int, *, channels=4, size=8, variants=1, classes=3, chunk=4, shard=16, quant=None):
+    return StoreSpec(
+        num_samples=n,
+        latent_shape=(channels, size, size),
+        quant=quant or calibrate(random_latents(64, channels, size, variants, seed=99)),
+        vae=VaeInfo(id="tests/tiny-vae", scaling_factor=0.5, latent_channels=channels),
+        classes=tuple(
+            ClassInfo(index=i, id=f"n{i:08d}", name=f"class {i}") for i in range(classes)
+        ),
+        variants=("image", "hflip")[:variants],
+        chunk_size=chunk,
+        shard_size=shard,
+        source={"kind": "test"},
+    )
+
+
+def write_store(path: Path, n: int = 40, *, failures=(), seed: int = 0, **spec_kw) -> Path:
+    """Create a store and write all its shards; `failures` are sample indices left unwritten."""
+    from latent_store import Failure
+
+    spec = make_spec(n, **spec_kw)
+    store = create_store(
+        path, spec, [f"train/n{i % spec.num_classes:08d}/{i}.JPEG" for i in range(n)]
+    )
+    x = random_latents(n, spec.latent_shape[0], spec.latent_shape[1], len(spec.variants), seed)
+    labels = (np.arange(n) % spec.num_classes).astype(np.int16)
+    labels[list(failures)] = -1
+    writer = StoreWriter(store)
+    for shard in range(spec.num_shards):
+        a, b = spec.shard_bounds(shard)
+        fails = [
+            Failure(index=i, key=f"k{i}", reason="decode: broken") for i in failures if a <= i < b
+        ]
+        q, clipped = quantize(x[a:b], spec.quant)
+        writer.write_shard(
+            shard,
+            q.numpy(),
+            labels[a:b],
+            failures=fails,
+            image_modes={"RGB": b - a},
+            clipped=clipped,
+        )
+    finalize_store(store)
+    return path
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return write_store(tmp_path / "store.zarr")
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable

@@ -33,4 +33,16 @@ format: setup  ## apply ruff fixes and formatting
 bench-store: setup  ## store write / load / random-batch throughput (JSON)
 	$(PY) bench/bench_store.py
 
+# --- encode ---
+
+
+# --- train ---
+
+
+# --- sample ---
+
+
+# --- demo ---
+
+
 bench: bench-store  ## every benchmark (JSON lines)

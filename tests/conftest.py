@@ -85,3 +85,46 @@ def store_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+def make_tiny_vae(path: Path, *, latent_channels: int = 4, blocks: int = 4, seed: int = 0) -> Path:
+    """Build a tiny diffusers AutoencoderKL (downsampling 2**(blocks-1)), save_pretrained to `path`."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=(8,) * blocks,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.5,
+    )
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory) -> Path:
+    """A tiny 4-channel, 8x-downsampling AutoencoderKL saved in the standard diffusers folder format."""
+    return make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
+
+
+# --- fixtures: encode (pipeline) ----------------------------------------------------------------
+
+
+# --- fixtures: web ingestion --------------------------------------------------------------------
+
+
+# --- fixtures: trainer --------------------------------------------------------------------------
+
+
+# --- fixtures: sampler --------------------------------------------------------------------------
+
+
+# --- fixtures: demo -----------------------------------------------------------------------------

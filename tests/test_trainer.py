@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import re
+import signal
+import subprocess
 
 import pytest
 import torch
+from conftest import ROOT, write_store
+from typer.testing import CliRunner
 
+from cli import app
 from latent_store import LatentStore
 from trainer.checkpoint import (
     CheckpointNotFoundError,
@@ -18,9 +26,17 @@ from trainer.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from trainer.config import ConfigError, resolve_config
+from trainer.data import BatchLayout, DataError, build_batches
+from trainer.distributed import seed_everything, setup_distributed, teardown_distributed
 from trainer.model import DIT_PRESETS, DiT, ModelConfigError, build_model, forward_flops
 from trainer.normalization import LatentNormalization, NormalizationError, normalization_from_store
 from trainer.objective import DDPM, FlowMatching, ObjectiveError, drop_labels, objective_from_meta
+from trainer.step import lr_at, make_trainee, train_step
+from trainer.train import build_model_for_store, train
+
+CPU = torch.device("cpu")
+runner = CliRunner()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -236,3 +252,222 @@ def test_flops_grow_with_tokens():
     big = {**small, "patch_size": 2}
     assert 3.5 < forward_flops(big) / forward_flops(small) < 4.5
     assert math.isfinite(forward_flops(small))
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def _layout(batch=8, accum=1, rank=0, world=1):
+    return BatchLayout(batch_size=batch, grad_accum=accum, rank=rank, world_size=world)
+
+
+def test_memory_batches_do_not_depend_on_world_size(tmp_path):
+    store = LatentStore(write_store(tmp_path / "s.zarr", n=24, variants=2))
+    norm = normalization_from_store(store, "channel_stats")
+
+    def batches(rank, world, accum):
+        data = build_batches(
+            store, norm, _layout(8, accum, rank, world), mode="memory", seed=3, device=CPU
+        )
+        assert data.steps_per_epoch == 3
+        return [data.get(epoch, step) for epoch in (0, 1) for step in range(3)]
+
+    one = batches(0, 1, 1)
+    two = list(zip(batches(0, 2, 1), batches(1, 2, 1), strict=True))
+    for whole, (a, b) in zip(one, two, strict=True):
+        assert torch.equal(whole[0][0], torch.cat([a[0][0], b[0][0]]))
+        assert torch.equal(whole[0][1], torch.cat([a[0][1], b[0][1]]))
+    labels = torch.cat([b[0][1] for b in one[:3]])
+    assert sorted(labels.tolist()) == sorted((torch.arange(24) % 3).tolist())  # one epoch
+    assert not torch.equal(one[0][0][0], one[3][0][0])  # a new order each epoch
+    accum = batches(0, 1, 2)
+    assert torch.equal(torch.cat([accum[0][0][0], accum[0][1][0]]), one[0][0][0])
+    mean = torch.cat([b[0][0] for b in one]).mean(dim=(0, 2, 3))
+    assert mean.abs().max() < 0.3  # channel_stats normalization centers the channels
+
+
+def test_stream_batches_resume_mid_epoch(tmp_path):
+    store = LatentStore(write_store(tmp_path / "s.zarr", n=40, shard=8, chunk=4))
+    norm = normalization_from_store(store, "vae_scaling")
+    layout = _layout(4, 1, 1, 2)
+    data = build_batches(store, norm, layout, mode="stream", seed=0, device=CPU, shuffle_shards=2)
+    assert data.steps_per_epoch == 8  # each of 2 ranks holds at least 2 shards of 8 samples
+    seq = [data.get(0, k)[0][1] for k in range(data.steps_per_epoch)]
+    fresh = build_batches(store, norm, layout, mode="stream", seed=0, device=CPU, shuffle_shards=2)
+    assert torch.equal(fresh.get(0, 5)[0][1], seq[5]) and torch.equal(fresh.get(0, 6)[0][1], seq[6])
+    with pytest.raises(DataError, match="not divisible by world size 2"):
+        _layout(5, 1, 0, 2)
+
+
+def test_lr_schedule():
+    cfg = resolve_config(None, {"store": "s", "run": "r", "warmup_steps": 10, "steps": 110})
+    assert lr_at(0, cfg) == pytest.approx(1e-5) and lr_at(9, cfg) == lr_at(100, cfg) == 1e-4
+    cosine = dataclasses.replace(cfg, cosine_decay=True, min_lr=1e-6)
+    assert lr_at(60, cosine) == pytest.approx((1e-4 + 1e-6) / 2) and lr_at(110, cosine) == 1e-6
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+def tiny_options(store, run, **kw) -> dict:
+    return {
+        "store": str(store),
+        "run": str(run),
+        "model": "DiT-S/2",
+        **TINY,
+        "batch_size": 8,
+        "warmup_steps": 0,
+        "log_every": 1,
+        "lr": 1e-3,
+        **kw,
+    }
+
+
+def cli_args(options: dict) -> list[str]:
+    return [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def read_log(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_overfitting_a_tiny_store(tmp_path):
+    """The real train step on one fixed batch (the whole store, the same noise) memorizes it."""
+    store = LatentStore(write_store(tmp_path / "s.zarr", n=8))
+    cfg = resolve_config(None, tiny_options(store.path, tmp_path / "run"))
+    dist = setup_distributed("cpu")
+    try:
+        seed_everything(0, 0)
+        trainee = make_trainee(build_model_for_store(cfg, store), cfg, dist)
+        norm = normalization_from_store(store, cfg.normalization)
+        data = build_batches(store, norm, _layout(8), mode="memory", seed=0, device=CPU)
+        batches, objective = data.get(0, 0), FlowMatching()
+        losses = [
+            train_step(
+                trainee, objective, batches, step=0, lr=3e-3, cfg=cfg, layout=_layout(8), device=CPU
+            )[0].item()
+            for _ in range(150)
+        ]
+    finally:
+        teardown_distributed()
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_two_processes_match_one(tmp_path, python):
+    """torchrun, 2 ranks on gloo, batch 4 each = 1 rank with batch 8: the same losses.
+
+    Only the order of floating-point sums differs (DDP averages gradients across ranks), so the
+    losses agree to rtol 1e-4 over a few steps, not bitwise.
+    """
+    store = write_store(tmp_path / "s.zarr", n=32, variants=2)
+    options = tiny_options(store, tmp_path / "two", steps=4, ckpt_every=100)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*command, str(ROOT / "cli.py"), "--", "train", *cli_args(options)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    train(resolve_config(None, {**options, "run": str(tmp_path / "one")}))
+    two, one = read_log(tmp_path / "two"), read_log(tmp_path / "one")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_kill_and_resume_is_exact(tmp_path, python):
+    """SIGKILL a real training process after a checkpoint; re-running the command continues exactly."""
+    store = write_store(tmp_path / "s.zarr", n=24, variants=2)
+    options = tiny_options(store, tmp_path / "killed", steps=7, ckpt_every=3, keep_last=2)
+    job = subprocess.Popen(
+        [
+            python,
+            ROOT / "tests/jobs/train_job.py",
+            "--pause-after",
+            "5",
+            "train",
+            *cli_args(options),
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert job.stdout.readline().strip() == "PAUSED 5"
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    killed = tmp_path / "killed"
+    assert [r["step"] for r in read_log(killed)] == [1, 2, 3, 4, 5]
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "0000003"
+    result = runner.invoke(app, ["train", *cli_args(options)])
+    assert result.exit_code == 0, result.output
+    train(resolve_config(None, {**options, "run": str(tmp_path / "straight")}))
+    resumed, straight = read_log(killed), read_log(tmp_path / "straight")
+    assert [r["step"] for r in resumed] == list(range(1, 8))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # bitwise
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = (killed / "checkpoints" / "0000007" / name).read_bytes()
+        assert a == (tmp_path / "straight" / "checkpoints" / "0000007" / name).read_bytes()
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == [
+        "0000006",
+        "0000007",
+        "latest",
+    ]
+    state = torch.load(killed / "checkpoints" / "0000006" / "state.pt", weights_only=True)
+    assert state["data"] == {"epoch": 2, "step_in_epoch": 0} and state["step"] == 6
+    saved = json.loads((killed / "config.json").read_text())
+    assert saved["hidden_size"] == 32 and saved["steps"] == 7
+    changed = runner.invoke(app, ["train", *cli_args({**options, "lr": 0.5})])
+    assert changed.exit_code == 2 and "lr: 0.001 (run) vs 0.5 (now)" in changed.output
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def test_config_file_and_cli_overrides(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        'store = "a.zarr"\nrun = "r"\nmodel = "DiT-L/4"\nsteps = 7\nadam-betas = [0.9, 0.95]\n'
+    )
+    cfg = resolve_config(toml, {"steps": 9, "lr": None})
+    assert (cfg.model, cfg.steps, cfg.adam_betas, cfg.lr) == ("DiT-L/4", 9, (0.9, 0.95), 1e-4)
+    yml = tmp_path / "c.yaml"
+    yml.write_text("store: a.zarr\nrun: r\ngrad_clip: null\n")
+    assert resolve_config(yml).grad_clip is None
+    yml.write_text("store: a.zarr\nlearning_rate: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown options \['learning_rate'\]"):
+        resolve_config(yml)
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("missing_store", "no latent store here"),
+        ("unknown_preset", "unknown model preset 'DiT-XXL/2'"),
+        ("shape", "6x6 latents\\) does not fit --model DiT-S/4: latent size 6 is not divisible"),
+        ("batch", "fewer than one global batch of 64"),
+        ("config", "no such file"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(tmp_path, case, match):
+    store = write_store(tmp_path / "s.zarr", n=16, size=6 if case == "shape" else 8)
+    options = tiny_options(store, tmp_path / "run", steps=1)
+    if case == "missing_store":
+        options["store"] = str(tmp_path / "nope.zarr")
+    if case == "unknown_preset":
+        options["model"] = "DiT-XXL/2"
+    if case == "shape":
+        options["model"] = "DiT-S/4"
+    if case == "batch":
+        options["batch_size"] = 64
+    extra = ["--config", str(tmp_path / "none.toml")] if case == "config" else []
+    result = runner.invoke(app, ["train", *cli_args(options), *extra])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert re.search(match, result.output), result.output

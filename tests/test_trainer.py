@@ -357,7 +357,7 @@ def test_two_processes_match_one(tmp_path, python):
     """torchrun, 2 ranks on gloo, batch 4 each = 1 rank with batch 8: the same losses.
 
     Only the order of floating-point sums differs (DDP averages gradients across ranks), so the
-    losses agree to rtol 1e-4 over a few steps, not bitwise.
+    losses agree to rtol 1e-5 over a few steps (measured: ~6e-8), not bitwise.
     """
     store = write_store(tmp_path / "s.zarr", n=32, variants=2)
     options = tiny_options(store, tmp_path / "two", steps=4, ckpt_every=100)
@@ -371,12 +371,19 @@ def test_two_processes_match_one(tmp_path, python):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    train(resolve_config(None, {**options, "run": str(tmp_path / "one")}))
+    calls = []
+
+    def sample_fn(ema, meta, step, run):  # the seam the sampler's grid writer plugs into
+        calls.append((step, meta["step"], run.name, ema.training, type(ema).__name__))
+
+    one_options = {**options, "run": str(tmp_path / "one"), "sample_every": 3}
+    train(resolve_config(None, one_options), sample_fn=sample_fn)
+    assert calls == [(3, 3, "one", False, "DiT"), (4, 4, "one", False, "DiT")]
     two, one = read_log(tmp_path / "two"), read_log(tmp_path / "one")
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     for a, b in zip(one, two, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
 
 
 def test_kill_and_resume_is_exact(tmp_path, python):

@@ -37,6 +37,24 @@ bench-store: setup  ## store write / load / random-batch throughput (JSON)
 
 
 # --- train ---
+MODEL ?= DiT-B/2
+NPROC ?= 1
+TRAIN_ARGS ?=
+TRAIN_CMD = train --store "$(STORE)" --run "$(RUN)" --model "$(MODEL)" $(TRAIN_ARGS)
+.PHONY: train bench-train
+
+train: setup  ## train a DiT: make train STORE=s.zarr RUN=runs/x MODEL=DiT-B/2 [NPROC=8] [TRAIN_ARGS="--steps 1000"]
+	@test -n "$(STORE)" -a -n "$(RUN)" || { echo "usage: make train STORE=STORE RUN=RUN_DIR [MODEL=DiT-B/2] [NPROC=8] [TRAIN_ARGS=...]" >&2; exit 2; }
+ifeq ($(NPROC),1)
+	$(PY) cli.py $(TRAIN_CMD)
+else
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) cli.py -- $(TRAIN_CMD)
+endif
+
+bench-train: setup  ## training images/s, MFU and data share for DiT-S/2 and DiT-B/2 (JSON)
+	$(PY) bench/bench_train.py
+
+bench: bench-train
 
 
 # --- sample ---

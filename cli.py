@@ -10,6 +10,7 @@ Each command parses its options into the stage's config and calls the library; a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -97,6 +98,96 @@ def validate(
 
 
 # --- train (trainer) ----------------------------------------------------------------------------
+
+
+def _train_option(name: str, *flags: str, **kw) -> typer.models.OptionInfo:
+    """A `train` option whose help and default come from TrainConfig (None here: not given)."""
+    from trainer.config import FIELD_DEFAULTS, FIELD_HELP
+
+    default = FIELD_DEFAULTS[name]
+    shown = "required" if default == "" else f"default: {default}"
+    return typer.Option(*flags, help=f"{FIELD_HELP[name]} ({shown})", **kw)
+
+
+@app.command(context_settings={"max_content_width": 100})
+@user_errors
+def train(
+    store: Annotated[Path | None, _train_option("store")] = None,
+    run: Annotated[Path | None, _train_option("run", "--run", "--run-dir")] = None,
+    model: Annotated[str | None, _train_option("model")] = None,
+    steps: Annotated[int | None, _train_option("steps")] = None,
+    batch_size: Annotated[int | None, _train_option("batch_size")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="A .toml or .yaml file of options; CLI options win.")
+    ] = None,
+    vae: Annotated[str | None, _train_option("vae")] = None,
+    hidden_size: Annotated[int | None, _train_option("hidden_size")] = None,
+    depth: Annotated[int | None, _train_option("depth")] = None,
+    num_heads: Annotated[int | None, _train_option("num_heads")] = None,
+    grad_accum: Annotated[int | None, _train_option("grad_accum")] = None,
+    lr: Annotated[float | None, _train_option("lr")] = None,
+    weight_decay: Annotated[float | None, _train_option("weight_decay")] = None,
+    adam_betas: Annotated[tuple[float, float] | None, _train_option("adam_betas")] = None,
+    warmup_steps: Annotated[int | None, _train_option("warmup_steps")] = None,
+    cosine_decay: Annotated[bool | None, _train_option("cosine_decay")] = None,
+    min_lr: Annotated[float | None, _train_option("min_lr")] = None,
+    grad_clip: Annotated[float | None, _train_option("grad_clip")] = None,
+    no_grad_clip: Annotated[
+        bool, typer.Option("--no-grad-clip", help="Do not clip gradients.")
+    ] = False,
+    ema_decay: Annotated[float | None, _train_option("ema_decay")] = None,
+    objective: Annotated[str | None, _train_option("objective")] = None,
+    timesteps: Annotated[str | None, _train_option("timesteps")] = None,
+    ddpm_schedule: Annotated[str | None, _train_option("ddpm_schedule")] = None,
+    p_uncond: Annotated[float | None, _train_option("p_uncond")] = None,
+    normalization: Annotated[str | None, _train_option("normalization")] = None,
+    qk_norm: Annotated[bool | None, _train_option("qk_norm")] = None,
+    pos_embed: Annotated[str | None, _train_option("pos_embed")] = None,
+    grad_checkpointing: Annotated[bool | None, _train_option("grad_checkpointing")] = None,
+    data: Annotated[str | None, _train_option("data")] = None,
+    shuffle_shards: Annotated[int | None, _train_option("shuffle_shards")] = None,
+    seed: Annotated[int | None, _train_option("seed")] = None,
+    precision: Annotated[str | None, _train_option("precision")] = None,
+    compile: Annotated[bool | None, _train_option("compile")] = None,
+    device: Annotated[str | None, _train_option("device")] = None,
+    log_every: Annotated[int | None, _train_option("log_every")] = None,
+    ckpt_every: Annotated[int | None, _train_option("ckpt_every")] = None,
+    keep_last: Annotated[int | None, _train_option("keep_last")] = None,
+    keep_all: Annotated[bool, typer.Option("--keep-all", help="Keep every checkpoint.")] = False,
+    sample_every: Annotated[int | None, _train_option("sample_every")] = None,
+    peak_tflops: Annotated[float | None, _train_option("peak_tflops")] = None,
+) -> None:
+    """Train a class-conditional DiT on a latent store; re-running on a run folder resumes it."""
+    options = {k: v for k, v in locals().items() if k not in ("config", "no_grad_clip", "keep_all")}
+    from trainer.config import resolve_config
+    from trainer.train import train as train_run
+
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    cfg = resolve_config(config, options)
+    if no_grad_clip or keep_all:
+        cfg = dataclasses.replace(
+            cfg,
+            grad_clip=None if no_grad_clip else cfg.grad_clip,
+            keep_last=None if keep_all else cfg.keep_last,
+        )
+    train_run(cfg, sample_fn=_sample_hook(cfg))
+
+
+def _sample_hook(cfg):
+    """The sampler's training hook for --vae: `sampler.training.sample_grid_hook(cfg.vae)`.
+
+    It must return a callable (ema_model, meta, step, run_dir) -> None (see trainer.train.SampleFn).
+    """
+    if cfg.vae is None:
+        return None
+    try:
+        from sampler.training import sample_grid_hook
+    except ImportError:
+        raise LatentditError(
+            "--vae asks for sample grids, but this build has no sampler hook "
+            "(sampler.training.sample_grid_hook); train without --vae"
+        ) from None
+    return sample_grid_hook(cfg.vae)
 
 
 # --- sample (sampler) ---------------------------------------------------------------------------

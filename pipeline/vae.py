@@ -65,6 +65,8 @@ def _resolve(vae_id: str) -> tuple[str, str | None]:
         ).is_file():
             return str(local.resolve()), VAE_SUBFOLDER
         return str(local.resolve()), None
+    if vae_id.startswith(("/", ".", "~")) or vae_id.count("/") > 1:  # a path, not "org/name"
+        raise VaeLoadError(f"--vae {vae_id}: no such folder; pass a VAE folder or a hub id")
     return vae_id, None
 
 

@@ -77,15 +77,35 @@ def validate(
     max_clipped: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Largest clipped fraction of quantized values.")
     ] = DEFAULT_MAX_CLIPPED,
+    decode_check: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Also decode N stored latents and report PSNR against the re-cropped source "
+            "images (from stored and from float latents: the gap is the quantization's cost).",
+        ),
+    ] = None,
+    vae: Annotated[
+        str | None,
+        typer.Option(help="VAE for --decode-check [default: the one recorded in the store]."),
+    ] = None,
 ) -> None:
     """Check a store before training on it; exit 0 only when every check passes."""
     checks = validate_store(store, max_clipped=max_clipped)
     ok = all(c.ok for c in checks)
+    decoded = _decode_check(store, decode_check, vae) if decode_check else None
     if as_json:
-        typer.echo(json.dumps({"ok": ok, "checks": [c.to_dict() for c in checks]}, indent=2))
+        report = {"ok": ok, "checks": [c.to_dict() for c in checks]}
+        typer.echo(json.dumps({**report, "decode_check": decoded} if decoded else report, indent=2))
     else:
         for c in checks:
             typer.echo(f"{'PASS' if c.ok else 'FAIL'} {c.name}: {c.message}")
+        if decoded:
+            typer.echo(
+                f"decode-check: {decoded['samples']} samples, PSNR {decoded['psnr_stored_db']:.2f} dB "
+                f"from stored latents, {decoded['psnr_float_db']:.2f} dB from float latents "
+                f"(quantization costs {decoded['quantization_cost_db']:.3f} dB)"
+            )
         typer.echo(f"{store}: {'valid' if ok else 'INVALID'}")
     raise typer.Exit(0 if ok else 1)
 
@@ -96,6 +116,16 @@ from enum import Enum  # noqa: E402
 
 from latent_store.schema import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE  # noqa: E402
 from pipeline.preprocess import DEFAULT_MAX_PIXELS  # noqa: E402
+
+
+def _decode_check(store: Path, samples: int, vae: str | None) -> dict:
+    """Run `validate --decode-check` on the GPU when there is one."""
+    import torch
+
+    from pipeline.decode_check import DecodeCheckConfig, decode_check
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return decode_check(store, DecodeCheckConfig(samples=samples, vae=vae, device=device))
 
 
 class Posterior(str, Enum):

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 CROP_METHOD = "adm-center"
+EXIF_TAG = "+exif-transpose"  # appended to the crop method when EXIF orientation is applied
 # fields of the store's spec that must match for a resume (the quantization is the store's own)
 RESUME_FIELDS = (
     "vae",
@@ -244,7 +245,7 @@ def store_spec(cfg: EncodeConfig, source: ImageSource, vae_info, quant=None, log
         variants=cfg.variants,
         posterior=cfg.posterior,
         image_size=cfg.image_size,
-        crop=CROP_METHOD,
+        crop=CROP_METHOD + (EXIF_TAG if cfg.exif_transpose else ""),
         source=source.describe(),
         chunk_size=cfg.chunk_size,
         shard_size=cfg.shard_size,

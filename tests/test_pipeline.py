@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
 import shutil
 import signal
@@ -351,3 +353,15 @@ def test_cli_encode_and_bad_input(image_tree, tiny_vae_dir, tmp_path, monkeypatc
         if result.exit_code == 2 and result.output.startswith("error:"):
             assert len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_validate_decode_check_reports_psnr(reference):
+    result = _invoke("validate", str(reference), "--decode-check", "5", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["decode_check"]["samples"] == 5
+    decoded = report["decode_check"]
+    assert math.isfinite(decoded["psnr_stored_db"]) and math.isfinite(decoded["psnr_float_db"])
+    # stored latents sit within half a quantization step of the float ones (plus float noise)
+    half_step = max(LatentStore(reference).spec.quant.scale) / 2
+    assert 0 < decoded["latent_rmse"] <= half_step * 1.01

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,31 +71,62 @@ def _resolve(vae_id: str) -> tuple[str, str | None]:
     return vae_id, None
 
 
-def load_vae(cfg: VaeConfig):
-    """Load the AutoencoderKL in eval mode on cfg.device; returns (vae, VaeInfo)."""
+def _read_config(path: str, subfolder: str | None, **kwargs) -> tuple[dict, str | None]:
+    """The VAE's config and the subfolder holding it (hub pipeline repos keep it in `vae/`)."""
     from diffusers import AutoencoderKL
 
-    path, subfolder = _resolve(cfg.id)
-    kwargs = dict(revision=cfg.revision, subfolder=subfolder, local_files_only=_offline())
+    try:
+        return AutoencoderKL.load_config(path, subfolder=subfolder, **kwargs), subfolder
+    except OSError as first:
+        if subfolder is not None or Path(path).exists():
+            raise
+        try:
+            config = AutoencoderKL.load_config(path, subfolder=VAE_SUBFOLDER, **kwargs)
+        except OSError:
+            raise first from None
+        return config, VAE_SUBFOLDER
+
+
+def _from_pretrained(cfg: VaeConfig, path: str, subfolder: str | None):
+    """AutoencoderKL.from_pretrained, with every way it fails turned into one VaeLoadError."""
+    from diffusers import AutoencoderKL
+
+    kwargs = dict(revision=cfg.revision, local_files_only=_offline())
     # without accelerate, diffusers warns on every load unless asked for the plain path
     low_mem = importlib.util.find_spec("accelerate") is not None
     try:
-        config = AutoencoderKL.load_config(path, **kwargs)
+        config, subfolder = _read_config(path, subfolder, **kwargs)
         if config.get("_class_name", VAE_CLASS) != VAE_CLASS:
             raise VaeLoadError(
                 f"--vae {cfg.id}: a {config['_class_name']}, not an {VAE_CLASS}; pass a VAE folder"
             )
-        vae = AutoencoderKL.from_pretrained(
-            path, torch_dtype=DTYPES[cfg.dtype], low_cpu_mem_usage=low_mem, **kwargs
+        return AutoencoderKL.from_pretrained(
+            path,
+            subfolder=subfolder,
+            torch_dtype=DTYPES[cfg.dtype],
+            low_cpu_mem_usage=low_mem,
+            **kwargs,
         )
     except VaeLoadError:
         raise
     except (OSError, ValueError, TypeError, KeyError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VaeLoadError(
-            f"cannot load VAE {cfg.id!r}: {reason} (need a diffusers AutoencoderKL folder with "
-            "config.json and weights, or a hub id reachable online / in the HF cache)"
-        ) from None
+        hint = (
+            "HF_HUB_OFFLINE is set and it is not in the HF cache: download it first or pass a "
+            "local folder"
+            if _offline() and not Path(path).exists()
+            else "need a diffusers AutoencoderKL folder with config.json and weights, or a hub id"
+        )
+        raise VaeLoadError(f"cannot load VAE {cfg.id!r}: {reason} ({hint})") from None
+
+
+def load_vae(cfg: VaeConfig):
+    """Load the AutoencoderKL in eval mode on cfg.device; returns (vae, VaeInfo)."""
+    path, subfolder = _resolve(cfg.id)
+    with warnings.catch_warnings():
+        # diffusers 0.42 passes a deprecated argument to huggingface_hub on every hub lookup
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+        vae = _from_pretrained(cfg, path, subfolder)
     vae = vae.to(cfg.device).eval().requires_grad_(False)
     if cfg.channels_last:
         vae = vae.to(memory_format=torch.channels_last)

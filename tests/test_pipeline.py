@@ -33,7 +33,13 @@ from cli import app
 from latent_store import LatentStore, SchemaMismatchError, validate_store
 from pipeline.encode import EncodeConfig, TooManyFailuresError, encode
 from pipeline.imagenet import SourceError
-from pipeline.preprocess import center_crop_adm, decode_image, to_rgb
+from pipeline.preprocess import (
+    PreprocessConfig,
+    center_crop_adm,
+    decode_image,
+    preprocess,
+    to_rgb,
+)
 from pipeline.source import open_source
 
 SIZE = 32  # crop side: 4x4 latents from the tiny 8x-downsampling VAE
@@ -120,6 +126,21 @@ def test_every_mode_becomes_rgb_on_purpose():
     for mode in ("CMYK", "L", "LA", "1", "I", "F"):
         img = smooth_image(8, 8, 0).convert(mode)
         assert to_rgb(img).mode == "RGB", mode
+
+
+def test_exif_orientation_is_ignored_unless_asked():
+    img = smooth_image(48, 32, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95, exif=exif)
+    plain, mode = preprocess(buf.getvalue(), PreprocessConfig(image_size=16))
+    turned, _ = preprocess(buf.getvalue(), PreprocessConfig(image_size=16, exif_transpose=True))
+    decoded = decode_image(buf.getvalue())
+    assert mode == "RGB" and np.array_equal(plain, center_crop_adm(decoded, 16))
+    assert np.array_equal(
+        turned, center_crop_adm(decoded.transpose(Image.Transpose.ROTATE_270), 16)
+    )
 
 
 # --- sources ------------------------------------------------------------------------------------
@@ -343,6 +364,7 @@ def test_cli_encode_and_bad_input(image_tree, tiny_vae_dir, tmp_path, monkeypatc
         "no images found": ["encode", str(empty), "--out", str(tmp_path / "o")],
         "cannot load VAE": [*base, "--out", str(tmp_path / "o"), "--vae", str(not_a_vae)],
         "no such folder": [*base, "--out", str(tmp_path / "o"), "--vae", "./no/such/vae"],
+        "HF_HUB_OFFLINE is set": [*base, "--out", str(tmp_path / "o"), "--vae", "no-org/no-vae"],
         "fp8": [*base, "--out", str(tmp_path / "o"), "--dtype", "fp8"],
         "max-failures": [*base, "--out", str(tmp_path / "o"), "--max-failures", "many"],
     }

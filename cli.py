@@ -157,7 +157,10 @@ def encode(
             "val folder with --val-labels.",
         ),
     ],
-    out: Annotated[Path, typer.Option(help="Store to create, or to resume if it exists.")],
+    out: Annotated[
+        str,
+        typer.Option(help="Store to create, or to resume if it exists: folder or fsspec URL."),
+    ],
     vae: Annotated[str, typer.Option(help="diffusers AutoencoderKL: hub id or local folder.")] = (
         "stabilityai/sd-vae-ft-ema"
     ),

@@ -31,6 +31,7 @@ from latent_store import (
     LatentStore,
     QuantParams,
     SchemaMismatchError,
+    StoreNotFoundError,
     StoreSpec,
     StoreWriter,
     calibrate,
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 CROP_METHOD = "adm-center"
+URL_SCHEME = "://"  # marks an fsspec URL, as opposed to a local path
 EXIF_TAG = "+exif-transpose"  # appended to the crop method when EXIF orientation is applied
 # fields of the store's spec that must match for a resume (the quantization is the store's own)
 RESUME_FIELDS = (
@@ -76,8 +78,8 @@ class EncodeConfig:
 
     source: Path
     """An ImageNet-style class-folder tree, or a flat val folder (with `val_labels`)."""
-    out: Path
-    """The store to create, or to resume when it exists."""
+    out: str | Path
+    """The store to create, or to resume when it exists: a folder or an fsspec URL (s3://...)."""
     vae: str = DEFAULT_VAE
     """Hub id or local folder of a diffusers AutoencoderKL."""
     vae_revision: str | None = None
@@ -266,8 +268,8 @@ def _tool_version() -> str:
 def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfig) -> None:
     """Create the store (calibrating its quantization), or check an existing one matches."""
     wanted = store_spec(cfg, source, vae_info)
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
+    out = cfg.out
+    if _store_exists(out):
         have = LatentStore(out).spec
         if diffs := have.differences(wanted, RESUME_FIELDS):
             raise SchemaMismatchError(
@@ -279,6 +281,17 @@ def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfi
     quant, logstd_quant = calibrate_quantization(cfg, source, vae, pre)
     spec = store_spec(cfg, source, vae_info, quant, logstd_quant)
     create_store(out, spec, [source.key(i) for i in range(len(source))])
+
+
+def _store_exists(out: str | Path) -> bool:
+    """Whether `out` holds something: a non-empty folder, or a store at an fsspec URL."""
+    if URL_SCHEME not in str(out):
+        return Path(out).exists() and any(Path(out).iterdir())
+    try:
+        LatentStore(out)
+    except StoreNotFoundError:
+        return False
+    return True
 
 
 def calibration_indices(num_samples: int, count: int) -> list[int]:

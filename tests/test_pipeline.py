@@ -253,6 +253,13 @@ def test_sample_posterior_is_seeded_per_key(image_tree, tiny_vae_dir, tmp_path, 
     assert diff.max() <= 1 and (diff == 0).mean() > 0.99
 
 
+def test_encode_to_an_fsspec_url(reference, image_tree, tiny_vae_dir):
+    url = "memory://encode-test/store.zarr"  # fsspec's in-process file system
+    encode(job(image_tree, url, tiny_vae_dir))
+    assert all(c.ok for c in validate_store(url))
+    assert _equal(store_contents(url), store_contents(reference))
+
+
 def test_too_many_failures_stop_the_run(image_tree, tiny_vae_dir, tmp_path):
     with pytest.raises(TooManyFailuresError, match=r"more than --max-failures 2"):
         encode(job(image_tree, tmp_path / "s.zarr", tiny_vae_dir, max_failures=2))

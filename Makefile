@@ -34,6 +34,17 @@ bench-store: setup  ## store write / load / random-batch throughput (JSON)
 	$(PY) bench/bench_store.py
 
 # --- encode ---
+.PHONY: encode bench-encode
+
+encode: DATA ?= data/imagenet/train
+encode: OUT ?= stores/imagenet-256.zarr
+encode: VAE ?= stabilityai/sd-vae-ft-ema
+encode: ENCODE_ARGS ?= --image-size 256 --batch-size 64 --workers 8
+encode: setup  ## encode an image tree into a store: make encode DATA=dir OUT=store VAE=id_or_dir [ENCODE_ARGS=...]
+	$(PY) -m cli encode $(DATA) --out $(OUT) --vae $(VAE) $(ENCODE_ARGS)
+
+bench-encode: setup  ## encode pipeline vs VAE forward alone, decode+crop per worker (JSON)
+	$(PY) bench/bench_encode.py
 
 
 # --- train ---

@@ -346,7 +346,7 @@ def test_overfitting_a_tiny_store(tmp_path):
             train_step(
                 trainee, objective, batches, step=0, lr=3e-3, cfg=cfg, layout=_layout(8), device=CPU
             )[0].item()
-            for _ in range(150)
+            for _ in range(100)
         ]
     finally:
         teardown_distributed()
@@ -401,11 +401,12 @@ def test_kill_and_resume_is_exact(tmp_path, python):
         ],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=(tmp_path / "job.err").open("w"),
         text=True,
     )
     try:
-        assert job.stdout.readline().strip() == "PAUSED 5"
+        line = job.stdout.readline().strip()
+        assert line == "PAUSED 5", (tmp_path / "job.err").read_text()[-2000:]
     finally:
         job.send_signal(signal.SIGKILL)
         job.wait()

@@ -246,6 +246,17 @@ def test_checkpoint_round_trip(tmp_path, store_path):
         load_for_inference(tmp_path / "empty")
 
 
+def test_tiny_run_fixture_meets_the_contract(tiny_run):
+    model, meta = load_for_inference(tiny_run, weights="ema")
+    assert meta["step"] == 2 and meta["model"]["preset"] == "DiT-S/2"
+    assert objective_from_meta(meta["objective"]) == FlowMatching()
+    norm = LatentNormalization.from_meta(meta["normalization"])
+    assert norm.kind == "channel_stats" and len(norm.std) == 4
+    x = torch.randn(2, 4, 8, 8)
+    out = model(x, torch.tensor([10.0, 990.0]), torch.tensor([model.null_class, 0]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
 def test_flops_grow_with_tokens():
     with torch.device("meta"):
         small = build_model("DiT-S/4", input_size=32, in_channels=4, num_classes=10).config

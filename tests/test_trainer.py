@@ -116,6 +116,13 @@ def test_forward_shapes_and_conditioning(kw):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_bf16_autocast_forward():
+    model = tiny_model(pos_embed="rope", qk_norm=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 4, 8, 8), torch.tensor([5.0, 50.0]), torch.tensor([0, 3]))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 7.0]), torch.tensor([0, 2])
     grads = []

@@ -471,6 +471,26 @@ def test_config_file_and_cli_overrides(tmp_path):
         resolve_config(yml)
 
 
+def test_cli_with_a_config_file_and_every_non_default_path(tmp_path):
+    """YAML config + CLI override; DDPM, stream data, vae_scaling, RoPE, QK-norm, accumulation."""
+    store = write_store(tmp_path / "s.zarr", n=32, shard=8, chunk=4, variants=2)
+    config = tmp_path / "run.yaml"
+    options = tiny_options(store, tmp_path / "run", steps=5, objective="ddpm", data="stream")
+    options.update(normalization="vae_scaling", pos_embed="rope", qk_norm=True, grad_accum=2)
+    options.update(cosine_decay=True, ddpm_schedule="cosine", keep_last=None)
+    config.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in options.items()))
+    result = runner.invoke(app, ["train", "--config", str(config), "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["steps"] == 2
+    assert [r["step"] for r in read_log(run)] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in read_log(run))
+    meta = json.loads((run / "checkpoints" / "0000002" / "meta.json").read_text())
+    assert meta["objective"] == DDPM(schedule="cosine").to_meta()
+    assert meta["normalization"]["kind"] == "vae_scaling"
+    assert meta["model"]["config"]["pos_embed"] == "rope" and meta["model"]["config"]["qk_norm"]
+
+
 @pytest.mark.parametrize(
     ("case", "match"),
     [

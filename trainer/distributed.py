@@ -52,6 +52,9 @@ def setup_distributed(device: str | None = None) -> DistInfo:
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+        # TF32 for the fp32 matmuls outside bf16 autocast, as DiT's train.py does.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:

@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latent_store import LatentStore, StoreWriter, create_store
 from pipeline.distributed import init_distributed
-from pipeline.encode import EncodeConfig, calibrate_quantization, encode_shards, store_spec
+from pipeline.encode import EncodeConfig, encode_shards
 from pipeline.loader import collate, load_item, shard_batches
 from pipeline.preprocess import PreprocessConfig
 from pipeline.source import open_source
+from pipeline.store_setup import calibrate_quantization, store_spec
 from pipeline.vae import VaeConfig, encode_posterior, load_vae
 
 IMAGENET_SIZE = (500, 375)  # the most common ImageNet train resolution

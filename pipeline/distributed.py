@@ -64,15 +64,6 @@ def broadcast_error(info: DistInfo, error: LatentditError | None) -> None:
         raise error
 
 
-def all_reduce_sum(info: DistInfo, value: int) -> int:
-    """Sum an integer over all ranks."""
-    if info.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t)
-    return int(t.item())
-
-
 def shutdown(info: DistInfo) -> None:
     if info.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()

@@ -24,6 +24,7 @@ from latent_store import (
     Failure,
     LatentditError,
     LatentStore,
+    SchemaMismatchError,
     StoreSpec,
     StoreWriter,
     finalize_store,
@@ -82,6 +83,12 @@ def _encode(cfg: EncodeConfig, info: distributed.DistInfo) -> dict | None:
             error = e
     distributed.broadcast_error(info, error)
     store = LatentStore(cfg.out)
+    if (listed := source.describe()) != dict(store.spec.source):  # every rank listed the source
+        raise SchemaMismatchError(
+            f"rank {info.rank} lists {cfg.source} differently from the store "
+            f"({listed['fingerprint']} vs {store.spec.source.get('fingerprint')}): did the "
+            "folder change during the run, or do the nodes see different copies?"
+        )
     owned = range(info.rank, store.spec.num_shards, info.world_size)
     writer = StoreWriter(store, owned)
     log.info(

@@ -49,7 +49,8 @@ class EncodeConfig:
     devkit_synsets: Path | None = None
     """wnids in the devkit's meta.mat order, for the devkit ground truth (else meta.mat + scipy)."""
     max_failures: int | float = 0.01
-    """Undecodable images tolerated: a count (int) or a fraction of the source (float < 1)."""
+    """Undecodable images tolerated: a count (int) or a fraction of the source (float < 1).
+    Under torchrun each rank holds its own failures to this limit."""
     exif_transpose: bool = False
     """Apply EXIF orientation before cropping (off: ImageNet parity)."""
     max_pixels: int = DEFAULT_MAX_PIXELS

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SYNSET_MAPPING = "LOC_synset_mapping.txt"  # Kaggle: "n01440764 tench, Tinca tinca" per line
 DEVKIT_META = "meta.mat"  # devkit: synsets in ILSVRC2012_ID order
-DEVKIT_ID = re.compile(r"(\d{8})")  # ILSVRC2012_val_00000001.JPEG -> 1
+WNID = re.compile(r"n\d{8}")  # an ImageNet synset id
 
 
 class SourceError(LatentditError):
@@ -133,7 +133,7 @@ def _class_list(ids: Sequence[str], classes_file: Path | None, near: Path) -> tu
 
 
 def _source_kind(class_ids: Sequence[str]) -> str:
-    return "imagenet-train" if all(re.fullmatch(r"n\d{8}", c) for c in class_ids) else "folders"
+    return "imagenet-train" if all(WNID.fullmatch(c) for c in class_ids) else "folders"
 
 
 def class_folder_source(root: Path, *, classes_file: Path | None = None) -> FolderSource:
@@ -169,7 +169,8 @@ def _require_images(root: Path, keys: Sequence[str]) -> None:
     if not keys:
         raise SourceError(
             f"{root}: no images found (looked for class folders holding files with an image "
-            "extension); point SOURCE at e.g. imagenet/train"
+            "extension); point SOURCE at e.g. imagenet/train, or pass --val-labels for a flat "
+            "folder of validation images"
         )
 
 

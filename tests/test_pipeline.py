@@ -203,6 +203,13 @@ def test_val_labels_from_devkit_ids_follow_meta_order(val_folder, tmp_path):
     assert [source.classes[source.label(i)].id for i in range(6)] == wnids
     with pytest.raises(SourceError, match="devkit-synsets"):
         open_source(folder, val_labels=truth)
+    # or meta.mat beside the labels (scipy): leaves in ILSVRC2012_ID order; parents are skipped
+    sio = pytest.importorskip("scipy.io")
+    rows = [(i + 1, w, 0) for i, w in enumerate(meta_order)] + [(4, "n00001740", 2)]
+    fields = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")]
+    sio.savemat(tmp_path / "meta.mat", {"synsets": np.array(rows[::-1], dtype=fields)})
+    from_meta = open_source(folder, val_labels=truth)
+    assert from_meta.labels == source.labels
 
 
 # --- the encode job -----------------------------------------------------------------------------
@@ -375,6 +382,8 @@ def test_cli_encode_and_bad_input(image_tree, tiny_vae_dir, tmp_path, monkeypatc
         "fp8": [*base, "--out", str(tmp_path / "o"), "--dtype", "fp8"],
         "max-failures": [*base, "--out", str(tmp_path / "o"), "--max-failures", "many"],
     }
+    if not torch.cuda.is_available():
+        bad["no CUDA device"] = [*base, "--out", str(tmp_path / "o"), "--device", "cuda"]
     for message, args in bad.items():
         result = _invoke(*args)
         assert result.exit_code != 0, (message, result.output)

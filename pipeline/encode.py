@@ -17,6 +17,8 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from latent_store import (
@@ -30,13 +32,13 @@ from latent_store import (
     finalize_store,
     quantize,
 )
-from pipeline import distributed
 from pipeline.encode_config import EncodeConfig, parse_max_failures
 from pipeline.loader import Batch, crop_loader, shard_batches
 from pipeline.preprocess import PreprocessConfig
 from pipeline.source import open_source
 from pipeline.store_setup import prepare_store
 from pipeline.vae import VaeConfig, encode_variants, load_vae
+from trainer.distributed import DistInfo, barrier, setup_distributed, teardown_distributed
 
 __all__ = ["EncodeConfig", "TooManyFailuresError", "encode", "parse_max_failures"]
 
@@ -48,15 +50,31 @@ class TooManyFailuresError(LatentditError):
 
 
 def encode(cfg: EncodeConfig) -> dict | None:
-    """Run the encode job on this rank; returns the store summary on rank 0, None elsewhere."""
-    info = distributed.init_distributed(cfg.device)
+    """Run the encode job on this rank; returns the store summary on rank 0, None elsewhere.
+
+    Under torchrun: NCCL on GPUs (each rank on the GPU of its LOCAL_RANK) or gloo on the CPU. A
+    single process runs the same code path in a group of one (the trainer's distributed setup).
+    """
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise LatentditError("--device cuda: no CUDA device is visible; use --device cpu")
+    info = setup_distributed(cfg.device)
     try:
         return _encode(cfg, info)
     finally:
-        distributed.shutdown(info)
+        teardown_distributed()
 
 
-def _encode(cfg: EncodeConfig, info: distributed.DistInfo) -> dict | None:
+def _broadcast_error(error: LatentditError | None) -> None:
+    """Raise on every rank the error rank 0 met while preparing the store, if any."""
+    message = [str(error) if error is not None else None]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise LatentditError(message[0])
+
+
+def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
     source = open_source(
         cfg.source,
         val_labels=cfg.val_labels,
@@ -81,7 +99,7 @@ def _encode(cfg: EncodeConfig, info: distributed.DistInfo) -> dict | None:
             prepare_store(cfg, source, vae, vae_info, pre)
         except LatentditError as e:
             error = e
-    distributed.broadcast_error(info, error)
+    _broadcast_error(error)
     store = LatentStore(cfg.out)
     if (listed := source.describe()) != dict(store.spec.source):  # every rank listed the source
         raise SchemaMismatchError(
@@ -99,7 +117,7 @@ def _encode(cfg: EncodeConfig, info: distributed.DistInfo) -> dict | None:
         len(owned),
     )
     encode_shards(cfg, source, vae, pre, writer, info)
-    distributed.barrier(info)
+    barrier()
     if not info.is_main:
         return None
     summary = finalize_store(store)

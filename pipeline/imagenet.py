@@ -192,10 +192,11 @@ def read_val_labels(path: Path, *, devkit_synsets: Path | None = None) -> dict[s
     synsets = _devkit_synsets(path, devkit_synsets)
     labels = {}
     for line_no, line in enumerate(_read_text(path).split(), start=1):
-        ilsvrc_id = int(line)
+        ilsvrc_id = int(line) if line.isdigit() else 0
         if not 1 <= ilsvrc_id <= len(synsets):
             raise SourceError(
-                f"{path}: line {line_no} holds id {ilsvrc_id}, outside 1..{len(synsets)}"
+                f"{path}: line {line_no} holds {line!r}, not an id in 1..{len(synsets)}; is it "
+                "ILSVRC2012_validation_ground_truth.txt?"
             )
         labels[f"ILSVRC2012_val_{line_no:08d}"] = synsets[ilsvrc_id - 1]
     return labels
@@ -207,6 +208,8 @@ def _read_kaggle_solution(path: Path) -> dict[str, str]:
         raise SourceError(
             f"{path}: expected the columns ImageId,PredictionString (LOC_val_solution.csv)"
         )
+    if empty := [r["ImageId"] for r in rows if not (r["PredictionString"] or "").split()]:
+        raise SourceError(f"{path}: no label for {empty[0]} (empty PredictionString)")
     return {r["ImageId"]: r["PredictionString"].split()[0] for r in rows}
 
 
@@ -254,7 +257,8 @@ def val_source(
     classes = _class_list(sorted(ids), classes_file, Path(val_labels).parent)
     index = {c.id: c.index for c in classes}
     if unknown := sorted({by_stem[p.stem] for p in files} - set(index)):
-        raise SourceError(f"{val_labels}: class {unknown[0]} is not in {classes_file}")
+        where = classes_file or Path(val_labels).parent / SYNSET_MAPPING
+        raise SourceError(f"{val_labels}: class {unknown[0]} is not in {where}")
     log.info("%s: %d validation images in %d classes", root, len(files), len(classes))
     return FolderSource(
         root=root,

@@ -208,6 +208,10 @@ def test_val_labels_from_devkit_ids_follow_meta_order(val_folder, tmp_path):
     assert [source.classes[source.label(i)].id for i in range(6)] == wnids
     with pytest.raises(SourceError, match="devkit-synsets"):
         open_source(folder, val_labels=truth)
+    bad = tmp_path / "bad_truth.txt"
+    bad.write_text("1\n<html>\n")
+    with pytest.raises(SourceError, match="line 2 holds '<html>'"):
+        open_source(folder, val_labels=bad, devkit_synsets=synsets)
     # or meta.mat beside the labels (scipy): leaves in ILSVRC2012_ID order; parents are skipped
     sio = pytest.importorskip("scipy.io")
     rows = [(i + 1, w, 0) for i, w in enumerate(meta_order)] + [(4, "n00001740", 2)]

@@ -1,0 +1,169 @@
+"""Load only a VAE's decoder, and turn a model's normalized latents into 8-bit images.
+
+    decoder = LatentDecoder.load("stabilityai/sd-vae-ft-ema", normalization=meta["normalization"])
+    images = decoder(z)  # uint8 (B, H, W, 3)
+
+The AutoencoderKL is built on the meta device, its encoder and quant_conv are dropped, and only
+the `decoder.*` and `post_quant_conv.*` tensors are read from the safetensors file: the encoder's
+weights never reach memory. Hub ids resolve through huggingface_hub (cache, revision and
+HF_HUB_OFFLINE honoured), like `from_pretrained` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from safetensors import safe_open
+from torch import Tensor
+
+from sampler.errors import SamplerError, VaeMismatchError
+
+log = logging.getLogger(__name__)
+
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+DROPPED_MODULES = ("encoder", "quant_conv")
+
+
+def _split_hub_id(vae_id: str) -> tuple[str, str | None]:
+    """'owner/name' or 'owner/name/subfolder' -> (repo id, subfolder)."""
+    owner, name, *sub = vae_id.split("/")
+    return f"{owner}/{name}", "/".join(sub) or None
+
+
+def resolve_vae_files(vae_id: str, revision: str | None = None) -> tuple[Path, Path]:
+    """Paths of (config.json, safetensors weights) of a local diffusers folder or a hub id."""
+    local = Path(vae_id)
+    if local.is_dir():
+        config, weights = local / CONFIG_NAME, local / SAFETENSORS_WEIGHTS_NAME
+        for f in (config, weights):
+            if not f.is_file():
+                raise SamplerError(
+                    f"--vae {vae_id}: no {f.name} in this folder; give a diffusers AutoencoderKL "
+                    "folder (save_pretrained with safetensors) or a hub id"
+                )
+        return config, weights
+    if vae_id.count("/") < 1 or vae_id.startswith((".", "/")):
+        raise SamplerError(f"--vae {vae_id}: no such folder, and not a hub id like owner/name")
+    repo, sub = _split_hub_id(vae_id)
+    try:
+        files = [
+            hf_hub_download(repo, name, subfolder=sub, revision=revision)
+            for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
+        ]
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SamplerError(
+            f"--vae {vae_id} (revision {revision}): cannot get its files ({first}); check the id, "
+            "or download it first when offline (HF_HUB_OFFLINE=1)"
+        ) from None
+    return Path(files[0]), Path(files[1])
+
+
+def load_vae_decoder(
+    vae_id: str, *, revision: str | None = None, device: str | torch.device = "cpu"
+) -> AutoencoderKL:
+    """An AutoencoderKL holding only its decoder and post_quant_conv (encoder modules are None)."""
+    config_path, weights_path = resolve_vae_files(vae_id, revision)
+    config = AutoencoderKL.load_config(config_path)
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(config)
+    for name in DROPPED_MODULES:
+        setattr(vae, name, None)
+    wanted = set(vae.state_dict())
+    with safe_open(weights_path, framework="pt", device=str(device)) as f:
+        # read only decoder tensors; the encoder's stay on disk
+        keys = [k for k in f.keys() if k.startswith(DECODER_PREFIXES)]  # noqa: SIM118
+        state = {k: f.get_tensor(k).float() for k in keys}
+    state = vae._fix_state_dict_keys_on_load(state)  # diffusers' rename of pre-0.14 attention keys
+    missing, extra = sorted(wanted - set(state)), sorted(set(state) - wanted)
+    if missing or extra:
+        raise SamplerError(
+            f"--vae {vae_id}: {weights_path.name} does not fit its config "
+            f"(missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    vae.load_state_dict(state, strict=True, assign=True)
+    log.info("loaded the VAE decoder of %s (%d tensors)", vae_id, len(state))
+    return vae.eval().requires_grad_(False)
+
+
+def check_vae_fits(meta: Mapping[str, Any], vae: AutoencoderKL, vae_id: str) -> None:
+    """Refuse a VAE whose latents differ from the checkpoint's, naming both values."""
+    recorded = meta.get("vae", {})
+    norm = meta["normalization"]
+    checks = [
+        ("latent channels", meta["latent_shape"][0], vae.config.latent_channels),
+        ("normalization mean length", len(norm["mean"]), vae.config.latent_channels),
+        ("normalization std length", len(norm["std"]), vae.config.latent_channels),
+    ] + [
+        (key, recorded[key], mine)
+        for key, mine in (
+            ("scaling_factor", vae.config.scaling_factor),
+            ("shift_factor", vae.config.shift_factor),
+            ("downsampling", _downsampling(vae)),
+        )
+        if key in recorded
+    ]
+    for what, ckpt, mine in checks:
+        if not _same(ckpt, mine):
+            raise VaeMismatchError(
+                f"the checkpoint does not fit VAE {vae_id}: {what} {ckpt} (checkpoint, VAE "
+                f"{recorded.get('id')}) vs {mine} (VAE {vae_id}); pass the VAE it was trained "
+                "with as --vae"
+            )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b), rel_tol=1e-6)
+    return a == b
+
+
+def _downsampling(vae: AutoencoderKL) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+class LatentDecoder:
+    """Invert the checkpoint's latent normalization and decode with the VAE decoder."""
+
+    def __init__(self, vae: AutoencoderKL, normalization: Mapping[str, Any]) -> None:
+        self.vae = vae
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(normalization["mean"], dtype=torch.float32).view(shape)
+        self.std = torch.tensor(normalization["std"], dtype=torch.float32).view(shape)
+
+    @classmethod
+    def load(
+        cls,
+        vae_id: str,
+        meta: Mapping[str, Any],
+        *,
+        revision: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> LatentDecoder:
+        """Load the decoder of `vae_id` and check it against the checkpoint's `meta`."""
+        vae = load_vae_decoder(vae_id, revision=revision, device=device)
+        check_vae_fits(meta, vae, vae_id)
+        return cls(vae, meta["normalization"])
+
+    def to_raw(self, z: Tensor) -> Tensor:
+        """x = z * std + mean: the exact inverse of the trainer's z = (x - mean) / std."""
+        return z.float() * self.std.to(z.device) + self.mean.to(z.device)
+
+    @torch.no_grad()
+    def __call__(self, z: Tensor) -> Tensor:
+        """uint8 images (B, H, W, 3) on the CPU from normalized latents z (B, C, h, w)."""
+        images = self.vae.decode(self.to_raw(z)).sample
+        # DiT's sample_ddp.py: [-1, 1] -> uint8 by clamp(127.5 x + 128) and truncation
+        images = (127.5 * images.float() + 128.0).clamp(0, 255)
+        return images.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)

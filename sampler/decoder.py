@@ -19,13 +19,17 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
-from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError
 from safetensors import safe_open
 from torch import Tensor
 
+from pipeline.vae import _offline, decode_latents
+from pipeline.vae import _read_config as _read_vae_config
+from pipeline.vae import _resolve as _resolve_vae_id
 from sampler.errors import SamplerError, VaeMismatchError
+from trainer.normalization import LatentNormalization
 
 log = logging.getLogger(__name__)
 
@@ -33,47 +37,41 @@ DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
 DROPPED_MODULES = ("encoder", "quant_conv")
 
 
-def _split_hub_id(vae_id: str) -> tuple[str, str | None]:
-    """'owner/name' or 'owner/name/subfolder' -> (repo id, subfolder)."""
-    owner, name, *sub = vae_id.split("/")
-    return f"{owner}/{name}", "/".join(sub) or None
+def resolve_vae_files(vae_id: str, revision: str | None = None) -> tuple[dict, Path]:
+    """(config, safetensors weights path) of a VAE folder, pipeline folder or hub id.
 
-
-def resolve_vae_files(vae_id: str, revision: str | None = None) -> tuple[Path, Path]:
-    """Paths of (config.json, safetensors weights) of a local diffusers folder or a hub id."""
-    local = Path(vae_id)
-    if local.is_dir():
-        config, weights = local / CONFIG_NAME, local / SAFETENSORS_WEIGHTS_NAME
-        for f in (config, weights):
-            if not f.is_file():
-                raise SamplerError(
-                    f"--vae {vae_id}: no {f.name} in this folder; give a diffusers AutoencoderKL "
-                    "folder (save_pretrained with safetensors) or a hub id"
-                )
-        return config, weights
-    if vae_id.count("/") < 1 or vae_id.startswith((".", "/")):
-        raise SamplerError(f"--vae {vae_id}: no such folder, and not a hub id like owner/name")
-    repo, sub = _split_hub_id(vae_id)
+    Ids resolve as the encoder resolves them (`pipeline.vae`): a local folder or its `vae/`, a
+    hub id or its `vae/` subfolder; the hub cache, revision and HF_HUB_OFFLINE are honoured.
+    """
+    path, subfolder = _resolve_vae_id(vae_id)
+    kwargs = {"revision": revision, "local_files_only": _offline()}
     try:
-        files = [
-            hf_hub_download(repo, name, subfolder=sub, revision=revision)
-            for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
-        ]
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        config, subfolder = _read_vae_config(path, subfolder, **kwargs)
+        local = Path(path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
+        if Path(path).is_dir():
+            if not local.is_file():
+                raise OSError(f"no {SAFETENSORS_WEIGHTS_NAME} in {local.parent}")
+            weights = local
+        else:
+            weights = Path(
+                hf_hub_download(path, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **kwargs)
+            )
+    except (OSError, ValueError, HfHubHTTPError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SamplerError(
-            f"--vae {vae_id} (revision {revision}): cannot get its files ({first}); check the id, "
-            "or download it first when offline (HF_HUB_OFFLINE=1)"
+            f"--vae {vae_id}: cannot load its decoder ({reason}); need a diffusers AutoencoderKL "
+            "folder with config.json and safetensors weights, or a hub id (cached when offline)"
         ) from None
-    return Path(files[0]), Path(files[1])
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise SamplerError(f"--vae {vae_id}: a {config['_class_name']}, not an AutoencoderKL")
+    return config, weights
 
 
 def load_vae_decoder(
     vae_id: str, *, revision: str | None = None, device: str | torch.device = "cpu"
 ) -> AutoencoderKL:
     """An AutoencoderKL holding only its decoder and post_quant_conv (encoder modules are None)."""
-    config_path, weights_path = resolve_vae_files(vae_id, revision)
-    config = AutoencoderKL.load_config(config_path)
+    config, weights_path = resolve_vae_files(vae_id, revision)
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(config)
     for name in DROPPED_MODULES:
@@ -138,9 +136,8 @@ class LatentDecoder:
 
     def __init__(self, vae: AutoencoderKL, normalization: Mapping[str, Any]) -> None:
         self.vae = vae
-        shape = (1, -1, 1, 1)
-        self.mean = torch.tensor(normalization["mean"], dtype=torch.float32).view(shape)
-        self.std = torch.tensor(normalization["std"], dtype=torch.float32).view(shape)
+        self.normalization = LatentNormalization.from_meta(dict(normalization))
+        self.downsampling = _downsampling(vae)
 
     @classmethod
     def load(
@@ -156,14 +153,6 @@ class LatentDecoder:
         check_vae_fits(meta, vae, vae_id)
         return cls(vae, meta["normalization"])
 
-    def to_raw(self, z: Tensor) -> Tensor:
-        """x = z * std + mean: the exact inverse of the trainer's z = (x - mean) / std."""
-        return z.float() * self.std.to(z.device) + self.mean.to(z.device)
-
-    @torch.no_grad()
     def __call__(self, z: Tensor) -> Tensor:
         """uint8 images (B, H, W, 3) on the CPU from normalized latents z (B, C, h, w)."""
-        images = self.vae.decode(self.to_raw(z)).sample
-        # DiT's sample_ddp.py: [-1, 1] -> uint8 by clamp(127.5 x + 128) and truncation
-        images = (127.5 * images.float() + 128.0).clamp(0, 255)
-        return images.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+        return decode_latents(self.vae, self.normalization.denormalize(z.float()))

@@ -250,20 +250,20 @@ class Solver:
     """A registered solver: its function, the objective kind it serves, how it is called."""
 
     fn: Callable[..., Tensor]
-    kind: str  # "flow" (velocity) or "ddpm" (noise prediction)
+    kind: str  # the objective kind: "flow_matching" (velocity) or "ddpm" (noise prediction)
     takes_noise: bool  # draws fresh noise during sampling (accepts `noise=`)
     calls_per_step: int = 1
 
 
 SOLVERS: dict[str, Solver] = {
-    "euler": Solver(sample_euler, "flow", False),
-    "heun": Solver(sample_heun, "flow", False, calls_per_step=2),
-    "euler-maruyama": Solver(sample_euler_maruyama, "flow", True),
+    "euler": Solver(sample_euler, "flow_matching", False),
+    "heun": Solver(sample_heun, "flow_matching", False, calls_per_step=2),
+    "euler-maruyama": Solver(sample_euler_maruyama, "flow_matching", True),
     "ddpm": Solver(sample_ddpm, "ddpm", True),
     "ddim": Solver(sample_ddim, "ddpm", True),
     "dpm++2m": Solver(sample_dpmpp_2m, "ddpm", False),
 }
-DEFAULT_SOLVER = {"flow": "heun", "ddpm": "dpm++2m"}
+DEFAULT_SOLVER = {"flow_matching": "heun", "ddpm": "dpm++2m"}
 
 
 def solvers_for(kind: str) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,16 +47,17 @@ def resolve_vae_files(vae_id: str, revision: str | None = None) -> tuple[dict, P
     path, subfolder = _resolve_vae_id(vae_id)
     kwargs = {"revision": revision, "local_files_only": _offline()}
     try:
-        config, subfolder = _read_vae_config(path, subfolder, **kwargs)
-        local = Path(path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
-        if Path(path).is_dir():
-            if not local.is_file():
-                raise OSError(f"no {SAFETENSORS_WEIGHTS_NAME} in {local.parent}")
-            weights = local
-        else:
+        with warnings.catch_warnings():
+            # diffusers 0.42 passes a deprecated argument to huggingface_hub on every hub lookup
+            warnings.filterwarnings("ignore", ".*local_dir_use_symlinks", category=UserWarning)
+            config, subfolder = _read_vae_config(path, subfolder, **kwargs)
+        weights = Path(path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
+        if not Path(path).is_dir():
             weights = Path(
                 hf_hub_download(path, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **kwargs)
             )
+        elif not weights.is_file():
+            raise OSError(f"no {SAFETENSORS_WEIGHTS_NAME} in {weights.parent}")
     except (OSError, ValueError, HfHubHTTPError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SamplerError(

@@ -155,6 +155,10 @@ def _solver(cfg: SampleConfig, objective: Objective):
     if isinstance(objective, DDPM):
         if cfg.shift != 1.0:
             raise SamplerError("--shift applies to flow-matching samplers only; drop it")
+        if cfg.steps > objective.num_steps:
+            raise SamplerError(
+                f"--steps {cfg.steps}: this DDPM has {objective.num_steps} steps; use at most that"
+            )
         kwargs["alphas_cumprod"] = objective.alphas_cumprod
         if name == "ddim":
             kwargs["eta"] = cfg.eta

@@ -358,6 +358,8 @@ def test_ddpm_checkpoint_and_solver_checks(tmp_path, tiny_vae_dir):
         sample(run_config(run, tmp_path / "x", sampler="heun"))
     with pytest.raises(SamplerError, match="--shift applies to flow"):
         sample(run_config(run, tmp_path / "x", shift=3.0))
+    with pytest.raises(SamplerError, match="--steps 1001: this DDPM has 1000 steps"):
+        sample(run_config(run, tmp_path / "x", steps=1001))
 
 
 @pytest.mark.parametrize(
@@ -401,8 +403,10 @@ def test_cli_train_then_sample(tmp_path, tiny_vae_dir, monkeypatch):
     run = tmp_path / "run"
     train_args = ["train", "--store", str(store), "--run", str(run), "--model", "DiT-S/2"]
     tiny = ["--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--batch-size", "8"]
-    done = runner.invoke(app, [*train_args, *tiny, "--steps", "2", "--warmup-steps", "0"])
+    hook = ["--vae", str(tiny_vae_dir), "--sample-every", "1"]  # grids through sampler.training
+    done = runner.invoke(app, [*train_args, *tiny, *hook, "--steps", "2", "--warmup-steps", "0"])
     assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["0000001.png", "0000002.png"]
     out = tmp_path / "out"
     args = ["sample", str(run), "--out", str(out), "--vae", str(tiny_vae_dir), "--steps", "2"]
     done = runner.invoke(

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -203,23 +203,24 @@ def make_latents(
     return solver.fn(model_fn, x, cfg.steps, disable=True, **kwargs)
 
 
-def _settings(cfg: SampleConfig, folder: Path, meta: dict, labels: np.ndarray, vae: str) -> dict:
+def _settings(
+    cfg: SampleConfig, sampler: str, folder: Path, meta: dict, labels: np.ndarray
+) -> dict:
     """The settings that determine the images; a resumed run must match them exactly."""
-    keep = ("weights", "sampler", "steps", "cfg", "cfg_interval", "shift", "eta", "seed")
-    d = {k: v for k, v in asdict(cfg).items() if k in keep}
-    d["cfg_interval"] = list(cfg.cfg_interval) if cfg.cfg_interval else None
+    keep = ("weights", "steps", "cfg", "shift", "eta", "seed", "first_index")
     return {
         "checkpoint": str(folder.resolve()),
         "step": meta.get("step"),
-        **d,
-        "vae": vae,
-        "first_index": cfg.first_index,
+        "sampler": sampler,
+        **{k: getattr(cfg, k) for k in keep},
+        "cfg_interval": list(cfg.cfg_interval) if cfg.cfg_interval else None,
+        "vae": cfg.vae or meta["vae"]["id"],
         "count": len(labels),
         "labels_blake2b": hashlib.blake2b(labels.tobytes(), digest_size=16).hexdigest(),
     }
 
 
-def _todo(cfg: SampleConfig, out: Path, indices: range, class_ids: list[str]) -> list[int]:
+def _todo(cfg: SampleConfig, out: Path, indices: range, class_ids: dict[int, str]) -> list[int]:
     """Indices still to make: not in a finished npz part (with --npz), or without a PNG."""
     if cfg.npz:
         done = set()
@@ -240,29 +241,35 @@ def _batches(todo: list[int], size: int) -> list[list[int]]:
     return batches
 
 
-def sample(cfg: SampleConfig) -> SampleResult:
-    """Make the configured images; resumes when OUT holds an interrupted run of the same settings."""
+def _load(cfg: SampleConfig, device: torch.device):
+    """(checkpoint folder, model, meta, objective, decoder), each checked against the others."""
     if not Path(cfg.checkpoint).exists():
         raise SamplerError(f"{cfg.checkpoint}: no such run dir or checkpoint folder")
-    device = _device(cfg)
-    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
     folder = resolve_checkpoint(cfg.checkpoint)
     model, meta = load_for_inference(folder, weights=cfg.weights, device=device)
     objective = objective_from_meta(meta["objective"])
-    sampler_name, _, _ = _solver(cfg, objective)
-    classes = meta["classes"]
+    _solver(cfg, objective)  # refuse a solver of the other kind before loading the VAE
+    revision = meta["vae"].get("revision") if cfg.vae is None else None
+    decoder = LatentDecoder.load(
+        cfg.vae or meta["vae"]["id"], meta, revision=revision, device=device
+    )
+    return folder, model, meta, objective, decoder
+
+
+def sample(cfg: SampleConfig) -> SampleResult:
+    """Make the configured images; resumes when OUT holds an interrupted run of the same settings."""
+    device = _device(cfg)
+    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+    folder, model, meta, objective, decoder = _load(cfg, device)
+    classes, latent_shape = meta["classes"], tuple(meta["latent_shape"])
     labels = plan_labels(
         classes=classes, requested=cfg.classes, n=cfg.n, fid_samples=cfg.fid_samples, seed=cfg.seed
     )
-    vae_id = cfg.vae or meta["vae"]["id"]
-    revision = meta["vae"].get("revision") if cfg.vae is None else None
-    decoder = LatentDecoder.load(vae_id, meta, revision=revision, device=device)
+    sampler_name = _solver(cfg, objective)[0]
     out = Path(cfg.out)
-    image_shape = (*(d * decoder.downsampling for d in meta["latent_shape"][1:]), 3)
+    outputs.check_manifest(out, _settings(cfg, sampler_name, folder, meta, labels))
+    image_shape = (*(d * decoder.downsampling for d in latent_shape[1:]), 3)
     npz = outputs.npz_path(out, len(labels), image_shape) if cfg.npz else None
-    outputs.check_manifest(
-        out, {**_settings(cfg, folder, meta, labels, vae_id), "sampler": sampler_name}
-    )
 
     indices = range(cfg.first_index, cfg.first_index + len(labels))
     class_of = dict(zip(indices, labels.tolist(), strict=True))
@@ -272,39 +279,40 @@ def sample(cfg: SampleConfig) -> SampleResult:
         "sampling %d of %d images (%s, %d steps, cfg %s) from %s step %s",
         len(todo), len(labels), sampler_name, cfg.steps, cfg.cfg, folder, meta.get("step"),
     )  # fmt: skip
-    latent_shape = tuple(meta["latent_shape"])
-    grid_indices = list(indices)[: outputs.GRID_MAX] if cfg.grid else []
+    grid_indices = set(list(indices)[: outputs.GRID_MAX] if cfg.grid else [])
     grid_cache: dict[int, np.ndarray] = {}
     start = time.perf_counter()
-    with tqdm(total=len(todo), unit="img", desc="sample") as bar:
-        for batch in _batches(todo, cfg.batch_size):
-            y = torch.tensor([class_of[i] for i in batch])
-            z = make_latents(
-                model, objective, y, ImageNoise(cfg.seed, batch), cfg,
-                latent_shape=latent_shape, device=device, precision=precision,
-            )  # fmt: skip
-            with _autocast(device, precision):
-                images = decoder(z).numpy()
-            if cfg.png:
-                for i, image in zip(batch, images, strict=True):
-                    outputs.write_png(outputs.png_path(out, i, class_ids[i], cfg.seed), image)
-            if cfg.npz:
-                outputs.write_part(out, batch[0], images)
-            grid_cache.update(
-                (i, im) for i, im in zip(batch, images, strict=True) if i in grid_indices
-            )
-            bar.update(len(batch))
+    for batch in tqdm(_batches(todo, cfg.batch_size), unit="batch", desc="sample"):
+        y = torch.tensor([class_of[i] for i in batch])
+        z = make_latents(
+            model, objective, y, ImageNoise(cfg.seed, batch), cfg,
+            latent_shape=latent_shape, device=device, precision=precision,
+        )  # fmt: skip
+        with _autocast(device, precision):
+            images = decoder(z).numpy()
+        _write_batch(cfg, out, batch, images, class_ids)
+        grid_cache.update((i, im) for i, im in zip(batch, images, strict=True) if i in grid_indices)
     seconds = time.perf_counter() - start
     if todo:
-        log.info(
-            "made %d images in %.1f s (%.2f images/s)", len(todo), seconds, len(todo) / seconds
-        )
+        rate = len(todo) / seconds
+        log.info("made %d images in %.1f s (%.2f images/s)", len(todo), seconds, rate)
     if grid_indices:
-        _write_grid(cfg, out, grid_indices, class_ids, grid_cache)
+        _write_grid(cfg, out, sorted(grid_indices), class_ids, grid_cache)
     if npz is not None and not npz.is_file():
         outputs.assemble_npz(out, cfg.first_index, len(labels), image_shape)
         log.info("wrote %s", npz)
     return SampleResult(out=out, made=len(todo), total=len(labels), npz=npz, seconds=seconds)
+
+
+def _write_batch(
+    cfg: SampleConfig, out: Path, batch: list[int], images: np.ndarray, class_ids: dict[int, str]
+) -> None:
+    """PNGs first, then the npz part: the part marks the batch finished."""
+    if cfg.png:
+        for i, image in zip(batch, images, strict=True):
+            outputs.write_png(outputs.png_path(out, i, class_ids[i], cfg.seed), image)
+    if cfg.npz:
+        outputs.write_part(out, batch[0], images)
 
 
 def _write_grid(

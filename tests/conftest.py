@@ -240,6 +240,17 @@ def store_contents(path: Path) -> dict:
 # --- fixtures: sampler --------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest single-threaded on the shared 2-core machine (use per module)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_checkpoint(
     run: Path, vae_dir: Path, *, objective: str = "flow_matching", size: int = 4, seed: int = 0
 ) -> Path:

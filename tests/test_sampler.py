@@ -27,13 +27,7 @@ from trainer.objective import DDPM
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest single-threaded on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- solvers on data x0 ~ N(MU, SIG^2) per dimension, whose exact predictions are closed form ------

@@ -282,7 +282,8 @@ def sample(cfg: SampleConfig) -> SampleResult:
     grid_indices = set(list(indices)[: outputs.GRID_MAX] if cfg.grid else [])
     grid_cache: dict[int, np.ndarray] = {}
     start = time.perf_counter()
-    for batch in tqdm(_batches(todo, cfg.batch_size), unit="batch", desc="sample"):
+    bar = tqdm(total=len(todo), unit="img", desc="sample")
+    for batch in _batches(todo, cfg.batch_size):
         y = torch.tensor([class_of[i] for i in batch])
         z = make_latents(
             model, objective, y, ImageNoise(cfg.seed, batch), cfg,
@@ -292,6 +293,8 @@ def sample(cfg: SampleConfig) -> SampleResult:
             images = decoder(z).numpy()
         _write_batch(cfg, out, batch, images, class_ids)
         grid_cache.update((i, im) for i, im in zip(batch, images, strict=True) if i in grid_indices)
+        bar.update(len(batch))
+    bar.close()
     seconds = time.perf_counter() - start
     if todo:
         rate = len(todo) / seconds

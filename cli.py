@@ -362,9 +362,11 @@ def _sample_hook(cfg):
 
 def _sample_default(name: str):
     """The SampleConfig default of a `sample` option: one source for every default."""
+    from dataclasses import fields
+
     from sampler.sample import SampleConfig
 
-    return {f.name: f.default for f in dataclasses.fields(SampleConfig)}[name]
+    return {f.name: f.default for f in fields(SampleConfig)}[name]
 
 
 def _solver_names() -> str:

@@ -361,12 +361,13 @@ def _sample_hook(cfg):
 
 
 def _sample_default(name: str):
-    """The SampleConfig default of a `sample` option: one source for every default."""
+    """The SampleConfig / SolveConfig default of a `sample` option: one source for each default."""
     from dataclasses import fields
 
+    from sampler.latents import SolveConfig
     from sampler.sample import SampleConfig
 
-    return {f.name: f.default for f in fields(SampleConfig)}[name]
+    return {f.name: f.default for c in (SampleConfig, SolveConfig) for f in fields(c)}[name]
 
 
 def _solver_names() -> str:
@@ -441,6 +442,7 @@ def sample(
     ] = None,
 ) -> None:
     """Sample images from a checkpoint with only the VAE decoder; re-run to resume."""
+    from sampler.latents import SolveConfig
     from sampler.sample import SampleConfig
     from sampler.sample import sample as run_sample
 
@@ -451,12 +453,14 @@ def sample(
             vae=vae,
             classes=tuple(classes or ()),
             n=n,
-            sampler=sampler,
-            steps=steps,
-            cfg=cfg,
-            cfg_interval=cfg_interval,
-            shift=shift,
-            eta=eta,
+            solve=SolveConfig(
+                sampler=sampler,
+                steps=steps,
+                cfg=cfg,
+                cfg_interval=cfg_interval,
+                shift=shift,
+                eta=eta,
+            ),
             seed=seed,
             first_index=first_index,
             fid_samples=fid_samples,

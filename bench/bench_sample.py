@@ -22,8 +22,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from sampler.decoder import LatentDecoder
+from sampler.latents import SolveConfig, make_latents
 from sampler.plan import ImageNoise
-from sampler.sample import SampleConfig, make_latents
 from sampler.solvers import SOLVERS
 from trainer.model import build_model
 from trainer.objective import FlowMatching
@@ -56,9 +56,7 @@ def meta_for(latent_size: int) -> dict:
 
 def time_row(model, decoder, args, sampler: str, steps: int, batch: int) -> dict:
     device = torch.device(args.device)
-    settings = SampleConfig(
-        checkpoint=Path("."), out=Path("."), sampler=sampler, steps=steps, cfg=args.cfg
-    )
+    settings = SolveConfig(sampler=sampler, steps=steps, cfg=args.cfg)
     model_s = decode_s = 0.0
     for start in range(0, args.images, batch):
         indices = range(start, min(start + batch, args.images))

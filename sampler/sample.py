@@ -11,29 +11,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from sampler import outputs
 from sampler.decoder import LatentDecoder
 from sampler.errors import SamplerError
-from sampler.guidance import guided
+from sampler.latents import PRECISIONS, SolveConfig, autocast, make_latents, pick_solver
 from sampler.plan import ImageNoise, plan_labels
-from sampler.solvers import DEFAULT_SOLVER, SOLVERS, solvers_for
 from trainer.checkpoint import load_for_inference, resolve_checkpoint
-from trainer.model import DiT
-from trainer.objective import DDPM, FlowMatching, Objective, objective_from_meta
+from trainer.objective import objective_from_meta
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS = ("ema", "model")
 
 
@@ -57,18 +51,8 @@ class SampleConfig:
     """Class-balanced FID set: exactly fid_samples / num_classes images of every class."""
     first_index: int = 0
     """Global index of the first image: regenerate image i alone with first_index=i, n=1."""
-    sampler: str | None = None
-    """Solver name (see `SOLVERS`); None: heun for flow matching, dpm++2m for DDPM."""
-    steps: int = 50
-    """Solver steps (Heun makes two model calls per step)."""
-    cfg: float = 1.0
-    """Guidance scale: uncond + cfg (cond - uncond) on all channels; 1 means no guidance."""
-    cfg_interval: tuple[float, float] | None = None
-    """Guide only for t in [lo, hi] (t in [0, 1], 1 = noise); None: at every step."""
-    shift: float = 1.0
-    """SD3 timestep shift for flow solvers (1 = none)."""
-    eta: float = 0.0
-    """DDIM's eta (0 = deterministic)."""
+    solve: SolveConfig = field(default_factory=SolveConfig)
+    """Solver, steps, guidance: how latents are made from noise."""
     seed: int = 0
     """Run seed; image i's noise comes from its own generator seeded by (seed, i)."""
     batch_size: int = 16
@@ -87,17 +71,10 @@ class SampleConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.n >= 1, f"--n must be >= 1, got {self.n}"),
-            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
             (self.first_index >= 0, f"--first-index must be >= 0, got {self.first_index}"),
-            (self.shift > 0, f"--shift must be > 0, got {self.shift}"),
-            (self.cfg >= 0, f"--cfg must be >= 0, got {self.cfg}"),
             (self.weights in WEIGHTS, f"--weights must be one of {WEIGHTS}, got {self.weights!r}"),
-            (
-                self.sampler is None or self.sampler in SOLVERS,
-                f"--sampler {self.sampler!r} is not one of {', '.join(SOLVERS)}",
-            ),
             (
                 self.precision is None or self.precision in PRECISIONS,
                 f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}",
@@ -111,11 +88,6 @@ class SampleConfig:
                 "--first-index does not apply with --fid-samples",
             ),
         ]
-        if self.cfg_interval is not None:
-            lo, hi = self.cfg_interval
-            checks.append(
-                (0 <= lo <= hi <= 1, f"--cfg-interval needs 0 <= lo <= hi <= 1, got {lo} {hi}")
-            )
         for ok, message in checks:
             if not ok:
                 raise SamplerError(message)
@@ -136,84 +108,20 @@ def _device(cfg: SampleConfig) -> torch.device:
     return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
-
-
-def _solver(cfg: SampleConfig, objective: Objective):
-    """The solver function and its keyword arguments for the checkpoint's objective."""
-    name = cfg.sampler or DEFAULT_SOLVER[objective.KIND]
-    solver = SOLVERS[name]
-    if solver.kind != objective.KIND:
-        raise SamplerError(
-            f"--sampler {name} is for {solver.kind} models; this checkpoint is "
-            f"{objective.KIND}: use one of {', '.join(solvers_for(objective.KIND))}"
-        )
-    kwargs: dict[str, Any] = {}
-    if isinstance(objective, DDPM):
-        if cfg.shift != 1.0:
-            raise SamplerError("--shift applies to flow-matching samplers only; drop it")
-        if cfg.steps > objective.num_steps:
-            raise SamplerError(
-                f"--steps {cfg.steps}: this DDPM has {objective.num_steps} steps; use at most that"
-            )
-        kwargs["alphas_cumprod"] = objective.alphas_cumprod
-        if name == "ddim":
-            kwargs["eta"] = cfg.eta
-    else:
-        kwargs["shift"] = cfg.shift
-    return name, solver, kwargs
-
-
-def _time_scale(objective: Objective) -> tuple[float, float]:
-    """(solver time -> model time factor, solver time units per unit of t in [0, 1])."""
-    if isinstance(objective, FlowMatching):
-        return objective.time_scale, 1.0
-    return 1.0, float(objective.num_steps)
-
-
-def make_latents(
-    model: DiT,
-    objective: Objective,
-    labels: Tensor,
-    noise: ImageNoise,
-    cfg: SampleConfig,
-    *,
-    latent_shape: tuple[int, ...],
-    device: torch.device,
-    precision: str,
-) -> Tensor:
-    """Solve from each image's own noise to normalized latents (B, C, H, W), float32."""
-    _, solver, kwargs = _solver(cfg, objective)
-    to_model_time, per_t = _time_scale(objective)
-
-    def net_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        with _autocast(device, precision):
-            return model(x, t * to_model_time, y).float()
-
-    interval = None if cfg.cfg_interval is None else tuple(v * per_t for v in cfg.cfg_interval)
-    model_fn = guided(
-        net_fn, labels.to(device), scale=cfg.cfg, null_class=model.null_class, interval=interval
-    )
-    if solver.takes_noise:
-        kwargs["noise"] = noise
-    x = noise.initial(latent_shape, device)
-    return solver.fn(model_fn, x, cfg.steps, disable=True, **kwargs)
-
-
 def _settings(
     cfg: SampleConfig, sampler: str, folder: Path, meta: dict, labels: np.ndarray
 ) -> dict:
     """The settings that determine the images; a resumed run must match them exactly."""
-    keep = ("weights", "steps", "cfg", "shift", "eta", "seed", "first_index")
+    solve = cfg.solve
     return {
         "checkpoint": str(folder.resolve()),
         "step": meta.get("step"),
+        "weights": cfg.weights,
         "sampler": sampler,
-        **{k: getattr(cfg, k) for k in keep},
-        "cfg_interval": list(cfg.cfg_interval) if cfg.cfg_interval else None,
+        **{k: getattr(solve, k) for k in ("steps", "cfg", "shift", "eta")},
+        "cfg_interval": list(solve.cfg_interval) if solve.cfg_interval else None,
+        "seed": cfg.seed,
+        "first_index": cfg.first_index,
         "vae": cfg.vae or meta["vae"]["id"],
         "count": len(labels),
         "labels_blake2b": hashlib.blake2b(labels.tobytes(), digest_size=16).hexdigest(),
@@ -248,7 +156,7 @@ def _load(cfg: SampleConfig, device: torch.device):
     folder = resolve_checkpoint(cfg.checkpoint)
     model, meta = load_for_inference(folder, weights=cfg.weights, device=device)
     objective = objective_from_meta(meta["objective"])
-    _solver(cfg, objective)  # refuse a solver of the other kind before loading the VAE
+    pick_solver(cfg.solve, objective)  # refuse a solver of the other kind before loading the VAE
     revision = meta["vae"].get("revision") if cfg.vae is None else None
     decoder = LatentDecoder.load(
         cfg.vae or meta["vae"]["id"], meta, revision=revision, device=device
@@ -265,7 +173,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
     labels = plan_labels(
         classes=classes, requested=cfg.classes, n=cfg.n, fid_samples=cfg.fid_samples, seed=cfg.seed
     )
-    sampler_name = _solver(cfg, objective)[0]
+    sampler_name = pick_solver(cfg.solve, objective)[0]
     out = Path(cfg.out)
     outputs.check_manifest(out, _settings(cfg, sampler_name, folder, meta, labels))
     image_shape = (*(d * decoder.downsampling for d in latent_shape[1:]), 3)
@@ -277,7 +185,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
     todo = [] if npz is not None and npz.is_file() else _todo(cfg, out, indices, class_ids)
     log.info(
         "sampling %d of %d images (%s, %d steps, cfg %s) from %s step %s",
-        len(todo), len(labels), sampler_name, cfg.steps, cfg.cfg, folder, meta.get("step"),
+        len(todo), len(labels), sampler_name, cfg.solve.steps, cfg.solve.cfg, folder, meta.get("step"),
     )  # fmt: skip
     grid_indices = set(list(indices)[: outputs.GRID_MAX] if cfg.grid else [])
     grid_cache: dict[int, np.ndarray] = {}
@@ -286,10 +194,10 @@ def sample(cfg: SampleConfig) -> SampleResult:
     for batch in _batches(todo, cfg.batch_size):
         y = torch.tensor([class_of[i] for i in batch])
         z = make_latents(
-            model, objective, y, ImageNoise(cfg.seed, batch), cfg,
+            model, objective, y, ImageNoise(cfg.seed, batch), cfg.solve,
             latent_shape=latent_shape, device=device, precision=precision,
         )  # fmt: skip
-        with _autocast(device, precision):
+        with autocast(device, precision):
             images = decoder(z).numpy()
         _write_batch(cfg, out, batch, images, class_ids)
         grid_cache.update((i, im) for i, im in zip(batch, images, strict=True) if i in grid_indices)

@@ -17,8 +17,8 @@ import torch
 
 from sampler import outputs
 from sampler.decoder import LatentDecoder
+from sampler.latents import SolveConfig, make_latents
 from sampler.plan import ImageNoise
-from sampler.sample import SampleConfig, make_latents
 from trainer.checkpoint import step_name
 from trainer.model import DiT
 from trainer.objective import objective_from_meta
@@ -38,20 +38,19 @@ def sample_grid_hook(vae_id: str, *, steps: int = GRID_STEPS, cfg: float = 1.0):
         device = next(ema.parameters()).device
         if "decoder" not in decoders:
             decoders["decoder"] = LatentDecoder.load(vae_id, meta, device=device)
-        settings = SampleConfig(checkpoint=run_dir, out=run_dir / "samples", steps=steps, cfg=cfg)
         labels = torch.arange(min(GRID_CLASSES, len(meta["classes"])))
         z = make_latents(
             ema,
             objective_from_meta(meta["objective"]),
             labels,
             ImageNoise(GRID_SEED, range(len(labels))),
-            settings,
+            SolveConfig(steps=steps, cfg=cfg),
             latent_shape=tuple(meta["latent_shape"]),
             device=device,
             precision="bf16" if device.type == "cuda" else "fp32",
         )
         images = decoders["decoder"](z).numpy()
-        path = settings.out / f"{step_name(step)}.png"
+        path = run_dir / "samples" / f"{step_name(step)}.png"
         outputs.write_png(path, outputs.make_grid(np.asarray(images)))
         log.info("wrote sample grid %s", path)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 
@@ -19,6 +20,7 @@ from sampler import outputs
 from sampler.decoder import LatentDecoder, load_vae_decoder
 from sampler.errors import SamplerError, VaeMismatchError
 from sampler.guidance import guided
+from sampler.latents import SolveConfig
 from sampler.plan import ImageNoise, plan_labels, resolve_class
 from sampler.sample import SampleConfig, sample
 from sampler.solvers import SOLVERS, sample_ddim, sample_ddpm
@@ -281,8 +283,14 @@ def flow_run(tmp_path_factory, tiny_vae_dir):
     return run
 
 
+SOLVE_FIELDS = {f.name for f in dataclasses.fields(SolveConfig)}
+
+
 def run_config(run, out, **kw) -> SampleConfig:
-    return SampleConfig(checkpoint=run, out=out, **{"steps": 3, "cfg": 2.0, **kw})
+    """A SampleConfig with 3 guided steps; solver options (steps, cfg, sampler...) go to `solve`."""
+    solve = {"steps": 3, "cfg": 2.0, **{k: v for k, v in kw.items() if k in SOLVE_FIELDS}}
+    rest = {k: v for k, v in kw.items() if k not in SOLVE_FIELDS}
+    return SampleConfig(checkpoint=run, out=out, solve=SolveConfig(**solve), **rest)
 
 
 def pngs(out) -> dict[str, np.ndarray]:
@@ -368,7 +376,7 @@ def test_ddpm_checkpoint_and_solver_checks(tmp_path, tiny_vae_dir):
 )
 def test_bad_configs(tmp_path, kw, match):
     with pytest.raises(SamplerError, match=match):
-        SampleConfig(checkpoint=tmp_path, out=tmp_path, **kw)
+        run_config(tmp_path, tmp_path, **kw)
 
 
 def test_training_hook_writes_a_grid(flow_run, tiny_vae_dir, tmp_path):

@@ -17,7 +17,11 @@ from sampler.errors import SamplerError
 
 
 def resolve_class(value: str, classes: Sequence[Mapping[str, Any]]) -> int:
-    """A class index from an index ("207"), an id (a wnid, "n02099601") or a name ("golden retriever")."""
+    """A class index from an index ("207"), an id (a wnid, "n02099601") or a name ("golden retriever").
+
+    Names match case-insensitively, with "_" as " ", the whole name or one of its comma-separated
+    synonyms ("tench, Tinca tinca").
+    """
     if value.strip().isdigit():
         index = int(value)
         if index < len(classes):
@@ -25,10 +29,14 @@ def resolve_class(value: str, classes: Sequence[Mapping[str, Any]]) -> int:
         raise SamplerError(
             f"--class {value}: index out of range; the checkpoint has classes 0..{len(classes) - 1}"
         )
-    wanted = value.strip().casefold()
+
+    def key(name: str) -> str:  # case, spaces and underscores do not matter
+        return " ".join(name.replace("_", " ").casefold().split())
+
+    wanted = key(value)
     for c in classes:
         names = [c["id"], c.get("name", ""), *c.get("name", "").split(",")]
-        if wanted in (n.strip().casefold() for n in names if n.strip()):
+        if wanted in (key(n) for n in names if n.strip()):
             return int(c["index"])
     example = classes[0]
     raise SamplerError(

@@ -1,6 +1,6 @@
 """Sample a checkpoint into PNGs, a grid and the ADM `.npz`, decoding with the VAE decoder only.
 
-    latentdit sample runs/dit-b2 --out samples/ --class golden_retriever --n 8 --cfg 4
+    latentdit sample runs/dit-b2 --out samples/ --class "golden retriever" --n 8 --cfg 4
 
 `sample(SampleConfig(...))` is what the CLI calls. Images are made in batches of the indices not
 yet finished in OUT, so re-running the same command resumes an interrupted run.

@@ -240,12 +240,8 @@ CLASSES = [
 
 
 def test_classes_by_index_id_or_name():
-    assert [resolve_class(c, CLASSES) for c in ("2", "n01443537", "Tench", "tinca tinca")] == [
-        2,
-        1,
-        0,
-        0,
-    ]
+    names = ("2", "n01443537", "Tench", "tinca tinca", "Great_White_Shark")
+    assert [resolve_class(c, CLASSES) for c in names] == [2, 1, 0, 0, 2]
     with pytest.raises(SamplerError, match=r"--class 'carp'.*'n01440764'"):
         resolve_class("carp", CLASSES)
     with pytest.raises(SamplerError, match="out of range"):

@@ -202,6 +202,29 @@ def test_only_the_decoder_is_read(tiny_vae_dir, monkeypatch):
         torch.testing.assert_close(vae.decode(z).sample, full.decode(z).sample)
 
 
+def test_pre_0_14_attention_names_are_renamed(tiny_vae_dir, tmp_path):
+    """VAEs saved before diffusers 0.14 (e.g. the SD VAEs) name attention query/key/value/proj_attn."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = load_file(tiny_vae_dir / "diffusion_pytorch_model.safetensors")
+    renamed = {}
+    for k, v in state.items():
+        for new, legacy in old.items():
+            k = k.replace(f".attentions.0.{new}.", f".attentions.0.{legacy}.")
+        renamed[k] = v
+    assert "decoder.mid_block.attentions.0.query.weight" in renamed
+    legacy_dir = tmp_path / "legacy"
+    shutil.copytree(tiny_vae_dir, legacy_dir)
+    save_file(renamed, legacy_dir / "diffusion_pytorch_model.safetensors")
+    z = torch.randn(1, 4, 3, 3)
+    with torch.no_grad():
+        expected = load_vae_decoder(str(tiny_vae_dir)).decode(z).sample
+        torch.testing.assert_close(load_vae_decoder(str(legacy_dir)).decode(z).sample, expected)
+
+
 def checkpoint_meta_for(vae_dir, **vae):
     return {
         "latent_shape": [4, 4, 4],

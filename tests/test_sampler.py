@@ -324,8 +324,10 @@ def test_same_seed_same_image_across_batch_sizes(flow_run, tmp_path):
     one, four = pngs(tmp_path / "b1"), pngs(tmp_path / "b4")
     assert list(one) == [f"{i:06d}-n0000000{c}-seed0.png" for i, c in enumerate("000222")]
     assert list(one) == list(four)
+    # batched matmuls may round differently per batch size (BLAS, GPUs): allow a rare 1-level step
     for name in one:
-        assert np.abs(one[name].astype(int) - four[name].astype(int)).max() <= 1, name
+        diff = np.abs(one[name].astype(int) - four[name].astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99, name
     alone = tmp_path / "alone"
     sample(
         run_config(flow_run, alone, classes=("2",), n=1, first_index=4, sampler="euler-maruyama")

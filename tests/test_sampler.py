@@ -225,6 +225,25 @@ def test_pre_0_14_attention_names_are_renamed(tiny_vae_dir, tmp_path):
         torch.testing.assert_close(load_vae_decoder(str(legacy_dir)).decode(z).sample, expected)
 
 
+def test_hub_ids_resolve_through_the_hub_cache_offline(tiny_vae_dir, tmp_path, monkeypatch):
+    """A hub pipeline repo (VAE in vae/) found in the HF cache with HF_HUB_OFFLINE=1, no network."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--acme--tiny-diffusion"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_vae_dir, repo / "snapshots" / commit / "vae")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    vae = load_vae_decoder("acme/tiny-diffusion")
+    assert vae.encoder is None and vae.config.latent_channels == 4
+    with pytest.raises(SamplerError, match="--vae acme/absent: cannot load its decoder"):
+        load_vae_decoder("acme/absent")
+
+
 def checkpoint_meta_for(vae_dir, **vae):
     return {
         "latent_shape": [4, 4, 4],

@@ -192,7 +192,7 @@ def test_only_the_decoder_is_read(tiny_vae_dir, monkeypatch):
     names = [n for n, _ in vae.named_parameters()] + [n for n, _ in vae.named_buffers()]
     assert names and not [n for n in names if n.startswith(("encoder.", "quant_conv."))]
     assert vae.encoder is None and vae.quant_conv is None
-    assert not any(p.is_meta for p in vae.parameters())
+    assert not any(t.is_meta for t in [*vae.parameters(), *vae.buffers()])
 
     from diffusers import AutoencoderKL
 

@@ -83,6 +83,10 @@ bench: bench-sample
 
 
 # --- demo ---
+.PHONY: demo
+demo: setup  ## every stage on generated images, offline, a few minutes on a CPU (into demo_out/)
+	rm -rf demo_out
+	HF_HUB_OFFLINE=1 $(PY) -m cli demo --out demo_out
 
 
 bench: bench-store  ## every benchmark (JSON lines)

@@ -482,6 +482,30 @@ def sample(
 # --- demo ---------------------------------------------------------------------------------------
 
 
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for every artifact of the demo.")] = Path(
+        "demo_out"
+    ),
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A shortened demo (tiny data and model; for CI).")
+    ] = False,
+    train_steps: Annotated[
+        int | None, typer.Option(min=1, help="DiT training steps [default: the demo's].")
+    ] = None,
+) -> None:
+    """Run every stage on generated images, offline, in minutes on a CPU; see OUT/report.json."""
+    from dataclasses import replace
+
+    from pipeline.demo.run import DemoConfig, run_demo
+
+    cfg = DemoConfig.quick(out) if quick else DemoConfig(out=out)
+    if train_steps is not None:
+        cfg = replace(cfg, train_steps=train_steps)
+    run_demo(cfg, echo=typer.echo)
+
+
 def main() -> None:
     app()
 

@@ -151,3 +151,52 @@ def test_verdict_judges_real_images_as_right_and_wrong_labels_as_wrong(tmp_path,
     noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
     far = judge(load_classifier(), noise, labels, images, labels)
     assert far["fd_generated_vs_real"] > 10 * far["fd_real_vs_real"]
+
+
+# --- the demo, shortened: every real stage on a handful of images ------------------------------
+
+
+def test_quick_demo_makes_every_artifact(tmp_path):
+    from PIL import Image
+
+    from latent_store import validate_store
+    from pipeline.demo.run import GRID_COLUMNS, DemoConfig, DemoError, run_demo
+    from trainer.checkpoint import load_for_inference
+
+    cfg = DemoConfig.quick(tmp_path / "demo_out")
+    shown = []
+    report = run_demo(cfg, echo=shown.append)
+    out = cfg.out
+    steps = [line.split("] $ ")[1].split()[:2] for line in shown if "] $ " in line]
+    assert steps == [
+        ["python", "-m"],
+        ["latentdit", "encode"],
+        ["latentdit", "validate"],
+        ["latentdit", "train"],
+        ["latentdit", "sample"],
+    ]
+    assert all(c.ok for c in validate_store(out / "store.zarr"))
+    model, meta = load_for_inference(out / "run")
+    assert model.config["hidden_size"] == cfg.hidden_size
+    assert model.config["num_classes"] == len(CLASSES) and len(meta["classes"]) == len(CLASSES)
+    with Image.open(out / "grid.png") as grid:  # 10 x 10 tiles of 32 px, 2 px between tiles
+        side = GRID_COLUMNS * 32 + (GRID_COLUMNS - 1) * 2
+        assert grid.size == (side, side)
+    saved = json.loads((out / REPORT_FILE).read_text())
+    assert saved == report
+    for key in ("accuracy", "per_class", "fd_generated_vs_real", "fd_real_vs_real", "seconds"):
+        assert key in report
+    assert report["samples_generated"] == len(CLASSES) * cfg.samples_per_class
+    assert 0 <= report["accuracy"] <= 1 and report["fd_real_vs_real"] >= 0
+    assert set(report["seconds"]) == {
+        "data",
+        "encode",
+        "validate",
+        "train",
+        "sample",
+        "verdict",
+        "total",
+    }
+    assert str(out / "grid.png") in shown[-1] and str(out / REPORT_FILE) in shown[-1]
+    with pytest.raises(DemoError, match="earlier demo"):
+        run_demo(cfg, echo=shown.append)

@@ -4,8 +4,8 @@
 
 Writes `train/<wnid>/<wnid>_<i>.JPEG`, a held-out `val/<wnid>/` split in the same class-folder
 layout, and `LOC_synset_mapping.txt` ("<wnid> <name>" per line, as in the Kaggle ImageNet set).
-The class is the shape or texture; its colors, position, size, rotation and background are drawn
-at random, so a model (or the verdict classifier) must get the shape right, not just a color.
+A class is a shape or texture in its own family of hues (disks are red, squares orange, ...);
+the exact color, position, size, rotation and background are drawn at random.
 Every image is a pure function of (seed, split, class, index): the same seed gives the same bytes.
 """
 
@@ -29,6 +29,7 @@ SPLITS = ("train", "val")
 SYNSET_FILE = "LOC_synset_mapping.txt"
 SUPERSAMPLE = 4  # draw at 4x, then downscale with a box filter: anti-aliased edges
 NOISE_STD = 4.0  # grain added to every image, in 8-bit levels
+HUE_JITTER = 0.025  # of the class hue, in turns of the color wheel (9 degrees)
 
 Color = tuple[int, int, int]
 Painter = Callable[[ImageDraw.ImageDraw, int, np.random.Generator, Color, Color], None]
@@ -39,12 +40,14 @@ def _hsv(h: float, s: float, v: float) -> Color:
     return round(r * 255), round(g * 255), round(b * 255)
 
 
-def _colors(rng: np.random.Generator) -> tuple[Color, Color]:
-    """A (foreground, background) pair far apart in hue and in brightness."""
-    h = rng.uniform()
-    bright = _hsv(h, rng.uniform(0.55, 1.0), rng.uniform(0.8, 1.0))
-    dark = _hsv(h + rng.uniform(0.25, 0.75), rng.uniform(0.2, 0.9), rng.uniform(0.1, 0.45))
-    return (bright, dark) if rng.uniform() < 0.5 else (dark, bright)
+def _colors(class_index: int, rng: np.random.Generator) -> tuple[Color, Color]:
+    """(foreground, background): a bright color of the class's hue family on a dark background.
+
+    Class c's hue is c / 10 of the color wheel (+- HUE_JITTER); the background's hue is free.
+    """
+    h = class_index / len(CLASSES) + rng.uniform(-HUE_JITTER, HUE_JITTER)
+    fg = _hsv(h, rng.uniform(0.65, 1.0), rng.uniform(0.8, 1.0))
+    return fg, _hsv(rng.uniform(), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.4))
 
 
 def _placement(size: int, rng: np.random.Generator) -> tuple[float, float, float]:
@@ -192,7 +195,7 @@ def _background(size: int, rng: np.random.Generator, bg: Color) -> Image.Image:
 def render(class_index: int, *, size: int, seed: int, split: str, index: int) -> Image.Image:
     """Draw image `index` of class `class_index` in `split`: RGB, `size` x `size` pixels."""
     rng = np.random.default_rng([seed, SPLITS.index(split), class_index, index])
-    fg, bg = _colors(rng)
+    fg, bg = _colors(class_index, rng)
     big = size * SUPERSAMPLE
     img = _background(big, rng, bg)
     CLASSES[class_index].paint(ImageDraw.Draw(img), big, rng, fg, bg)

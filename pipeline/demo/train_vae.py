@@ -48,7 +48,7 @@ class VaeTrainConfig:
     """Channels per resolution level; len - 1 downsamplings (3 levels = 4x: 32 px -> 8x8)."""
     latent_channels: int = 4
     """Latent channels, as in the SD VAE."""
-    steps: int = 1200
+    steps: int = 3000
     """Optimizer steps."""
     batch_size: int = 16
     """Images per step."""

@@ -118,10 +118,14 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def verdict(config: VerdictConfig, generated: np.ndarray, asked: np.ndarray) -> dict:
-    """Judge generated images against the held-out split of `config.data`; write report.json."""
+def verdict(
+    config: VerdictConfig, generated: np.ndarray, asked: np.ndarray, extra: dict | None = None
+) -> dict:
+    """Judge generated images against the held-out split of `config.data`; write report.json
+    (the figures of `judge`, then `extra`, e.g. timings and provenance)."""
     real, real_labels = load_split(config.data, config.split)
     report = judge(load_classifier(config.classifier), generated, asked, real, real_labels)
+    report.update(extra or {})
     write_report(report, config.out)
     log.info("verdict:\n%s", format_report(report))
     return report

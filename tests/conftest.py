@@ -77,6 +77,17 @@ def write_store(path: Path, n: int = 40, *, failures=(), seed: int = 0, **spec_k
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models run fastest single-threaded: on a 2-core machine, more threads only contend."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def store_path(tmp_path: Path) -> Path:
     return write_store(tmp_path / "store.zarr")
@@ -244,7 +255,6 @@ TINY_DIT = {"model": "DiT-S/2", "hidden_size": 32, "depth": 2, "num_heads": 2}
 def tiny_run(tmp_path_factory) -> Path:
     """A run folder whose latest checkpoint is a tiny DiT (hidden 32, depth 2) trained 2 steps
     on a 4x8x8, 3-class store (`write_store`), through the real `trainer.train.train`."""
-    import torch
 
     from trainer.config import resolve_config
     from trainer.train import train
@@ -252,26 +262,10 @@ def tiny_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-run")
     options = {"store": str(write_store(root / "store.zarr", n=16)), "run": str(root / "run")}
     options.update(TINY_DIT, steps=2, batch_size=8, warmup_steps=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
-    try:
-        return train(resolve_config(None, options))
-    finally:
-        torch.set_num_threads(threads)
+    return train(resolve_config(None, options))
 
 
 # --- fixtures: sampler --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny models run fastest single-threaded on the shared 2-core machine (use per module)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_checkpoint(

@@ -39,15 +39,6 @@ CPU = torch.device("cpu")
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest single-threaded on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TINY = {"hidden_size": 32, "depth": 2, "num_heads": 2}
 
 # Parameters of our DiT for 4x32x32 latents and 1000 classes (1001 label rows, 4 output channels,

@@ -85,4 +85,4 @@ bench: bench-sample
 # --- demo ---
 
 
-bench: bench-store  ## every benchmark (JSON lines)
+bench: bench-store bench-encode  ## every benchmark (JSON lines)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -117,13 +118,15 @@ class WebDatasetSource:
         *,
         label_key: str = LABEL_FIELD,
         include_unfinished: bool = False,
-        classes: Sequence[ClassInfo] | None = None,
+        classes_file: Path | None = None,
         spec: str = "",
     ) -> None:
-        self.spec = spec or str(shards[0].parent)
+        self.spec = os.path.abspath(spec or shards[0].parent)
         self.label_key = label_key
+        self.include_unfinished = include_unfinished
+        self.classes_file = Path(classes_file).resolve() if classes_file else None
         self.skipped: list[Skipped] = []
-        self.shards = self._finished(list(shards), include_unfinished)
+        self.shards = self._finished([Path(s).resolve() for s in shards])
         self._tar: list[int] = []
         self._entries: list[_Entry] = []
         for t, shard in enumerate(self.shards):
@@ -135,7 +138,7 @@ class WebDatasetSource:
                 f"no usable samples in {self.spec} ({len(self.shards)} tar(s) used, "
                 f"{len(self.skipped)} skipped): see the messages above"
             )
-        self._classes = tuple(classes) if classes else self._default_classes()
+        self._classes = self._class_list()
         self._check_labels()
         log.info(
             "%s: %d samples in %d tars, %d skipped",
@@ -173,15 +176,19 @@ class WebDatasetSource:
         return data
 
     def describe(self) -> Mapping[str, Any]:
+        """kind, path and the options that reopen it, the tars used, a fingerprint, counts."""
         return {
             "kind": KIND,
             "path": self.spec,
             "label_key": self.label_key,
+            "include_unfinished": self.include_unfinished,
+            "classes_file": str(self.classes_file) if self.classes_file else None,
             "shards": [str(s) for s in self.shards],
-            "samples": len(self._entries),
+            "fingerprint": self.fingerprint(),
+            "num_images": len(self._entries),
+            "num_classes": len(self._classes),
             "skipped": len(self.skipped),
             "skipped_first": [f"{s.key}: {s.reason}" for s in self.skipped[:SKIPPED_SHOWN]],
-            "fingerprint": self.fingerprint(),
         }
 
     # --- building the index ---------------------------------------------------------------------
@@ -195,13 +202,13 @@ class WebDatasetSource:
             h.update(f"{e.key}\t{e.label}\t{e.offset}\t{e.size}\n".encode())
         return h.hexdigest()
 
-    def _finished(self, shards: list[Path], include_unfinished: bool) -> list[Path]:
+    def _finished(self, shards: list[Path]) -> list[Path]:
         """Drop (and log) tars img2dataset did not finish, unless told to keep them."""
         kept = []
         for shard in shards:
             if shard_stats_path(shard).exists():
                 kept.append(shard)
-            elif include_unfinished:
+            elif self.include_unfinished:
                 log.warning("using %s although it has no %s", shard, shard_stats_path(shard).name)
                 kept.append(shard)
             else:
@@ -275,11 +282,14 @@ class WebDatasetSource:
         log.warning("skipping %s: %s", key, reason)
         self.skipped.append(Skipped(key=key, reason=reason))
 
-    def _default_classes(self) -> tuple[ClassInfo, ...]:
-        """classes.txt written by `latentdit download` next to the tars, else 0..max label."""
-        class_file = self.shards[0].parent / CLASS_FILE_NAME
-        if class_file.exists():
-            return read_class_file(class_file)
+    def _class_list(self) -> tuple[ClassInfo, ...]:
+        """The classes file if given, else the classes.txt `latentdit download` wrote next to
+        the tars, else classes named 0..max label."""
+        if self.classes_file:
+            return read_class_file(self.classes_file)
+        beside = self.shards[0].parent / CLASS_FILE_NAME
+        if beside.exists():
+            return read_class_file(beside)
         top = max(e.label for e in self._entries)
         return tuple(ClassInfo(index=i, id=str(i)) for i in range(top + 1))
 
@@ -298,13 +308,13 @@ def open_webdataset(
     *,
     label_key: str = LABEL_FIELD,
     include_unfinished: bool = False,
-    classes: Sequence[ClassInfo] | None = None,
+    classes_file: Path | None = None,
 ) -> WebDatasetSource:
     """Resolve SOURCE (folder, brace pattern, list file or tar) and index its tars."""
     return WebDatasetSource(
         resolve_shards(spec),
         label_key=label_key,
         include_unfinished=include_unfinished,
-        classes=classes,
+        classes_file=classes_file,
         spec=str(spec),
     )

@@ -200,27 +200,32 @@ def download(config: DownloadConfig) -> DownloadSummary:
     with tempfile.TemporaryDirectory(prefix="latentdit-urls-") as tmp:
         url_file = Path(tmp) / "urls.parquet"
         pq.write_table(table, url_file)
-        img2dataset.download(
-            url_list=str(url_file),
-            input_format="parquet",
-            url_col="url",
-            save_additional_columns=[LABEL_FIELD],
-            output_folder=str(config.out),
-            output_format="webdataset",
-            resize_mode="no",
-            skip_reencode=True,
-            disable_all_reencoding=not config.reencode,
-            processes_count=config.processes,
-            thread_count=config.threads,
-            number_sample_per_shard=config.samples_per_shard,
-            timeout=config.timeout,
-            retries=config.retries,
-            incremental_mode="incremental",
-            enable_wandb=False,
-        )
+        img2dataset.download(**img2dataset_options(config, url_file))
     summary = summarize_shards(config.out)
     log.info("download summary for %s:\n%s", config.out, summary.format())
     return summary
+
+
+def img2dataset_options(config: DownloadConfig, url_file: Path) -> dict:
+    """Keyword arguments of `img2dataset.download` for `config`, given the normalized URL list."""
+    return {
+        "url_list": str(url_file),
+        "input_format": "parquet",
+        "url_col": "url",
+        "save_additional_columns": [LABEL_FIELD],
+        "output_folder": str(config.out),
+        "output_format": "webdataset",
+        "resize_mode": "no",  # full resolution: the ADM crop happens once, in `encode`
+        "skip_reencode": True,  # keeps what imghdr calls a JPEG byte for byte
+        "disable_all_reencoding": not config.reencode,  # keeps every file byte for byte
+        "processes_count": config.processes,
+        "thread_count": config.threads,
+        "number_sample_per_shard": config.samples_per_shard,
+        "timeout": config.timeout,
+        "retries": config.retries,
+        "incremental_mode": "incremental",  # a re-run skips the shards that have stats
+        "enable_wandb": False,
+    }
 
 
 def _import_img2dataset():

@@ -112,6 +112,30 @@ def test_download_accounts_for_every_url(shards, url_list):
     assert (shards / CLASS_FILE_NAME).read_text().split()[::3] == list(CLASSES)
 
 
+@pytest.mark.parametrize("reencode", [True, False])
+def test_reencode_option_reaches_img2dataset(image_server, tmp_path, reencode):
+    """img2dataset's own resizer, built with the options `download` passes: --no-reencode keeps
+    every file byte for byte, the default keeps JFIF JPEGs and re-encodes the rest."""
+    from img2dataset.resizer import Resizer
+
+    from pipeline.download import img2dataset_options
+
+    cfg = DownloadConfig(url_list=tmp_path / "u.csv", out=tmp_path / "o", reencode=reencode)
+    opts = img2dataset_options(cfg, tmp_path / "u.parquet")
+    keys = ("resize_mode", "skip_reencode", "disable_all_reencoding")
+    resizer = Resizer(image_size=256, resize_only_if_bigger=False, **{k: opts[k] for k in keys})
+    folder = image_server[1]
+    for name in ("rgb0.jpg", "cmyk.jpg", "rgba.png", "not_an_image.jpg"):
+        original = (folder / name).read_bytes()
+        stored, *_, error = resizer(io.BytesIO(original))
+        if not reencode or name == "rgb0.jpg":
+            assert (stored, error) == (original, None)
+        elif name == "not_an_image.jpg":
+            assert (stored, error) == (None, "Image decoding error")
+        else:
+            assert stored != original and stored[:3] == b"\xff\xd8\xff"
+
+
 def test_source_lists_every_download_with_its_label(shards, url_list):
     source = open_webdataset(shards)
     ok = {r["key"]: r for r in downloaded_rows(shards) if r["status"] == "success"}

@@ -34,9 +34,38 @@ bench-store: setup  ## store write / load / random-batch throughput (JSON)
 	$(PY) bench/bench_store.py
 
 # --- encode ---
+.PHONY: encode bench-encode
+
+encode: DATA ?= data/imagenet/train
+encode: OUT ?= stores/imagenet-256.zarr
+encode: VAE ?= stabilityai/sd-vae-ft-ema
+encode: ENCODE_ARGS ?= --image-size 256 --batch-size 64 --workers 8
+encode: setup  ## encode an image tree into a store: make encode DATA=dir OUT=store VAE=id_or_dir [ENCODE_ARGS=...]
+	$(PY) -m cli encode $(DATA) --out $(OUT) --vae $(VAE) $(ENCODE_ARGS)
+
+bench-encode: setup  ## encode pipeline vs VAE forward alone, decode+crop per worker (JSON)
+	$(PY) bench/bench_encode.py
 
 
 # --- train ---
+MODEL ?= DiT-B/2
+NPROC ?= 1
+TRAIN_ARGS ?=
+TRAIN_CMD = train --store "$(STORE)" --run "$(RUN)" --model "$(MODEL)" $(TRAIN_ARGS)
+.PHONY: train bench-train
+
+train: setup  ## train a DiT: make train STORE=s.zarr RUN=runs/x MODEL=DiT-B/2 [NPROC=8] [TRAIN_ARGS="--steps 1000"]
+	@test -n "$(STORE)" -a -n "$(RUN)" || { echo "usage: make train STORE=STORE RUN=RUN_DIR [MODEL=DiT-B/2] [NPROC=8] [TRAIN_ARGS=...]" >&2; exit 2; }
+ifeq ($(NPROC),1)
+	$(PY) cli.py $(TRAIN_CMD)
+else
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) cli.py -- $(TRAIN_CMD)
+endif
+
+bench-train: setup  ## training images/s, MFU and data share for DiT-S/2 and DiT-B/2 (JSON)
+	$(PY) bench/bench_train.py
+
+bench: bench-train
 
 
 # --- sample ---

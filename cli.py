@@ -10,6 +10,7 @@ Each command parses its options into the stage's config and calls the library; a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -77,20 +78,186 @@ def validate(
     max_clipped: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Largest clipped fraction of quantized values.")
     ] = DEFAULT_MAX_CLIPPED,
+    decode_check: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Also decode N stored latents and report PSNR against the re-cropped source "
+            "images (from stored and from float latents: the gap is the quantization's cost).",
+        ),
+    ] = None,
+    vae: Annotated[
+        str | None,
+        typer.Option(help="VAE for --decode-check [default: the one recorded in the store]."),
+    ] = None,
 ) -> None:
     """Check a store before training on it; exit 0 only when every check passes."""
     checks = validate_store(store, max_clipped=max_clipped)
     ok = all(c.ok for c in checks)
+    decoded = _decode_check(store, decode_check, vae) if decode_check else None
     if as_json:
-        typer.echo(json.dumps({"ok": ok, "checks": [c.to_dict() for c in checks]}, indent=2))
+        report = {"ok": ok, "checks": [c.to_dict() for c in checks]}
+        typer.echo(json.dumps({**report, "decode_check": decoded} if decoded else report, indent=2))
     else:
         for c in checks:
             typer.echo(f"{'PASS' if c.ok else 'FAIL'} {c.name}: {c.message}")
+        if decoded:
+            typer.echo(
+                f"decode-check: {decoded['samples']} samples, PSNR {decoded['psnr_stored_db']:.2f} dB "
+                f"from stored latents, {decoded['psnr_float_db']:.2f} dB from float latents "
+                f"(quantization costs {decoded['quantization_cost_db']:.3f} dB)"
+            )
         typer.echo(f"{store}: {'valid' if ok else 'INVALID'}")
     raise typer.Exit(0 if ok else 1)
 
 
 # --- encode and decode-check (pipeline) ---------------------------------------------------------
+import sys  # noqa: E402  (imports of this section live here to keep merges local)
+from enum import Enum  # noqa: E402
+
+from latent_store.schema import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE  # noqa: E402
+from pipeline.preprocess import DEFAULT_MAX_PIXELS  # noqa: E402
+
+
+def _decode_check(store: Path, samples: int, vae: str | None) -> dict:
+    """Run `validate --decode-check` on the GPU when there is one."""
+    import torch
+
+    from pipeline.decode_check import DecodeCheckConfig, decode_check
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return decode_check(store, DecodeCheckConfig(samples=samples, vae=vae, device=device))
+
+
+class Posterior(str, Enum):
+    mean = "mean"
+    sample = "sample"
+    moments = "moments"
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+@user_errors
+def encode(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            exists=True,
+            file_okay=False,
+            help="ImageNet-style tree (train/<wnid>/*.JPEG), any class-folder dataset, or a flat "
+            "val folder with --val-labels.",
+        ),
+    ],
+    out: Annotated[
+        str,
+        typer.Option(help="Store to create, or to resume if it exists: folder or fsspec URL."),
+    ],
+    vae: Annotated[str, typer.Option(help="diffusers AutoencoderKL: hub id or local folder.")] = (
+        "stabilityai/sd-vae-ft-ema"
+    ),
+    vae_revision: Annotated[str | None, typer.Option(help="Hub revision of the VAE.")] = None,
+    dtype: Annotated[Dtype, typer.Option(help="VAE compute dtype.")] = Dtype.fp32,
+    device: Annotated[
+        Device | None, typer.Option(help="Where the VAE runs [default: cuda if available].")
+    ] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder.")] = False,
+    image_size: Annotated[int, typer.Option(min=8, help="Side of the ADM center crop.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per VAE forward pass.")] = 64,
+    workers: Annotated[int, typer.Option(min=0, help="Decode+crop worker processes.")] = 4,
+    flip: Annotated[
+        bool, typer.Option(help="Also encode each crop's horizontal flip (2 variants).")
+    ] = False,
+    posterior: Annotated[
+        Posterior, typer.Option(help="Posterior mean, a sample seeded per key, or mean + log std.")
+    ] = Posterior.mean,
+    val_labels: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Labels of a flat val folder: LOC_val_solution.csv or "
+            "ILSVRC2012_validation_ground_truth.txt.",
+        ),
+    ] = None,
+    classes: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Class list, one id per line (LOC_synset_mapping.txt works); fixes label order.",
+        ),
+    ] = None,
+    devkit_synsets: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="wnids in the devkit meta.mat order, one per line (for the devkit ground truth).",
+        ),
+    ] = None,
+    max_failures: Annotated[
+        str, typer.Option(help="Undecodable images tolerated: a count (100) or fraction (1%).")
+    ] = "1%",
+    exif_transpose: Annotated[
+        bool, typer.Option(help="Apply EXIF orientation (off: ImageNet parity).")
+    ] = False,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="Larger images are skipped as decompression bombs.")
+    ] = DEFAULT_MAX_PIXELS,
+    shard_size: Annotated[int, typer.Option(min=1, help="Samples per shard (unit of resume).")] = (
+        DEFAULT_SHARD_SIZE
+    ),
+    chunk_size: Annotated[int, typer.Option(min=1, help="Samples per Zarr chunk.")] = (
+        DEFAULT_CHUNK_SIZE
+    ),
+    calibration_samples: Annotated[
+        int, typer.Option(min=1, help="Images that set the quantization range.")
+    ] = 512,
+) -> None:
+    """Encode an image folder tree into a latent store (resumable; run under torchrun to scale)."""
+    from pipeline.encode import EncodeConfig, parse_max_failures
+    from pipeline.encode import encode as run_encode
+
+    cfg = EncodeConfig(
+        source=source,
+        out=out,
+        vae=vae,
+        vae_revision=vae_revision,
+        dtype=dtype.value,
+        device=device.value if device else None,
+        compile=compile,
+        image_size=image_size,
+        batch_size=batch_size,
+        workers=workers,
+        flip=flip,
+        posterior=posterior.value,
+        val_labels=val_labels,
+        classes=classes,
+        devkit_synsets=devkit_synsets,
+        max_failures=parse_max_failures(max_failures),
+        exif_transpose=exif_transpose,
+        max_pixels=max_pixels,
+        shard_size=shard_size,
+        chunk_size=chunk_size,
+        calibration_samples=calibration_samples,
+        command=" ".join(["latentdit", *sys.argv[1:]]),
+    )
+    summary = run_encode(cfg)
+    if summary is not None:
+        typer.echo(
+            f"{out}: {summary['samples_written']} samples written, "
+            f"{summary['samples_failed']} failed; check it with `latentdit validate {out}`"
+        )
 
 
 # --- download (img2dataset) ---------------------------------------------------------------------
@@ -162,6 +329,96 @@ def download(
 
 
 # --- train (trainer) ----------------------------------------------------------------------------
+
+
+def _train_option(name: str, *flags: str, **kw) -> typer.models.OptionInfo:
+    """A `train` option whose help and default come from TrainConfig (None here: not given)."""
+    from trainer.config import FIELD_DEFAULTS, FIELD_HELP
+
+    default = FIELD_DEFAULTS[name]
+    shown = "required" if default == "" else f"default: {default}"
+    return typer.Option(*flags, help=f"{FIELD_HELP[name]} ({shown})", **kw)
+
+
+@app.command(context_settings={"max_content_width": 100})
+@user_errors
+def train(
+    store: Annotated[Path | None, _train_option("store")] = None,
+    run: Annotated[Path | None, _train_option("run", "--run", "--run-dir")] = None,
+    model: Annotated[str | None, _train_option("model")] = None,
+    steps: Annotated[int | None, _train_option("steps")] = None,
+    batch_size: Annotated[int | None, _train_option("batch_size")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="A .toml or .yaml file of options; CLI options win.")
+    ] = None,
+    vae: Annotated[str | None, _train_option("vae")] = None,
+    hidden_size: Annotated[int | None, _train_option("hidden_size")] = None,
+    depth: Annotated[int | None, _train_option("depth")] = None,
+    num_heads: Annotated[int | None, _train_option("num_heads")] = None,
+    grad_accum: Annotated[int | None, _train_option("grad_accum")] = None,
+    lr: Annotated[float | None, _train_option("lr")] = None,
+    weight_decay: Annotated[float | None, _train_option("weight_decay")] = None,
+    adam_betas: Annotated[tuple[float, float] | None, _train_option("adam_betas")] = None,
+    warmup_steps: Annotated[int | None, _train_option("warmup_steps")] = None,
+    cosine_decay: Annotated[bool | None, _train_option("cosine_decay")] = None,
+    min_lr: Annotated[float | None, _train_option("min_lr")] = None,
+    grad_clip: Annotated[float | None, _train_option("grad_clip")] = None,
+    no_grad_clip: Annotated[
+        bool, typer.Option("--no-grad-clip", help="Do not clip gradients.")
+    ] = False,
+    ema_decay: Annotated[float | None, _train_option("ema_decay")] = None,
+    objective: Annotated[str | None, _train_option("objective")] = None,
+    timesteps: Annotated[str | None, _train_option("timesteps")] = None,
+    ddpm_schedule: Annotated[str | None, _train_option("ddpm_schedule")] = None,
+    p_uncond: Annotated[float | None, _train_option("p_uncond")] = None,
+    normalization: Annotated[str | None, _train_option("normalization")] = None,
+    qk_norm: Annotated[bool | None, _train_option("qk_norm")] = None,
+    pos_embed: Annotated[str | None, _train_option("pos_embed")] = None,
+    grad_checkpointing: Annotated[bool | None, _train_option("grad_checkpointing")] = None,
+    data: Annotated[str | None, _train_option("data")] = None,
+    shuffle_shards: Annotated[int | None, _train_option("shuffle_shards")] = None,
+    seed: Annotated[int | None, _train_option("seed")] = None,
+    precision: Annotated[str | None, _train_option("precision")] = None,
+    compile: Annotated[bool | None, _train_option("compile")] = None,
+    device: Annotated[str | None, _train_option("device")] = None,
+    log_every: Annotated[int | None, _train_option("log_every")] = None,
+    ckpt_every: Annotated[int | None, _train_option("ckpt_every")] = None,
+    keep_last: Annotated[int | None, _train_option("keep_last")] = None,
+    keep_all: Annotated[bool, typer.Option("--keep-all", help="Keep every checkpoint.")] = False,
+    sample_every: Annotated[int | None, _train_option("sample_every")] = None,
+    peak_tflops: Annotated[float | None, _train_option("peak_tflops")] = None,
+) -> None:
+    """Train a class-conditional DiT on a latent store; re-running on a run folder resumes it."""
+    options = {k: v for k, v in locals().items() if k not in ("config", "no_grad_clip", "keep_all")}
+    from trainer.config import resolve_config
+    from trainer.train import train as train_run
+
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    cfg = resolve_config(config, options)
+    if no_grad_clip or keep_all:
+        cfg = dataclasses.replace(
+            cfg,
+            grad_clip=None if no_grad_clip else cfg.grad_clip,
+            keep_last=None if keep_all else cfg.keep_last,
+        )
+    train_run(cfg, sample_fn=_sample_hook(cfg))
+
+
+def _sample_hook(cfg):
+    """The sampler's training hook for --vae: `sampler.training.sample_grid_hook(cfg.vae)`.
+
+    It must return a callable (ema_model, meta, step, run_dir) -> None (see trainer.train.SampleFn).
+    """
+    if cfg.vae is None:
+        return None
+    try:
+        from sampler.training import sample_grid_hook
+    except ImportError:
+        raise LatentditError(
+            "--vae asks for sample grids, but this build has no sampler hook "
+            "(sampler.training.sample_grid_hook); train without --vae"
+        ) from None
+    return sample_grid_hook(cfg.vae)
 
 
 # --- sample (sampler) ---------------------------------------------------------------------------

@@ -9,9 +9,12 @@ tars made by img2dataset (`pipeline/webdataset_source.py`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from latent_store import ClassInfo
+
+SOURCE_FILES = ("val_labels", "classes_file", "devkit_synsets")  # options kept in describe()
 
 
 @runtime_checkable
@@ -43,3 +46,34 @@ class ImageSource(Protocol):
         """JSON-ready provenance for the store's `source` attribute: kind, path, a fingerprint
         of the file list (so a resume against a different source is refused), and counts."""
         ...
+
+
+def open_source(
+    path: str | Path,
+    *,
+    val_labels: Path | None = None,
+    classes: Path | None = None,
+    devkit_synsets: Path | None = None,
+) -> ImageSource:
+    """Pick the source kind from SOURCE: a flat val folder with `val_labels`, or class folders."""
+    from pipeline.imagenet import SourceError, class_folder_source, val_source
+
+    path = Path(path)
+    if not path.is_dir():
+        raise SourceError(f"{path}: not a folder; SOURCE must be an image folder tree")
+    if val_labels is not None:
+        return val_source(
+            path, val_labels=val_labels, classes_file=classes, devkit_synsets=devkit_synsets
+        )
+    return class_folder_source(path, classes_file=classes)
+
+
+def reopen_source(description: Mapping[str, Any]) -> ImageSource:
+    """Open the source a store was encoded from, as recorded by its `describe()`."""
+    files = {k: Path(description[k]) if description.get(k) else None for k in SOURCE_FILES}
+    return open_source(
+        description["path"],
+        val_labels=files["val_labels"],
+        classes=files["classes_file"],
+        devkit_synsets=files["devkit_synsets"],
+    )

@@ -117,6 +117,119 @@ def tiny_vae_dir(tmp_path_factory) -> Path:
 
 # --- fixtures: encode (pipeline) ----------------------------------------------------------------
 
+WNIDS = ("n01440764", "n01443537", "n01484850")  # three ImageNet classes, in sorted order
+BOMB_MAX_PIXELS = 500_000  # pass as --max-pixels so the 800x800 "bomb" is refused
+# broken files in the generated train tree and the reason prefix each must be recorded with
+BROKEN = {
+    "n01440764/truncated.JPEG": "corrupt image",
+    "n01440764/empty.JPEG": "empty file",
+    "n01443537/error_page.JPEG": "not an image",
+    "n01484850/bomb.png": "decompression bomb",
+}
+NOISE = (".DS_Store", "README.txt", "n01440764/.DS_Store", "n01443537/README.txt")
+
+
+def smooth_image(width: int, height: int, seed: int):
+    """An RGB image with smooth color gradients (JPEG-friendly), deterministic in `seed`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    channels = [
+        np.sin(rng.uniform(2, 6) * x + rng.uniform(2, 6) * y + rng.uniform(0, 6)) for _ in range(3)
+    ]
+    return Image.fromarray(((np.stack(channels, -1) + 1) * 127.5).astype(np.uint8), "RGB")
+
+
+def _jpeg_bytes(img, **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=kw.pop("format", "JPEG"), **kw)
+    return buf.getvalue()
+
+
+def make_image_tree(root: Path, per_class: int = 4) -> dict[str, str]:
+    """A tiny ImageNet train tree holding every file kind; returns {key: expected image mode}.
+
+    Decodable: RGB JPEGs of 32-48 px, and a CMYK JPEG, a grayscale JPEG, a palette PNG with
+    transparency, an RGBA PNG, a 16-bit PNG and a PNG named .JPEG. Broken: see BROKEN.
+    Noise (ignored): see NOISE.
+    """
+    from PIL import Image
+
+    modes = {}
+    for c, wnid in enumerate(WNIDS):
+        (root / wnid).mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            w, h = 32 + (7 * j + 5 * c) % 17, 32 + (11 * j + 3 * c) % 17
+            key = f"{wnid}/{wnid}_{j}.JPEG"
+            (root / key).write_bytes(_jpeg_bytes(smooth_image(w, h, seed=10 * c + j), quality=90))
+            modes[key] = "RGB"
+    base = smooth_image(44, 36, seed=99)
+    specials = {
+        "n01440764/cmyk.JPEG": ("CMYK", _jpeg_bytes(base.convert("CMYK"))),
+        "n01440764/gray.JPEG": ("L", _jpeg_bytes(base.convert("L"))),
+        "n01443537/palette.png": ("P", _palette_png(base)),
+        "n01443537/rgba.png": ("RGBA", _rgba_png(base)),
+        "n01484850/deep16.png": ("I;16", _png16(base)),
+        "n01484850/png_named.JPEG": ("RGB", _jpeg_bytes(base, format="PNG")),
+    }
+    for key, (mode, data) in specials.items():
+        (root / key).write_bytes(data)
+        modes[key] = mode
+    good = _jpeg_bytes(base)
+    (root / "n01440764/truncated.JPEG").write_bytes(good[: len(good) // 2])
+    (root / "n01440764/empty.JPEG").write_bytes(b"")
+    (root / "n01443537/error_page.JPEG").write_bytes(b"<html><body>404 Not Found</body></html>")
+    bomb = Image.new("L", (800, 800))  # compresses to a few hundred bytes
+    (root / "n01484850/bomb.png").write_bytes(_jpeg_bytes(bomb, format="PNG"))
+    for name in NOISE:
+        (root / name).write_bytes(b"\x00\x01 not an image")
+    return modes
+
+
+def _palette_png(img) -> bytes:
+    p = img.convert("P", palette=1, colors=16)  # 1 = Image.Palette.ADAPTIVE
+    return _jpeg_bytes(p, format="PNG", transparency=0)
+
+
+def _rgba_png(img) -> bytes:
+    from PIL import Image
+
+    rgba = img.convert("RGBA")
+    alpha = np.tile(np.linspace(0, 255, img.width, dtype=np.uint8), (img.height, 1))
+    rgba.putalpha(Image.fromarray(alpha, "L"))
+    return _jpeg_bytes(rgba, format="PNG")
+
+
+def _png16(img) -> bytes:
+    from PIL import Image
+
+    wide = np.asarray(img.convert("L"), dtype=np.uint16) * 257  # full 16-bit range
+    return _jpeg_bytes(Image.fromarray(wide), format="PNG")
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory) -> Path:
+    """A generated ImageNet-layout train tree (see make_image_tree); read-only for tests."""
+    root = tmp_path_factory.mktemp("imagenet") / "train"
+    make_image_tree(root)
+    return root
+
+
+def store_contents(path: Path) -> dict:
+    """Everything a store holds except the command line, for bit-identity comparisons."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs["latentdit"])
+    attrs.pop("command")
+    return {
+        "attrs": attrs,
+        **{name: group[name][:] for name in group.array_keys()},
+    }
+
 
 # --- fixtures: web ingestion --------------------------------------------------------------------
 

@@ -1,0 +1,164 @@
+"""Encode throughput: the whole pipeline against the VAE forward alone on the same batches.
+
+    python bench/bench_encode.py [--images 96] [--image-size 256] [--workers 1] [--device cpu]
+
+Prints one JSON object: decode+crop images/s of one worker, VAE-forward-only images/s, pipeline
+images/s (DataLoader workers + encoder + quantize + shard writes, the real `encode_shards`), and
+their ratio (goal >= 0.9: the data path must not starve the model). The images are generated
+ImageNet-sized JPEGs; the VAE is an AutoencoderKL with the SD-VAE layout and random weights,
+`--channels` wide (the SD-VAE itself is 128,256,512,512; random weights time the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from latent_store import LatentStore, StoreWriter, create_store
+from pipeline.distributed import init_distributed
+from pipeline.encode import EncodeConfig, calibrate_quantization, encode_shards, store_spec
+from pipeline.loader import collate, load_item, shard_batches
+from pipeline.preprocess import PreprocessConfig
+from pipeline.source import open_source
+from pipeline.vae import VaeConfig, encode_posterior, load_vae
+
+IMAGENET_SIZE = (500, 375)  # the most common ImageNet train resolution
+
+
+def make_tree(root: Path, images: int, classes: int = 4) -> None:
+    """ImageNet-sized JPEGs (smooth noise, quality 90) in `classes` wnid folders."""
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        folder = root / f"n{i % classes:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize(IMAGENET_SIZE, Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        (folder / f"img_{i:05d}.JPEG").write_bytes(buf.getvalue())
+
+
+def make_vae(path: Path, channels: tuple[int, ...]) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=2,  # as in the SD-VAE
+        latent_channels=4,
+        norm_num_groups=min(32, min(channels)),
+    ).save_pretrained(path)
+    return path
+
+
+def rate(count: int, seconds: float) -> float:
+    return round(count / seconds, 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument(
+        "--channels", default="16,32,32,32", help="encoder widths (SD-VAE: 128,256,512,512)"
+    )
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads of the main process"
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    channels = tuple(int(c) for c in args.channels.split(","))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_tree(tmp / "train", args.images)
+        cfg = EncodeConfig(
+            source=tmp / "train",
+            out=tmp / "store.zarr",
+            vae=str(make_vae(tmp / "vae", channels)),
+            dtype=args.dtype,
+            device=args.device,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            shard_size=args.images,
+            chunk_size=args.images,
+            calibration_samples=args.batch_size,
+        )
+        source = open_source(cfg.source)
+        vae, vae_info = load_vae(VaeConfig(id=cfg.vae, dtype=cfg.dtype, device=args.device))
+        pre = PreprocessConfig(image_size=cfg.image_size)
+
+        t = time.perf_counter()
+        items = [load_item(source, i, pre) for i in range(len(source))]
+        decode_s = time.perf_counter() - t
+
+        batches = [
+            collate([items[i] for i in b])
+            for b in shard_batches([(0, len(source))], cfg.batch_size)
+        ]
+        encode_posterior(vae, batches[0].crops, posterior="mean")  # warm-up
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        for batch in batches:
+            encode_posterior(vae, batch.crops, posterior="mean")
+        sync()
+        forward_s = time.perf_counter() - t
+
+        quant, _ = calibrate_quantization(cfg, source, vae, pre)
+        create_store(
+            cfg.out,
+            store_spec(cfg, source, vae_info, quant),
+            [source.key(i) for i in range(len(source))],
+        )
+        writer = StoreWriter(LatentStore(cfg.out))
+        t = time.perf_counter()
+        encode_shards(cfg, source, vae, pre, writer, init_distributed(args.device))
+        pipeline_s = time.perf_counter() - t
+
+    n = args.images
+    print(
+        json.dumps(
+            {
+                "bench": "encode",
+                "device": torch.cuda.get_device_name()
+                if args.device.startswith("cuda")
+                else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+                "vae_channels": list(channels),
+                "image_size": args.image_size,
+                "dtype": args.dtype,
+                "images": n,
+                "batch_size": args.batch_size,
+                "workers": args.workers,
+                "threads": args.threads,
+                "decode_crop_images_per_s_per_worker": rate(n, decode_s),
+                "vae_forward_images_per_s": rate(n, forward_s),
+                "pipeline_images_per_s": rate(n, pipeline_s),
+                "pipeline_over_forward": round(forward_s / pipeline_s, 3),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

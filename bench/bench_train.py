@@ -1,0 +1,156 @@
+"""Training throughput through the real loop (`trainer.train.train`): images/s, MFU, data share.
+
+    python bench/bench_train.py [--models DiT-S/2 DiT-B/2] [--batch-size 4] [--steps 5] [--threads 2]
+
+Writes a store of random 4x32x32 latents (the ImageNet-256 shape) with the real writer, trains
+each model for a few steps in a temporary run folder, and reads the loop's own log.jsonl records
+(log_every=1), skipping the first `--warmup` steps. Prints one JSON object per model, then one
+comparing them.
+
+MFU needs a peak: on a known GPU the datasheet bf16 figure (trainer.metrics.PEAK_BF16_TFLOPS); on
+a CPU the fp32 matmul throughput measured here, so CPU MFU reads "share of this machine's GEMM
+speed". Target (DESIGN.md): DiT-XL/2 in bf16 on one H100 at MFU >= 50%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
+
+from latent_store import (
+    ClassInfo,
+    StoreSpec,
+    StoreWriter,
+    VaeInfo,
+    calibrate,
+    create_store,
+    finalize_store,
+    quantize,
+)
+from trainer.config import resolve_config
+from trainer.metrics import peak_flops
+from trainer.model import DIT_PRESETS, build_model, forward_flops
+from trainer.train import train
+
+LATENT = (4, 32, 32)
+CLASSES = 1000
+GEMM_SIZE = 2048
+
+
+def write_random_store(path: Path, samples: int) -> Path:
+    """A complete store of random latents with both variants, through the real writer."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((samples, 2, *LATENT)).astype(np.float32)
+    spec = StoreSpec(
+        num_samples=samples,
+        latent_shape=LATENT,
+        quant=calibrate(x),
+        vae=VaeInfo(id="bench/random", scaling_factor=0.18215),
+        classes=tuple(ClassInfo(index=i, id=f"c{i}") for i in range(CLASSES)),
+        variants=("image", "hflip"),
+        chunk_size=64,
+        shard_size=samples,
+    )
+    store = create_store(path, spec, [f"k{i}" for i in range(samples)])
+    codes, clipped = quantize(x, spec.quant)
+    labels = (np.arange(samples) % CLASSES).astype(np.int16)
+    StoreWriter(store).write_shard(0, codes.numpy(), labels, clipped=clipped)
+    finalize_store(store)
+    return path
+
+
+def gemm_flops(device: torch.device, repeats: int = 5) -> float:
+    """Measured fp32 (CPU) or bf16 (GPU) matmul FLOP/s: the peak that CPU MFU is relative to."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(GEMM_SIZE, GEMM_SIZE, device=device, dtype=dtype)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        (a @ a).sum().item()
+    return 2 * GEMM_SIZE**3 * repeats / (time.perf_counter() - t0)
+
+
+def bench_model(model: str, store: Path, run: Path, args, peak: float | None) -> dict:
+    cfg = resolve_config(
+        None,
+        {
+            "store": str(store),
+            "run": str(run),
+            "model": model,
+            "steps": args.warmup + args.steps,
+            "batch_size": args.batch_size,
+            "log_every": 1,
+            "ckpt_every": 10**9,
+            "keep_last": 1,
+            "warmup_steps": 0,
+            "compile": args.compile,
+            "peak_tflops": None if peak is None else peak / 1e12,
+        },
+    )
+    train(cfg)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    timed = records[args.warmup :]
+    seconds = sum(1 / r["steps_per_s"] for r in timed)
+    data_s = sum(r["data_fraction"] / r["steps_per_s"] for r in timed)
+    images_per_s = len(timed) * args.batch_size / seconds
+    with torch.device("meta"):
+        config = build_model(model, input_size=32, in_channels=4, num_classes=CLASSES).config
+    flops = forward_flops(config)
+    return {
+        "model": model,
+        "batch_size": args.batch_size,
+        "steps_timed": len(timed),
+        "seconds_per_step": seconds / len(timed),
+        "images_per_s": images_per_s,
+        "forward_gflop_per_image": flops / 1e9,
+        "train_gflop_per_s": 3 * flops * images_per_s / 1e9,
+        "mfu": None if peak is None else 3 * flops * images_per_s / peak,
+        "data_fraction": data_s / seconds,
+        "final_loss": timed[-1]["loss"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["DiT-S/2", "DiT-B/2"], choices=DIT_PRESETS)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = gemm_flops(device) if device.type == "cpu" else peak_flops(device)  # GPU: datasheet
+    context = {
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.machine()} CPU",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_gemm_gflop_per_s": None if peak is None else peak / 1e9,
+    }
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = write_random_store(Path(tmp) / "store.zarr", args.samples)
+        for i, model in enumerate(args.models):
+            result = {**bench_model(model, store, Path(tmp) / f"run{i}", args, peak), **context}
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    print(json.dumps({"compare": {r["model"]: round(r["images_per_s"], 3) for r in results}}))
+
+
+if __name__ == "__main__":
+    main()

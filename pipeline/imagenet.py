@@ -1,0 +1,269 @@
+"""Image sources over folders: ImageNet train (`train/<wnid>/*.JPEG`), ImageNet val (a flat folder
+plus a label file), and any class-folder dataset with files Pillow reads.
+
+Labels: class index = position in the sorted list of class folders (the torchvision/Keras order
+for ImageNet wnids), or the order of a `--classes` file so that different splits agree. Files are
+listed once, sorted, and never re-listed; only image extensions count (`.DS_Store` and
+`README.txt` are ignored), but images are decoded by content.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from latent_store import ClassInfo, LatentditError
+
+log = logging.getLogger(__name__)
+
+SYNSET_MAPPING = "LOC_synset_mapping.txt"  # Kaggle: "n01440764 tench, Tinca tinca" per line
+DEVKIT_META = "meta.mat"  # devkit: synsets in ILSVRC2012_ID order
+DEVKIT_ID = re.compile(r"(\d{8})")  # ILSVRC2012_val_00000001.JPEG -> 1
+
+
+class SourceError(LatentditError):
+    """The source folder or a label file cannot be used as given."""
+
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case file extensions Pillow can open (".jpeg", ".png", ".webp", ...)."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FolderSource:
+    """A fixed, sorted list of image files under `root`, each with a class index.
+
+    keys are paths relative to `root` with forward slashes.
+    """
+
+    root: Path
+    kind: str
+    keys: tuple[str, ...]
+    labels: tuple[int, ...]
+    classes: tuple[ClassInfo, ...]
+    options: Mapping[str, str | None]  # what reopens this source (label and class files)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def key(self, index: int) -> str:
+        return self.keys[index]
+
+    def label(self, index: int) -> int:
+        return self.labels[index]
+
+    def read(self, index: int) -> bytes:
+        return (self.root / self.keys[index]).read_bytes()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "path": str(self.root),
+            "fingerprint": fingerprint(self.keys, self.labels),
+            "num_images": len(self.keys),
+            "num_classes": len(self.classes),
+            **{k: v for k, v in self.options.items() if v is not None},
+        }
+
+
+def fingerprint(keys: Sequence[str], labels: Sequence[int]) -> str:
+    """A digest of the (key, label) list, so a resume against another source can be refused."""
+    h = hashlib.blake2b(digest_size=16)
+    for k, y in zip(keys, labels, strict=True):
+        h.update(f"{k}\t{y}\n".encode())
+    return f"blake2b-128:{h.hexdigest()}"
+
+
+def _list_images(folder: Path) -> list[Path]:
+    exts = image_extensions()
+    found = [
+        Path(dirpath) / name
+        for dirpath, _, names in os.walk(folder, followlinks=True)
+        for name in names
+        if Path(name).suffix.lower() in exts and not name.startswith(".")
+    ]
+    return sorted(found)
+
+
+def read_class_file(path: Path) -> tuple[ClassInfo, ...]:
+    """Classes in file order: one per line, `ID [name...]` (LOC_synset_mapping.txt works as is)."""
+    classes = []
+    for line in _read_text(path).splitlines():
+        if line.strip():
+            cid, _, name = line.strip().partition(" ")
+            classes.append(ClassInfo(index=len(classes), id=cid, name=name.strip()))
+    if not classes:
+        raise SourceError(f"{path}: no classes listed; write one class id (e.g. a wnid) per line")
+    return tuple(classes)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
+
+
+def _find_synset_names(*folders: Path) -> dict[str, str]:
+    """wnid -> name from a LOC_synset_mapping.txt in any of `folders`, else {}."""
+    for folder in folders:
+        path = folder / SYNSET_MAPPING
+        if path.is_file():
+            return {c.id: c.name for c in read_class_file(path)}
+    return {}
+
+
+def _class_list(ids: Sequence[str], classes_file: Path | None, near: Path) -> tuple[ClassInfo, ...]:
+    """The class list: the file's order if given, else sorted ids; names from a synset mapping."""
+    if classes_file is not None:
+        return read_class_file(classes_file)
+    names = _find_synset_names(near, near.parent)
+    return tuple(ClassInfo(index=i, id=c, name=names.get(c, "")) for i, c in enumerate(sorted(ids)))
+
+
+def _source_kind(class_ids: Sequence[str]) -> str:
+    return "imagenet-train" if all(re.fullmatch(r"n\d{8}", c) for c in class_ids) else "folders"
+
+
+def class_folder_source(root: Path, *, classes_file: Path | None = None) -> FolderSource:
+    """Every image below `root/<class>/` (recursively), labeled by its class folder."""
+    root = Path(root).resolve()
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = _class_list(folders, classes_file, root)
+    index = {c.id: c.index for c in classes}
+    if unknown := [f for f in folders if f not in index]:
+        raise SourceError(
+            f"{root}: class folder {unknown[0]!r} is not in {classes_file} "
+            f"({len(unknown)} such folders); add it there or remove the folder"
+        )
+    keys, labels = [], []
+    for folder in folders:
+        for path in _list_images(root / folder):
+            keys.append(path.relative_to(root).as_posix())
+            labels.append(index[folder])
+    _require_images(root, keys)
+    kind = _source_kind(folders)
+    log.info("%s: %d images in %d classes (%s)", root, len(keys), len(folders), kind)
+    return FolderSource(
+        root=root,
+        kind=kind,
+        keys=tuple(keys),
+        labels=tuple(labels),
+        classes=classes,
+        options={"classes_file": _abs(classes_file)},
+    )
+
+
+def _require_images(root: Path, keys: Sequence[str]) -> None:
+    if not keys:
+        raise SourceError(
+            f"{root}: no images found (looked for class folders holding files with an image "
+            "extension); point SOURCE at e.g. imagenet/train"
+        )
+
+
+def _abs(path: Path | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+def read_val_labels(path: Path, *, devkit_synsets: Path | None = None) -> dict[str, str]:
+    """Image id (file stem) -> wnid, from Kaggle's LOC_val_solution.csv or the devkit ground truth.
+
+    The devkit's `ILSVRC2012_validation_ground_truth.txt` holds 1-based ILSVRC2012_IDs that follow
+    the order of the devkit's meta.mat, not the sorted wnids: they are mapped through the wnid,
+    read from `devkit_synsets` (one wnid per line, in meta.mat order) or from a meta.mat beside
+    the label file (needs scipy).
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        return _read_kaggle_solution(path)
+    synsets = _devkit_synsets(path, devkit_synsets)
+    labels = {}
+    for line_no, line in enumerate(_read_text(path).split(), start=1):
+        ilsvrc_id = int(line)
+        if not 1 <= ilsvrc_id <= len(synsets):
+            raise SourceError(
+                f"{path}: line {line_no} holds id {ilsvrc_id}, outside 1..{len(synsets)}"
+            )
+        labels[f"ILSVRC2012_val_{line_no:08d}"] = synsets[ilsvrc_id - 1]
+    return labels
+
+
+def _read_kaggle_solution(path: Path) -> dict[str, str]:
+    rows = list(csv.DictReader(_read_text(path).splitlines()))
+    if not rows or not {"ImageId", "PredictionString"} <= set(rows[0]):
+        raise SourceError(
+            f"{path}: expected the columns ImageId,PredictionString (LOC_val_solution.csv)"
+        )
+    return {r["ImageId"]: r["PredictionString"].split()[0] for r in rows}
+
+
+def _devkit_synsets(labels_path: Path, synsets_file: Path | None) -> list[str]:
+    if synsets_file is not None:
+        return [c.id for c in read_class_file(synsets_file)]
+    meta = labels_path.parent / DEVKIT_META
+    if not meta.is_file():
+        raise SourceError(
+            f"{labels_path}: devkit ids need the meta.mat order of wnids; pass --devkit-synsets "
+            f"FILE (one wnid per line, in meta.mat order) or put {DEVKIT_META} beside the labels"
+        )
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise SourceError(
+            f"reading {meta} needs scipy; pip install scipy or pass --devkit-synsets"
+        ) from None
+    synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+    leaves = sorted(
+        (int(s["ILSVRC2012_ID"]), str(s["WNID"])) for s in synsets if int(s["num_children"]) == 0
+    )
+    return [wnid for _, wnid in leaves]
+
+
+def val_source(
+    root: Path,
+    *,
+    val_labels: Path,
+    classes_file: Path | None = None,
+    devkit_synsets: Path | None = None,
+) -> FolderSource:
+    """A flat folder of validation images labeled through `val_labels` (see read_val_labels)."""
+    root = Path(root).resolve()
+    by_stem = read_val_labels(val_labels, devkit_synsets=devkit_synsets)
+    files = [p for p in _list_images(root) if p.parent == root]
+    _require_images(root, files)
+    if missing := [p.name for p in files if p.stem not in by_stem]:
+        raise SourceError(
+            f"{val_labels}: no label for {len(missing)} images in {root}, e.g. {missing[0]}; "
+            "is it the label file of this split?"
+        )
+    # all classes of a synset mapping beside the labels, else those the labels name
+    ids = set(_find_synset_names(Path(val_labels).parent)) or set(by_stem.values())
+    classes = _class_list(sorted(ids), classes_file, Path(val_labels).parent)
+    index = {c.id: c.index for c in classes}
+    if unknown := sorted({by_stem[p.stem] for p in files} - set(index)):
+        raise SourceError(f"{val_labels}: class {unknown[0]} is not in {classes_file}")
+    log.info("%s: %d validation images in %d classes", root, len(files), len(classes))
+    return FolderSource(
+        root=root,
+        kind="imagenet-val",
+        keys=tuple(p.name for p in files),
+        labels=tuple(index[by_stem[p.stem]] for p in files),
+        classes=classes,
+        options={
+            "val_labels": _abs(val_labels),
+            "classes_file": _abs(classes_file),
+            "devkit_synsets": _abs(devkit_synsets),
+        },
+    )

@@ -1,0 +1,185 @@
+"""`TrainConfig`: every training option, one frozen dataclass; config files; the resolved JSON.
+
+Precedence: dataclass defaults < `--config file.toml|yaml` < options given on the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from latent_store import LatentditError
+from trainer.model import DIT_PRESETS, POS_EMBEDS
+from trainer.normalization import LatentNormalization
+from trainer.objective import DDPM, OBJECTIVES, FlowMatching
+
+DATA_MODES = ("memory", "gpu", "stream")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+class ConfigError(LatentditError):
+    """A training option or config file is invalid."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A dataclass field with its help text (used as the field's docstring and the CLI --help)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything `latentdit train` does is decided here; saved as RUN/config.json."""
+
+    store: str = _opt(
+        "", "Latent store folder to train on (Zarr v3, written by `latentdit encode`)."
+    )
+    run: str = _opt("", "Run folder: config, log.jsonl and checkpoints; re-running resumes it.")
+    model: str = _opt("DiT-B/2", f"DiT preset: {', '.join(DIT_PRESETS)}.")
+    hidden_size: int | None = _opt(
+        None, "Override the preset's hidden size (e.g. tiny test models)."
+    )
+    depth: int | None = _opt(None, "Override the preset's number of blocks.")
+    num_heads: int | None = _opt(None, "Override the preset's number of attention heads.")
+    steps: int = _opt(400_000, "Optimizer steps in total (resuming continues up to this step).")
+    batch_size: int = _opt(256, "Global batch: samples per optimizer step over all ranks.")
+    grad_accum: int = _opt(1, "Micro-batches accumulated per optimizer step on each rank.")
+    lr: float = _opt(1e-4, "Peak learning rate of AdamW (DiT: 1e-4 at batch 256).")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (DiT: 0).")
+    adam_betas: tuple[float, float] = _opt((0.9, 0.999), "AdamW betas.")
+    warmup_steps: int = _opt(1000, "Steps of linear warmup from 0 to --lr.")
+    cosine_decay: bool = _opt(False, "After warmup, decay the LR along a cosine to --min-lr.")
+    min_lr: float = _opt(0.0, "Final LR of the cosine decay.")
+    grad_clip: float | None = _opt(
+        1.0, "Clip the global gradient norm to this (None or --no-grad-clip: no clip)."
+    )
+    ema_decay: float = _opt(0.9999, "Decay of the exponential moving average of the weights.")
+    objective: str = _opt(FlowMatching.KIND, f"Objective: {', '.join(OBJECTIVES)}.")
+    timesteps: str = _opt("logit_normal", "Flow-matching times: logit_normal or uniform.")
+    ddpm_schedule: str = _opt("linear", "DDPM beta schedule: linear or cosine.")
+    p_uncond: float = _opt(0.1, "Probability of dropping a label to the null class (for CFG).")
+    normalization: str = _opt(
+        "channel_stats", "Latent normalization: channel_stats or vae_scaling."
+    )
+    qk_norm: bool = _opt(False, "LayerNorm on queries and keys in attention.")
+    pos_embed: str = _opt("sincos", "Positions: sincos (2-D sin-cos) or rope (2-D RoPE).")
+    grad_checkpointing: bool = _opt(
+        False, "Recompute block activations in backward (saves memory)."
+    )
+    data: str = _opt(
+        "memory", "Data mode: memory (host RAM), gpu (on the device), stream (shards)."
+    )
+    shuffle_shards: int = _opt(4, "Stream mode: shards held in the shuffle buffer.")
+    seed: int = _opt(0, "Seed of data order, noise, label dropout and initialization.")
+    precision: str = _opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32.")
+    compile: bool = _opt(False, "torch.compile the model.")
+    device: str | None = _opt(
+        None, "Device (default: cuda:LOCAL_RANK when CUDA is there, else cpu)."
+    )
+    log_every: int = _opt(100, "Steps between log.jsonl records.")
+    ckpt_every: int = _opt(5000, "Steps between checkpoints (one is always written at the end).")
+    keep_last: int | None = _opt(3, "Checkpoints kept (None or --keep-all: keep all).")
+    sample_every: int | None = _opt(
+        10_000, "Steps between EMA sample grids (needs --vae; None: at the end only)."
+    )
+    vae: str | None = _opt(None, "VAE id or folder; enables sample grids through the sampler.")
+    peak_tflops: float | None = _opt(None, "Peak TFLOP/s per device for MFU (default: known GPUs).")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        checks = [
+            (bool(self.store), "--store is required: the latent store to train on"),
+            (bool(self.run), "--run is required: the run folder"),
+            (self.model in DIT_PRESETS, f"unknown model preset {self.model!r}; choose one of {', '.join(DIT_PRESETS)}"),
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
+            (0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
+            (0 <= self.p_uncond < 1, f"--p-uncond must be in [0, 1), got {self.p_uncond}"),
+            (self.objective in OBJECTIVES, f"--objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}"),
+            (self.timesteps in FlowMatching.TIMESTEPS, f"--timesteps {self.timesteps!r} is not one of {', '.join(FlowMatching.TIMESTEPS)}"),
+            (self.ddpm_schedule in DDPM.SCHEDULES, f"--ddpm-schedule {self.ddpm_schedule!r} is not one of {', '.join(DDPM.SCHEDULES)}"),
+            (self.normalization in LatentNormalization.KINDS, f"--normalization {self.normalization!r} is not one of {', '.join(LatentNormalization.KINDS)}"),
+            (self.pos_embed in POS_EMBEDS, f"--pos-embed {self.pos_embed!r} is not one of {', '.join(POS_EMBEDS)}"),
+            (self.data in DATA_MODES, f"--data {self.data!r} is not one of {', '.join(DATA_MODES)}"),
+            (self.precision in PRECISIONS, f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"),
+            (self.shuffle_shards >= 1, f"--shuffle-shards must be >= 1, got {self.shuffle_shards}"),
+            (self.log_every >= 1 and self.ckpt_every >= 1, "--log-every and --ckpt-every must be >= 1"),
+            (self.keep_last is None or self.keep_last >= 1, "--keep-last must be >= 1 (or None)"),
+            (self.sample_every is None or self.sample_every >= 1, "--sample-every must be >= 1 (or None)"),
+            (self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be > 0 (or None)"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+FIELD_HELP = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+# Options that may change between a run and its resumption without changing what is learned.
+RESUMABLE_CHANGES = frozenset(
+    {"steps", "data", "shuffle_shards", "compile", "device", "log_every", "ckpt_every"}
+    | {"keep_last", "sample_every", "vae", "peak_tflops", "grad_checkpointing", "store", "run"}
+)
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:
+        raise ConfigError(f"--config {path}: TOML needs Python 3.11+; use a .yaml file") from None
+    return tomllib.loads(path.read_text())
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Options from a .toml, .yaml or .yml file (keys as in TrainConfig; '-' may stand for '_')."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: no such file")
+    try:
+        if p.suffix == ".toml":
+            raw = _load_toml(p)
+        elif p.suffix in (".yaml", ".yml"):
+            raw = yaml.safe_load(p.read_text()) or {}
+        else:
+            raise ConfigError(f"--config {p}: use a .toml, .yaml or .yml file")
+    except (ValueError, yaml.YAMLError) as e:  # tomllib.TOMLDecodeError is a ValueError
+        raise ConfigError(f"--config {p}: cannot parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {p}: expected a table of options at the top level")
+    options = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(options) - set(FIELD_HELP))
+    if unknown:
+        raise ConfigError(f"--config {p}: unknown options {unknown}; see `latentdit train --help`")
+    return options
+
+
+def resolve_config(
+    config_file: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Defaults, then the file's options, then `overrides` (None values mean 'not given')."""
+    options = read_config_file(config_file) if config_file else {}
+    options.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return TrainConfig(**options)
+    except TypeError as e:
+        raise ConfigError(f"bad training options: {e}") from None
+
+
+def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:
+    """Options that differ from a run's saved config and would change what it learns."""
+    now = json.loads(new.to_json())
+    return [
+        f"{k}: {old.get(k)!r} (run) vs {now[k]!r} (now)"
+        for k in now
+        if k not in RESUMABLE_CHANGES and old.get(k) != now[k]
+    ]

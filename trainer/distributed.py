@@ -1,0 +1,93 @@
+"""All the distributed code: process group from torchrun's variables, per-rank seeds, reductions.
+
+    torchrun --nproc_per_node=8 -m cli train --store S --run R     # 8 GPUs, NCCL
+    latentdit train --store S --run R                             # 1 process: world size 1
+
+A single process also gets a (gloo or NCCL) group of size one, so it runs the same code path as a
+multi-process run (DDP, all-reduce, barriers).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = datetime.timedelta(minutes=30)  # generous: rank 0 may write a large checkpoint
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place: rank among world_size, its local rank on the node, its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None = None) -> DistInfo:
+    """Join the process group described by torchrun's RANK/WORLD_SIZE/LOCAL_RANK (or make one of size 1).
+
+    NCCL on CUDA, gloo on CPU. `device` overrides the default cuda:LOCAL_RANK / cpu.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=TIMEOUT)
+        elif world_size == 1:  # no torchrun: a group of one through an in-memory store
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=TIMEOUT
+            )
+        else:
+            raise RuntimeError("WORLD_SIZE > 1 without MASTER_ADDR: launch with torchrun")
+    log.info("rank %d of %d on %s (%s)", rank, world_size, dev, backend)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Seed torch and numpy's global RNGs per rank (data and noise use their own seeded RNGs)."""
+    torch.manual_seed(seed * 1000 + rank)
+    np.random.seed((seed * 1000 + rank) % 2**32)
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` over all ranks (a new tensor; `t` is left unchanged)."""
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's value of `flag`, on every rank."""
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())

@@ -1,0 +1,138 @@
+"""One optimizer step, and the pieces it needs: AdamW, the LR schedule, EMA, autocast, DDP wrapping.
+
+`train_step` is the real step: the training loop and `bench/bench_train.py` both call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.config import TrainConfig
+from trainer.data import Batch, BatchLayout
+from trainer.distributed import DistInfo
+from trainer.model import DiT
+from trainer.objective import Objective, drop_labels
+
+NOISE_STREAM = 2  # RNG stream tag of the per-step noise, apart from the data streams
+
+
+@dataclass
+class Trainee:
+    """What a step changes: the raw model, its DDP wrapper, the forward to call (DDP, maybe
+    compiled), the EMA and the optimizer."""
+
+    model: DiT
+    ddp: DistributedDataParallel
+    forward: nn.Module
+    ema: DiT
+    optimizer: torch.optim.Optimizer
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused where the device supports it (CUDA, and CPU in recent PyTorch)."""
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=cfg.adam_betas,
+        weight_decay=cfg.weight_decay,
+        fused=fused,
+    )
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then constant, or a cosine down to cfg.min_lr at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if not cfg.cosine_decay:
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_ema(model: DiT) -> DiT:
+    """A frozen copy of the model that `update_ema` moves towards the trained weights."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model, parameter by parameter."""
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def make_trainee(model: DiT, cfg: TrainConfig, dist: DistInfo) -> Trainee:
+    """Wrap the model in DDP (then torch.compile, optionally), with a fresh EMA and AdamW.
+
+    The raw `model` stays what checkpoints save (no `module.` or `_orig_mod.` prefixes).
+    """
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    ddp = DistributedDataParallel(model, device_ids=ids)
+    forward = torch.compile(ddp) if cfg.compile else ddp
+    optimizer = build_optimizer(model, cfg, dist.device)
+    return Trainee(model=model, ddp=ddp, forward=forward, ema=make_ema(model), optimizer=optimizer)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU (precision auto or bf16), full fp32 otherwise."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def step_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """The generator of one micro-step's noise, times and label dropout: a function of its position.
+
+    Every rank seeds it alike and keeps its own rows of the draws (see trainer.objective), so
+    noise depends on (seed, step, micro) only: resuming needs no generator state.
+    """
+    seed_int = int(np.random.SeedSequence([seed, NOISE_STREAM, step, micro]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(seed_int)
+
+
+def train_step(
+    trainee: Trainee,
+    objective: Objective,
+    batches: list[Batch],
+    *,
+    step: int,
+    lr: float,
+    cfg: TrainConfig,
+    layout: BatchLayout,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward (accumulating over micro-batches), clip, AdamW, EMA.
+
+    Returns (this rank's mean loss, global grad norm before clipping) as 0-dim tensors on the
+    device, not synchronized (so the caller decides when to wait for the device).
+    """
+    trainee.forward.train()
+    total = torch.zeros((), device=device)
+    for micro, (x, y) in enumerate(batches):
+        g = step_generator(cfg.seed, step, micro, device)
+        rows = {"offset": layout.rank_offset(), "total": layout.rows_per_micro}
+        y = drop_labels(y, cfg.p_uncond, trainee.model.null_class, g, **rows)
+        last = micro == len(batches) - 1
+        with contextlib.nullcontext() if last else trainee.ddp.no_sync():
+            with autocast(cfg, device):
+                loss = objective.loss(trainee.forward, x, y, g, **rows)
+            (loss / len(batches)).backward()
+        total += loss.detach() / len(batches)
+    max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), max_norm)
+    for group in trainee.optimizer.param_groups:
+        group["lr"] = lr
+    trainee.optimizer.step()
+    trainee.optimizer.zero_grad(set_to_none=True)
+    update_ema(trainee.ema, trainee.model, cfg.ema_decay)
+    return total, grad_norm

@@ -1,0 +1,210 @@
+"""The training loop. Entry points:
+
+    latentdit train --store data/in256.zarr --run runs/b2 --model DiT-B/2          # one device
+    torchrun --standalone --nproc_per_node=8 cli.py train --store ... --run ...   # 8 GPUs
+
+Re-running the same command on a run folder resumes from its latest checkpoint, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from latent_store import LatentStore
+from trainer.checkpoint import (
+    CheckpointMismatchError,
+    capture_rng_state,
+    checkpoint_meta,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from trainer.config import ConfigError, TrainConfig, config_changes
+from trainer.data import BatchLayout, build_batches
+from trainer.distributed import DistInfo, barrier, seed_everything, setup_distributed
+from trainer.distributed import teardown_distributed as teardown
+from trainer.metrics import TrainLogger, peak_flops
+from trainer.model import DiT, ModelConfigError, build_model, forward_flops
+from trainer.normalization import normalization_from_store
+from trainer.objective import DDPM, FlowMatching, Objective
+from trainer.step import Trainee, lr_at, make_trainee, train_step
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+SampleFn = Callable[[DiT, dict[str, Any], int, Path], None]
+"""sample_fn(ema_model, meta, step, run_dir): called on rank 0 every `sample_every` steps and at
+the end, e.g. to write an EMA sample grid under run_dir through the sampler's decoder-only path."""
+
+
+def build_objective(cfg: TrainConfig) -> Objective:
+    if cfg.objective == DDPM.KIND:
+        return DDPM(schedule=cfg.ddpm_schedule)
+    return FlowMatching(timesteps=cfg.timesteps)
+
+
+def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
+    """The configured preset sized to the store's latents (channels, size) and classes."""
+    c, h, w = store.spec.latent_shape
+    sizes = {"hidden_size": cfg.hidden_size, "depth": cfg.depth, "num_heads": cfg.num_heads}
+    if h != w:
+        raise ModelConfigError(f"{store.path}: latents are {h}x{w}; the DiT needs square latents")
+    try:
+        return build_model(
+            cfg.model,
+            input_size=h,
+            in_channels=c,
+            num_classes=store.spec.num_classes,
+            qk_norm=cfg.qk_norm,
+            pos_embed=cfg.pos_embed,
+            grad_checkpointing=cfg.grad_checkpointing,
+            **{k: v for k, v in sizes.items() if v is not None},
+        )
+    except ModelConfigError as e:
+        raise ModelConfigError(
+            f"{store.path} ({c}x{h}x{w} latents) does not fit --model {cfg.model}: {e}"
+        ) from None
+
+
+def prepare_run(cfg: TrainConfig, dist: DistInfo) -> Path:
+    """Create the run folder and write config.json (rank 0); refuse a resume with changed options."""
+    run = Path(cfg.run)
+    saved = run / CONFIG_FILE
+    if (
+        saved.is_file() and latest_checkpoint(run) is not None
+    ):  # every rank checks, so all fail alike
+        changes = config_changes(json.loads(saved.read_text()), cfg)
+        if changes:
+            raise ConfigError(
+                f"{run} was trained with other options ({'; '.join(changes)}); use a new --run"
+            )
+    if dist.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        saved.write_text(cfg.to_json())
+    barrier()
+    return run
+
+
+def resume(run: Path, trainee: Trainee, meta: dict[str, Any]) -> int:
+    """Load the run's latest checkpoint into `trainee` (every rank) and return its step (0 if none)."""
+    if latest_checkpoint(run) is None:
+        return 0
+    ckpt = load_checkpoint(run)
+    if ckpt.meta["store"]["fingerprint"] != meta["store"]["fingerprint"]:
+        raise CheckpointMismatchError(
+            f"{ckpt.path} was trained on store {ckpt.meta['store']['path']} with other data "
+            f"(fingerprint {ckpt.meta['store']['fingerprint']} vs {meta['store']['fingerprint']}); use a new --run"
+        )
+    trainee.model.load_state_dict(ckpt.model_state)
+    trainee.ema.load_state_dict(ckpt.ema_state)
+    trainee.optimizer.load_state_dict(ckpt.train_state["optimizer"])
+    restore_rng_state(ckpt.train_state["rng"])
+    log.info("resuming %s from step %d", run, ckpt.meta["step"])
+    return ckpt.meta["step"]
+
+
+def save(
+    run: Path, trainee: Trainee, *, step: int, lr: float, steps_per_epoch: int, meta, cfg, dist
+) -> None:
+    """Rank 0 writes the checkpoint of finished step `step`; every rank waits for it."""
+    if dist.is_main:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        state = {
+            "optimizer": trainee.optimizer.state_dict(),
+            "schedule": {"lr": lr, "next_lr": lr_at(step, cfg)},
+            "rng": capture_rng_state(),
+            "data": {"epoch": epoch, "step_in_epoch": step_in_epoch},
+        }
+        save_checkpoint(
+            run,
+            step=step,
+            model=trainee.model,
+            ema=trainee.ema,
+            train_state=state,
+            meta=meta,
+            keep_last=cfg.keep_last,
+        )
+    barrier()
+
+
+def train(cfg: TrainConfig, *, sample_fn: SampleFn | None = None) -> Path:
+    """Train (or resume) the run `cfg.run` on `cfg.store` up to `cfg.steps`; returns the run folder."""
+    dist = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, dist, sample_fn)
+    finally:
+        teardown()
+
+
+def _train(cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None) -> Path:
+    store = LatentStore(cfg.store)
+    seed_everything(cfg.seed, dist.rank)
+    model = build_model_for_store(cfg, store).to(dist.device)
+    norm, objective = normalization_from_store(store, cfg.normalization), build_objective(cfg)
+    layout = BatchLayout(
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+    data = build_batches(
+        store,
+        norm,
+        layout,
+        mode=cfg.data,
+        seed=cfg.seed,
+        device=dist.device,
+        shuffle_shards=cfg.shuffle_shards,
+    )
+    run = prepare_run(cfg, dist)
+    meta = checkpoint_meta(
+        preset=cfg.model, model=model, objective=objective, normalization=norm, store=store
+    )
+    trainee = make_trainee(model, cfg, dist)
+    start = resume(run, trainee, meta)
+    logger = TrainLogger(
+        run, dist=dist, start_step=start, total_steps=cfg.steps, log_every=cfg.log_every, global_batch=cfg.batch_size,
+        forward_flops=forward_flops(model.config), peak=peak_flops(dist.device, cfg.peak_tflops),
+    )  # fmt: skip
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        batches = data.get(*divmod(step, data.steps_per_epoch))
+        data_s, lr = time.perf_counter() - t0, lr_at(step, cfg)
+        loss, grad_norm = train_step(
+            trainee,
+            objective,
+            batches,
+            step=step,
+            lr=lr,
+            cfg=cfg,
+            layout=layout,
+            device=dist.device,
+        )
+        done = step + 1
+        logger.update(done, loss, grad_norm, lr, data_s)
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            save(
+                run,
+                trainee,
+                step=done,
+                lr=lr,
+                steps_per_epoch=data.steps_per_epoch,
+                meta=meta,
+                cfg=cfg,
+                dist=dist,
+            )
+        if (
+            sample_fn
+            and dist.is_main
+            and (done == cfg.steps or done % (cfg.sample_every or cfg.steps) == 0)
+        ):
+            sample_fn(trainee.ema, {**meta, "step": done}, done, run)
+    logger.close()
+    log.info("run %s at step %d of %d", run, max(start, cfg.steps), cfg.steps)
+    return run

@@ -152,10 +152,9 @@ def encode(
     source: Annotated[
         Path,
         typer.Argument(
-            exists=True,
-            file_okay=False,
-            help="ImageNet-style tree (train/<wnid>/*.JPEG), any class-folder dataset, or a flat "
-            "val folder with --val-labels.",
+            help="ImageNet-style tree (train/<wnid>/*.JPEG), any class-folder dataset, a flat "
+            "val folder with --val-labels, or webdataset tars: a folder of them, a brace pattern "
+            "('shards/{00000..00099}.tar') or a .txt file listing tar paths.",
         ),
     ],
     out: Annotated[
@@ -205,6 +204,16 @@ def encode(
             help="wnids in the devkit meta.mat order, one per line (for the devkit ground truth).",
         ),
     ] = None,
+    label_key: Annotated[
+        str, typer.Option(help="Tars: json field with the class index (a .cls member wins).")
+    ] = "label",
+    include_unfinished: Annotated[
+        bool,
+        typer.Option(
+            "--include-unfinished",
+            help="Tars: also use tars without img2dataset's _stats.json (unfinished shards).",
+        ),
+    ] = False,
     max_failures: Annotated[
         str, typer.Option(help="Undecodable images tolerated: a count (100) or fraction (1%).")
     ] = "1%",
@@ -244,6 +253,8 @@ def encode(
         val_labels=val_labels,
         classes=classes,
         devkit_synsets=devkit_synsets,
+        label_key=label_key,
+        include_unfinished=include_unfinished,
         max_failures=parse_max_failures(max_failures),
         exif_transpose=exif_transpose,
         max_pixels=max_pixels,

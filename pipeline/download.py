@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from latent_store import ClassInfo, LatentditError
-from pipeline.class_list import read_class_file, write_class_file
+from pipeline.imagenet import read_class_file
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class DownloadConfig:
     label_col: str = "label"
     """Column holding each image's class: an integer index, or a class id from `classes`."""
     classes: Path | None = None
-    """Class-list file (see pipeline/class_list.py); required when labels are class ids."""
+    """Class list, `ID [name]` per line (LOC_synset_mapping.txt works); needed for class ids."""
     processes: int = 1
     """img2dataset worker processes, one shard at a time each."""
     threads: int = 32
@@ -127,6 +127,11 @@ class DownloadSummary:
         if self.unfinished:
             lines.append("run the same command again to finish the unfinished shards")
         return "\n".join(lines)
+
+
+def write_class_file(path: Path, classes: Sequence[ClassInfo]) -> None:
+    """Write `classes` as read_class_file reads them: `ID name` per line, in index order."""
+    path.write_text("".join(f"{c.id} {c.name}".rstrip() + "\n" for c in classes), encoding="utf-8")
 
 
 def input_format(path: Path) -> str | None:

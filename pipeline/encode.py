@@ -43,7 +43,7 @@ from latent_store.schema import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, POSTERIO
 from pipeline import distributed
 from pipeline.loader import Batch, collate, crop_loader, load_item, shard_batches
 from pipeline.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig
-from pipeline.source import ImageSource, open_source
+from pipeline.source import LABEL_KEY, ImageSource, open_source
 from pipeline.vae import DTYPES, VaeConfig, encode_posterior, key_seed, load_vae
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,8 @@ class EncodeConfig:
     """One encode job: where the images are, how to encode them, where the store goes."""
 
     source: Path
-    """An ImageNet-style class-folder tree, or a flat val folder (with `val_labels`)."""
+    """An ImageNet-style class-folder tree, a flat val folder (with `val_labels`), or webdataset
+    tars: a folder of them, a brace pattern, or a .txt file listing tar paths."""
     out: str | Path
     """The store to create, or to resume when it exists: a folder or an fsspec URL (s3://...)."""
     vae: str = DEFAULT_VAE
@@ -106,6 +107,10 @@ class EncodeConfig:
     """Class list file (one id per line) fixing the label order; default: sorted folder names."""
     devkit_synsets: Path | None = None
     """wnids in the devkit's meta.mat order, for the devkit ground truth (else meta.mat + scipy)."""
+    label_key: str = LABEL_KEY
+    """Webdataset tars: the json field holding each sample's class (a .cls member wins)."""
+    include_unfinished: bool = False
+    """Webdataset tars: also use tars that have no img2dataset `_stats.json` (unfinished)."""
     max_failures: int | float = 0.01
     """Undecodable images tolerated: a count (int) or a fraction of the source (float < 1)."""
     exif_transpose: bool = False
@@ -181,6 +186,8 @@ def _encode(cfg: EncodeConfig, info: distributed.DistInfo) -> dict | None:
         val_labels=cfg.val_labels,
         classes=cfg.classes,
         devkit_synsets=cfg.devkit_synsets,
+        label_key=cfg.label_key,
+        include_unfinished=cfg.include_unfinished,
     )
     vae, vae_info = load_vae(
         VaeConfig(

@@ -19,7 +19,6 @@ records as that sample's failure.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from latent_store import ClassInfo, LatentditError
-from pipeline.class_list import read_class_file
 from pipeline.download import CLASS_FILE_NAME, LABEL_FIELD, shard_stats_path
+from pipeline.imagenet import fingerprint, read_class_file
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +183,9 @@ class WebDatasetSource:
             "include_unfinished": self.include_unfinished,
             "classes_file": str(self.classes_file) if self.classes_file else None,
             "shards": [str(s) for s in self.shards],
-            "fingerprint": self.fingerprint(),
+            "fingerprint": fingerprint(
+                [e.key for e in self._entries], [e.label for e in self._entries]
+            ),
             "num_images": len(self._entries),
             "num_classes": len(self._classes),
             "skipped": len(self.skipped),
@@ -192,15 +193,6 @@ class WebDatasetSource:
         }
 
     # --- building the index ---------------------------------------------------------------------
-
-    def fingerprint(self) -> str:
-        """sha256 over the tar names and sizes and every indexed (key, label, offset, size)."""
-        h = hashlib.sha256()
-        for s in self.shards:
-            h.update(f"{s.name}\t{s.stat().st_size}\n".encode())
-        for e in self._entries:
-            h.update(f"{e.key}\t{e.label}\t{e.offset}\t{e.size}\n".encode())
-        return h.hexdigest()
 
     def _finished(self, shards: list[Path]) -> list[Path]:
         """Drop (and log) tars img2dataset did not finish, unless told to keep them."""

@@ -280,7 +280,7 @@ def test_url_lists_in_every_format(tmp_path):
     (tmp_path / "a.tsv").write_text("url\tlabel\nhttp://x/1.jpg\tdog\nhttp://x/2.jpg\tcat\n")
     pq.write_table(pa.table({"u": ["http://x/1.jpg"], "y": [1]}), tmp_path / "b.parquet")
     cfg = DownloadConfig(url_list=tmp_path / "a.tsv", out=tmp_path / "o")
-    from pipeline.class_list import read_class_file
+    from pipeline.imagenet import read_class_file
 
     table = read_url_list(cfg, read_class_file(tmp_path / "classes.txt"))
     assert table.to_pydict() == {"url": ["http://x/1.jpg", "http://x/2.jpg"], "label": [1, 0]}
@@ -316,3 +316,28 @@ def test_download_rejects_bad_url_lists(tmp_path, csv, extra, match):
     assert result.output.startswith("error: ") and len(result.output.splitlines()) == 1
     assert re.search(match, result.output), result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_download_encode_validate(shards, url_list, tiny_vae_dir, tmp_path):
+    """The three commands of docs/web.md: every successful download ends in the store, labeled."""
+    from latent_store import LABEL_FILL, open_store
+
+    out = tmp_path / "store.zarr"
+    args = ["encode", str(shards), "--out", str(out), "--vae", str(tiny_vae_dir)]
+    args += ["--image-size", "32", "--shard-size", "4", "--chunk-size", "2", "--batch-size", "4"]
+    args += ["--workers", "0", "--device", "cpu", "--max-failures", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["validate", str(out)])
+    assert result.exit_code == 0, result.output
+
+    store = open_store(out)
+    keys = store.array("keys")[:].tolist()
+    labels = store.array("labels")[:].tolist()
+    ok = [r for r in downloaded_rows(shards) if r["status"] == "success"]
+    stored = {k.split("/")[1]: y for k, y in zip(keys, labels, strict=True)}
+    assert stored == {r["key"]: url_list["rows"][r["url"]][1] for r in ok}
+    assert LABEL_FILL not in labels
+    source = store.spec.source
+    assert source["kind"] == "webdataset" and source["num_images"] == len(ok)
+    assert [c.id for c in store.spec.classes] == list(CLASSES)

@@ -73,6 +73,24 @@ def all_reduce_sum(info: DistInfo, value: int) -> int:
     return int(t.item())
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the process group if one is set up, else (0, 1); for code (like a
+    source's constructor) that is not handed a DistInfo."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's picklable `value`, in rank order; just [value] without a process group."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [value]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def shutdown(info: DistInfo) -> None:
     if info.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()

@@ -11,9 +11,11 @@ under `LABEL_FIELD`. The summary is read back from img2dataset's own `<shard>_st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -205,10 +207,34 @@ def download(config: DownloadConfig) -> DownloadSummary:
     with tempfile.TemporaryDirectory(prefix="latentdit-urls-") as tmp:
         url_file = Path(tmp) / "urls.parquet"
         pq.write_table(table, url_file)
-        img2dataset.download(**img2dataset_options(config, url_file))
+        with _stdout_to_stderr():
+            img2dataset.download(**img2dataset_options(config, url_file))
     summary = summarize_shards(config.out)
-    log.info("download summary for %s:\n%s", config.out, summary.format())
+    log.info(
+        "%s: %d of %d images downloaded, %d shards finished, %d unfinished",
+        config.out,
+        summary.successes,
+        summary.count,
+        summary.shards,
+        len(summary.unfinished),
+    )
     return summary
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send img2dataset's progress prints (its own and its worker processes', which inherit
+    file descriptor 1) to stderr, so that stdout carries only the summary."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def img2dataset_options(config: DownloadConfig, url_file: Path) -> dict:

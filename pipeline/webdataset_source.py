@@ -4,11 +4,10 @@
     latentdit encode 'shards/{00000..00099}.tar' ...     # a brace pattern
     latentdit encode tars.txt ...                        # a file listing tar paths
 
-At construction every tar is scanned once with `tarfile` (headers, plus the small label members):
-sample i is then (tar, byte offset, size) of its image member, so `read(i)` is one seek and one
-read. Samples are numbered in shard-list order, then in member order inside each tar, so the
-encoder's split of whole store shards across ranks and workers, and its resume, work exactly as
-for folders. Members are grouped into samples by webdataset's own key/extension convention.
+When the source is opened every tar is indexed (`pipeline/tar_index.py`): sample i is then
+(tar, byte offset, size) of its image member, so `read(i)` is one seek and one read. Samples
+are numbered in shard-list order, then in member order inside each tar, so the encoder's split
+of whole store shards across ranks and workers, and its resume, work exactly as for folders.
 
 Only shards that img2dataset finished (`<shard>_stats.json` present) are used unless
 `include_unfinished`. Damage never stops a run: a tar that ends early keeps the samples before
@@ -19,18 +18,17 @@ records as that sample's failure.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tarfile
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from latent_store import ClassInfo, LatentditError
+from pipeline import distributed
 from pipeline.download import CLASS_FILE_NAME, LABEL_FIELD, shard_stats_path
 from pipeline.imagenet import fingerprint, read_class_file
+from pipeline.tar_index import Entry, Skipped, index_tars
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +40,6 @@ REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "pipe:")
 
 class WebDatasetError(LatentditError):
     """The tar list cannot be resolved, or no usable sample is left in it."""
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A sample (or a whole tar) left out of the source, and why."""
-
-    key: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One indexed sample: where its image bytes lie."""
-
-    key: str
-    label: int
-    offset: int
-    size: int
-    problem: str | None = None  # set when the image member is cut short
 
 
 def is_webdataset_path(path: str | Path) -> bool:
@@ -127,11 +106,13 @@ class WebDatasetSource:
         self.skipped: list[Skipped] = []
         self.shards = self._finished([Path(s).resolve() for s in shards])
         self._tar: list[int] = []
-        self._entries: list[_Entry] = []
-        for t, shard in enumerate(self.shards):
-            for entry in self._index_tar(shard):
-                self._tar.append(t)
-                self._entries.append(entry)
+        self._entries: list[Entry] = []
+        for t, (entries, skipped) in enumerate(index_tars(self.shards, label_key)):
+            self._tar += [t] * len(entries)
+            self._entries += entries
+            self.skipped += skipped
+            for s in skipped:
+                self._log("skipping %s: %s", s.key, s.reason)
         if not self._entries:
             raise WebDatasetError(
                 f"no usable samples in {self.spec} ({len(self.shards)} tar(s) used, "
@@ -201,78 +182,22 @@ class WebDatasetSource:
             if shard_stats_path(shard).exists():
                 kept.append(shard)
             elif self.include_unfinished:
-                log.warning("using %s although it has no %s", shard, shard_stats_path(shard).name)
+                self._log("using %s although it has no %s", shard, shard_stats_path(shard).name)
                 kept.append(shard)
             else:
                 reason = (
                     f"no {shard_stats_path(shard).name} next to it: img2dataset did not finish "
                     "this shard (run `latentdit download` again, or pass --include-unfinished)"
                 )
-                log.warning("skipping %s: %s", shard, reason)
+                self._log("skipping %s: %s", shard, reason)
                 self.skipped.append(Skipped(key=shard.name, reason=reason))
         return kept
 
-    def _index_tar(self, shard: Path) -> Iterator[_Entry]:
-        """Index one tar: an _Entry per usable sample; problems go to `self.skipped`."""
-        from webdataset.autodecode import IMAGE_EXTENSIONS
-        from webdataset.tariterators import group_by_keys
-
-        def note(exn: Exception) -> bool:  # webdataset handler: record, then go on
-            self._skip(shard.name, f"bad tar member: {exn}")
-            return True
-
-        for sample in group_by_keys(self._members(shard), handler=note):
-            key = f"{shard.name}/{sample['__key__']}"
-            image = next((ext for ext in sample if ext in IMAGE_EXTENSIONS), None)
-            if image is None:
-                self._skip(key, "no image member")
-                continue
-            try:
-                label = self._read_label(sample)
-            except (ValueError, KeyError, TypeError, OSError) as e:
-                self._skip(key, f"no usable label: {e}")
-                continue
-            offset, size, problem = sample[image]
-            yield _Entry(key=key, label=label, offset=offset, size=size, problem=problem)
-
-    def _members(self, shard: Path) -> Iterator[dict]:
-        """The tar's regular files as webdataset file records; the data of an image member is
-        its (offset, size, problem); a cut or unreadable tar ends the listing, with a note."""
-        end = shard.stat().st_size
-        count = 0
-        try:
-            with tarfile.open(shard, "r:") as tf:
-                for info in tf:
-                    if not info.isreg():
-                        continue
-                    count += 1
-                    cut = info.offset_data + info.size > end
-                    problem = f"tar cut inside {info.name} at byte {end}" if cut else None
-                    if info.name.lower().endswith((".cls", ".json")):
-                        data = None if cut else tf.extractfile(info).read()  # type: ignore[union-attr]
-                    else:
-                        data = (info.offset_data, info.size, problem)
-                    yield {"fname": info.name, "data": data, "__url__": str(shard)}
-        except (tarfile.TarError, OSError, EOFError) as e:
-            self._skip(shard.name, f"tar unreadable after {count} members ({e}); earlier ones kept")
-
-    def _read_label(self, sample: dict) -> int:
-        """Class index from a .cls member, else from the json member's `label_key` field."""
-        if "cls" in sample:
-            raw = sample["cls"]
-            if raw is None:
-                raise OSError("the .cls member is cut short")
-            return int(raw.decode().strip())
-        if "json" not in sample or sample["json"] is None:
-            raise KeyError(f"no .cls member and no complete .json member with {self.label_key!r}")
-        meta = json.loads(sample["json"])
-        if self.label_key not in meta:
-            raise KeyError(f"json has no field {self.label_key!r} (set --label-key)")
-        return int(meta[self.label_key])
-
-    def _skip(self, key: str, reason: str) -> None:
-        log.warning("skipping %s: %s", key, reason)
-        self.skipped.append(Skipped(key=key, reason=reason))
+    @staticmethod
+    def _log(message: str, *args) -> None:
+        """A warning, from rank 0 only (every rank opens the same source)."""
+        if distributed.rank_and_world()[0] == 0:
+            log.warning(message, *args)
 
     def _class_list(self) -> tuple[ClassInfo, ...]:
         """The classes file if given, else the classes.txt `latentdit download` wrote next to

@@ -6,13 +6,17 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT
 from typer.testing import CliRunner
 
 from cli import app
@@ -61,6 +65,7 @@ def shards(url_list, tmp_path_factory) -> Path:
     args += ["--number-sample-per-shard", str(PER_SHARD), "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["successes"] == 11  # stdout: the summary, nothing else
     return out
 
 
@@ -153,6 +158,8 @@ def test_source_lists_every_download_with_its_label(shards, url_list):
     assert d["kind"] == "webdataset" and d["num_images"] == len(source)
     assert d["fingerprint"] == open_webdataset(shards).describe()["fingerprint"]
     assert is_webdataset_path(shards)
+    copy = pickle.loads(pickle.dumps(source))  # what a spawned DataLoader worker gets
+    assert copy.read(len(source) - 1) == source.read(len(source) - 1)
 
 
 def test_shard_without_stats_is_skipped_with_a_message(shards, tmp_path, caplog):
@@ -318,26 +325,81 @@ def test_download_rejects_bad_url_lists(tmp_path, csv, extra, match):
     assert not (tmp_path / "out").exists()
 
 
-def test_download_encode_validate(shards, url_list, tiny_vae_dir, tmp_path):
+ENCODE_ARGS = ["--image-size", "32", "--shard-size", "4", "--chunk-size", "2", "--batch-size", "4"]
+ENCODE_ARGS += ["--device", "cpu", "--max-failures", "0"]
+
+
+def encode_cli(source, out: Path, vae: Path, *extra: str):
+    return CliRunner().invoke(
+        app, ["encode", str(source), "--out", str(out), "--vae", str(vae), *ENCODE_ARGS, *extra]
+    )
+
+
+@pytest.fixture(scope="module")
+def store(shards, tiny_vae_dir, tmp_path_factory) -> Path:
+    """`latentdit encode` on the downloaded shards, decoding in the main process."""
+    out = tmp_path_factory.mktemp("enc") / "store.zarr"
+    result = encode_cli(shards, out, tiny_vae_dir, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_download_encode_validate(store, shards, url_list):
     """The three commands of docs/web.md: every successful download ends in the store, labeled."""
     from latent_store import LABEL_FILL, open_store
 
-    out = tmp_path / "store.zarr"
-    args = ["encode", str(shards), "--out", str(out), "--vae", str(tiny_vae_dir)]
-    args += ["--image-size", "32", "--shard-size", "4", "--chunk-size", "2", "--batch-size", "4"]
-    args += ["--workers", "0", "--device", "cpu", "--max-failures", "0"]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, ["validate", str(store)])
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(app, ["validate", str(out)])
-    assert result.exit_code == 0, result.output
-
-    store = open_store(out)
-    keys = store.array("keys")[:].tolist()
-    labels = store.array("labels")[:].tolist()
+    opened = open_store(store)
+    keys = opened.array("keys")[:].tolist()
+    labels = opened.array("labels")[:].tolist()
     ok = [r for r in downloaded_rows(shards) if r["status"] == "success"]
     stored = {k.split("/")[1]: y for k, y in zip(keys, labels, strict=True)}
     assert stored == {r["key"]: url_list["rows"][r["url"]][1] for r in ok}
     assert LABEL_FILL not in labels
-    source = store.spec.source
+    source = opened.spec.source
     assert source["kind"] == "webdataset" and source["num_images"] == len(ok)
-    assert [c.id for c in store.spec.classes] == list(CLASSES)
+    assert [c.id for c in opened.spec.classes] == list(CLASSES)
+
+
+def test_ranks_share_the_indexing_and_see_one_source(shards, tmp_path):
+    """Under torchrun each rank indexes every other tar and they exchange the results: both end
+    with the one-process source, skipped samples (a tar cut short on rank 1's side) included."""
+    cut = shutil.copytree(shards, tmp_path / "cut")
+    os.truncate(cut / "00001.tar", (cut / "00001.tar").stat().st_size // 2)
+    (cut / "00003_stats.json").unlink()
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*run, str(ROOT / "tests/jobs/index_tars_job.py"), str(cut), str(tmp_path)],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    source = open_webdataset(cut)
+    expected = {
+        **source.describe(),
+        "samples": [[source.key(i), source.label(i)] for i in range(len(source))],
+    }
+    assert any(s.key.startswith("00001.tar") for s in source.skipped)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+
+
+def test_resume_and_a_changed_source(store, shards, tiny_vae_dir, tmp_path):
+    """Re-running encode resumes (nothing left to do); a resume against tars that changed (one
+    cut short) is refused; the recorded source reopens to the same list."""
+    from latent_store import open_store
+    from pipeline.source import reopen_source
+
+    out = shutil.copytree(store, tmp_path / "store.zarr")
+    assert encode_cli(shards, out, tiny_vae_dir, "--workers", "0").exit_code == 0
+    cut = shutil.copytree(shards, tmp_path / "cut")
+    os.truncate(cut / "00002.tar", (cut / "00002.tar").stat().st_size // 2)
+    result = encode_cli(cut, out, tiny_vae_dir, "--workers", "0")
+    assert result.exit_code == 2 and "another configuration" in result.output, result.output
+
+    recorded = open_store(out).spec.source
+    assert reopen_source(recorded).describe() == dict(recorded)

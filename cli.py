@@ -10,7 +10,6 @@ Each command parses its options into the stage's config and calls the library; a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -401,6 +400,8 @@ def train(
 ) -> None:
     """Train a class-conditional DiT on a latent store; re-running on a run folder resumes it."""
     options = {k: v for k, v in locals().items() if k not in ("config", "no_grad_clip", "keep_all")}
+    import dataclasses
+
     from trainer.config import resolve_config
     from trainer.train import train as train_run
 

@@ -285,6 +285,29 @@ def image_server(tmp_path_factory):
 # --- fixtures: trainer --------------------------------------------------------------------------
 
 
+TINY_DIT = {"model": "DiT-S/2", "hidden_size": 32, "depth": 2, "num_heads": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run folder whose latest checkpoint is a tiny DiT (hidden 32, depth 2) trained 2 steps
+    on a 4x8x8, 3-class store (`write_store`), through the real `trainer.train.train`."""
+    import torch
+
+    from trainer.config import resolve_config
+    from trainer.train import train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    options = {"store": str(write_store(root / "store.zarr", n=16)), "run": str(root / "run")}
+    options.update(TINY_DIT, steps=2, batch_size=8, warmup_steps=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
+    try:
+        return train(resolve_config(None, options))
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --- fixtures: sampler --------------------------------------------------------------------------
 
 

@@ -116,6 +116,13 @@ def test_forward_shapes_and_conditioning(kw):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_bf16_autocast_forward():
+    model = tiny_model(pos_embed="rope", qk_norm=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 4, 8, 8), torch.tensor([5.0, 50.0]), torch.tensor([0, 3]))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 7.0]), torch.tensor([0, 2])
     grads = []
@@ -221,6 +228,7 @@ def test_checkpoint_round_trip(tmp_path, store_path):
     state = {"rng": capture_rng_state(), "data": {"epoch": 1, "step_in_epoch": 2}}
     expected = torch.rand(3)  # the first draw after the captured state
     run = tmp_path / "run"
+    (run / "checkpoints" / ".tmp-0000004-99").mkdir(parents=True)  # as a killed writer leaves it
     for step in (5, 10, 15):
         save_checkpoint(
             run, step=step, model=model, ema=ema, train_state=state, meta=meta, keep_last=2
@@ -244,6 +252,17 @@ def test_checkpoint_round_trip(tmp_path, store_path):
     assert torch.equal(torch.rand(3), expected)
     with pytest.raises(CheckpointNotFoundError, match="no checkpoint here"):
         load_for_inference(tmp_path / "empty")
+
+
+def test_tiny_run_fixture_meets_the_contract(tiny_run):
+    model, meta = load_for_inference(tiny_run, weights="ema")
+    assert meta["step"] == 2 and meta["model"]["preset"] == "DiT-S/2"
+    assert objective_from_meta(meta["objective"]) == FlowMatching()
+    norm = LatentNormalization.from_meta(meta["normalization"])
+    assert norm.kind == "channel_stats" and len(norm.std) == 4
+    x = torch.randn(2, 4, 8, 8)
+    out = model(x, torch.tensor([10.0, 990.0]), torch.tensor([model.null_class, 0]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
 
 
 def test_flops_grow_with_tokens():
@@ -346,7 +365,7 @@ def test_overfitting_a_tiny_store(tmp_path):
             train_step(
                 trainee, objective, batches, step=0, lr=3e-3, cfg=cfg, layout=_layout(8), device=CPU
             )[0].item()
-            for _ in range(150)
+            for _ in range(100)
         ]
     finally:
         teardown_distributed()
@@ -401,11 +420,12 @@ def test_kill_and_resume_is_exact(tmp_path, python):
         ],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=(tmp_path / "job.err").open("w"),
         text=True,
     )
     try:
-        assert job.stdout.readline().strip() == "PAUSED 5"
+        line = job.stdout.readline().strip()
+        assert line == "PAUSED 5", (tmp_path / "job.err").read_text()[-2000:]
     finally:
         job.send_signal(signal.SIGKILL)
         job.wait()
@@ -450,6 +470,26 @@ def test_config_file_and_cli_overrides(tmp_path):
     yml.write_text("store: a.zarr\nlearning_rate: 3\n")
     with pytest.raises(ConfigError, match=r"unknown options \['learning_rate'\]"):
         resolve_config(yml)
+
+
+def test_cli_with_a_config_file_and_every_non_default_path(tmp_path):
+    """YAML config + CLI override; DDPM, stream data, vae_scaling, RoPE, QK-norm, accumulation."""
+    store = write_store(tmp_path / "s.zarr", n=32, shard=8, chunk=4, variants=2)
+    config = tmp_path / "run.yaml"
+    options = tiny_options(store, tmp_path / "run", steps=5, objective="ddpm", data="stream")
+    options.update(normalization="vae_scaling", pos_embed="rope", qk_norm=True, grad_accum=2)
+    options.update(cosine_decay=True, ddpm_schedule="cosine", keep_last=None)
+    config.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in options.items()))
+    result = runner.invoke(app, ["train", "--config", str(config), "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["steps"] == 2
+    assert [r["step"] for r in read_log(run)] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in read_log(run))
+    meta = json.loads((run / "checkpoints" / "0000002" / "meta.json").read_text())
+    assert meta["objective"] == DDPM(schedule="cosine").to_meta()
+    assert meta["normalization"]["kind"] == "vae_scaling"
+    assert meta["model"]["config"]["pos_embed"] == "rope" and meta["model"]["config"]["qk_norm"]
 
 
 @pytest.mark.parametrize(

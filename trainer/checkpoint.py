@@ -168,8 +168,9 @@ def save_checkpoint(
     folder = Path(run_dir) / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / step_name(step)
+    for stale in folder.glob(".tmp-*"):  # left by a killed writer (rank 0 is the only one)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = folder / f".tmp-{step_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, module in (("model", model), ("ema", ema)):
         state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -133,10 +134,10 @@ RESUMABLE_CHANGES = frozenset(
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib  # Python 3.11+
-    except ImportError:
-        raise ConfigError(f"--config {path}: TOML needs Python 3.11+; use a .yaml file") from None
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # the same parser, packaged for 3.10 (a declared dependency there)
+        import tomli as tomllib
     return tomllib.loads(path.read_text())
 
 

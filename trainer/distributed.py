@@ -48,8 +48,13 @@ def setup_distributed(device: str | None = None) -> DistInfo:
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+        # TF32 for the fp32 matmuls outside bf16 autocast, as DiT's train.py does.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:

@@ -106,7 +106,7 @@ class Attention(nn.Module):
         q, k, v = rearrange(
             self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads
         )
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # LayerNorm autocasts up
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = F.scaled_dot_product_attention(q, k, v)

@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from latent_store import ClassInfo, LatentditError
 from pipeline import distributed
 from pipeline.download import CLASS_FILE_NAME, LABEL_FIELD, shard_stats_path
@@ -105,15 +107,22 @@ class WebDatasetSource:
         self.classes_file = Path(classes_file).resolve() if classes_file else None
         self.skipped: list[Skipped] = []
         self.shards = self._finished([Path(s).resolve() for s in shards])
-        self._tar: list[int] = []
-        self._entries: list[Entry] = []
-        for t, (entries, skipped) in enumerate(index_tars(self.shards, label_key)):
-            self._tar += [t] * len(entries)
-            self._entries += entries
+        tars: list[int] = []
+        entries: list[Entry] = []
+        for t, (found, skipped) in enumerate(index_tars(self.shards, label_key)):
+            tars += [t] * len(found)
+            entries += found
             self.skipped += skipped
             for s in skipped:
                 self._log("skipping %s: %s", s.key, s.reason)
-        if not self._entries:
+        # flat arrays, not a million small objects: DataLoader workers fork this source
+        self._keys = tuple(e.key for e in entries)
+        self._labels = np.array([e.label for e in entries], np.int64)
+        self._tar = np.array(tars, np.int32)
+        self._offsets = np.array([e.offset for e in entries], np.int64)
+        self._sizes = np.array([e.size for e in entries], np.int64)
+        self._problems = {i: e.problem for i, e in enumerate(entries) if e.problem}
+        if not entries:
             raise WebDatasetError(
                 f"no usable samples in {self.spec} ({len(self.shards)} tar(s) used, "
                 f"{len(self.skipped)} skipped): see the messages above"
@@ -123,7 +132,7 @@ class WebDatasetSource:
         log.info(
             "%s: %d samples in %d tars, %d skipped",
             self.spec,
-            len(self._entries),
+            len(self._keys),
             len(self.shards),
             len(self.skipped),
         )
@@ -135,24 +144,24 @@ class WebDatasetSource:
         return self._classes
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._keys)
 
     def key(self, index: int) -> str:
-        return self._entries[index].key
+        return self._keys[index]
 
     def label(self, index: int) -> int:
-        return self._entries[index].label
+        return int(self._labels[index])
 
     def read(self, index: int) -> bytes:
         """The image member's bytes; OSError if the tar was cut inside it."""
-        entry = self._entries[index]
-        if entry.problem:
-            raise OSError(entry.problem)
+        if index in self._problems:
+            raise OSError(self._problems[index])
+        size = int(self._sizes[index])
         with open(self.shards[self._tar[index]], "rb") as f:
-            f.seek(entry.offset)
-            data = f.read(entry.size)
-        if len(data) != entry.size:
-            raise OSError(f"tar ends inside the member: {len(data)} of {entry.size} bytes")
+            f.seek(int(self._offsets[index]))
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"tar ends inside the member: {len(data)} of {size} bytes")
         return data
 
     def describe(self) -> Mapping[str, Any]:
@@ -164,10 +173,8 @@ class WebDatasetSource:
             "include_unfinished": self.include_unfinished,
             "classes_file": str(self.classes_file) if self.classes_file else None,
             "shards": [str(s) for s in self.shards],
-            "fingerprint": fingerprint(
-                [e.key for e in self._entries], [e.label for e in self._entries]
-            ),
-            "num_images": len(self._entries),
+            "fingerprint": fingerprint(self._keys, self._labels.tolist()),
+            "num_images": len(self._keys),
             "num_classes": len(self._classes),
             "skipped": len(self.skipped),
             "skipped_first": [f"{s.key}: {s.reason}" for s in self.skipped[:SKIPPED_SHOWN]],
@@ -207,16 +214,17 @@ class WebDatasetSource:
         beside = self.shards[0].parent / CLASS_FILE_NAME
         if beside.exists():
             return read_class_file(beside)
-        top = max(e.label for e in self._entries)
+        top = int(self._labels.max())
         return tuple(ClassInfo(index=i, id=str(i)) for i in range(top + 1))
 
     def _check_labels(self) -> None:
         n = len(self._classes)
-        bad = next((e for e in self._entries if not 0 <= e.label < n), None)
-        if bad is not None:
+        bad = np.flatnonzero((self._labels < 0) | (self._labels >= n))
+        if bad.size:
+            i = int(bad[0])
             raise WebDatasetError(
-                f"{bad.key} has label {bad.label}, outside the {n} classes 0..{n - 1}: "
-                "pass the matching --classes file or fix --label-key"
+                f"{self._keys[i]} has label {self._labels[i]}, outside the {n} classes "
+                f"0..{n - 1}: pass the matching --classes file or fix --label-key"
             )
 
 

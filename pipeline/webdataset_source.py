@@ -47,7 +47,7 @@ class WebDatasetError(LatentditError):
 def is_webdataset_path(path: str | Path) -> bool:
     """Whether SOURCE names tars: a .tar file, a brace pattern, a folder holding tars, or a .txt list."""
     text = str(path)
-    if "{" in text or text.endswith(TAR_SUFFIX):
+    if "{" in text or "::" in text or text.endswith(TAR_SUFFIX):
         return True
     p = Path(text)
     if p.is_file() and p.suffix == ".txt":
@@ -57,14 +57,14 @@ def is_webdataset_path(path: str | Path) -> bool:
 
 def resolve_shards(spec: str | Path) -> list[Path]:
     """The tar paths a SOURCE names: folder (sorted *.tar), brace pattern, .txt list, or one tar."""
-    from braceexpand import braceexpand
+    from webdataset.shardlists import expand_urls
 
     text = str(spec)
     p = Path(text)
     if p.is_dir():
         shards = sorted(p.glob("*" + TAR_SUFFIX))
-    elif "{" in text:
-        shards = [Path(s) for s in braceexpand(text)]
+    elif "{" in text or "::" in text:
+        shards = [Path(s) for s in expand_urls(text)]  # webdataset's rule: braces, "::" joins
     elif p.is_file() and p.suffix == ".txt":
         lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
         names = [ln for ln in lines if ln and not ln.startswith("#")]

@@ -245,6 +245,11 @@ def test_shard_lists_brace_patterns_and_list_files(tmp_path):
         tmp_path / "00001.tar",
         tmp_path / "00002.tar",
     ]
+    assert resolve_shards(f"{tmp_path}/00002.tar::{tmp_path}/{{00000..00001}}.tar") == [
+        tmp_path / "00002.tar",
+        tmp_path / "00000.tar",
+        tmp_path / "00001.tar",
+    ]
     listing = tmp_path / "tars.txt"
     listing.write_text("# my shards\n00002.tar\n\n00000.tar\n")
     assert resolve_shards(listing) == [tmp_path / "00002.tar", tmp_path / "00000.tar"]

@@ -275,24 +275,26 @@ def shard_stats_path(tar: Path) -> Path:
 
 def summarize_shards(shard_dir: Path) -> DownloadSummary:
     """Add up img2dataset's `*_stats.json` files in `shard_dir`; list tars without one."""
-    shard_dir = Path(shard_dir)
+    return summarize_tars(sorted(Path(shard_dir).glob("*.tar")))
+
+
+def summarize_tars(tars: Sequence[Path]) -> DownloadSummary:
+    """Add up the img2dataset statistics of `tars`; list those that have none (unfinished)."""
     totals: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    stats_files = sorted(shard_dir.glob("*" + STATS_SUFFIX))
-    for path in stats_files:
+    finished = [t for t in tars if shard_stats_path(t).exists()]
+    for tar in finished:
+        path = shard_stats_path(tar)
         try:
             stats = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise DownloadError(f"cannot read img2dataset statistics {path}: {e}") from None
-        for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
-            totals[k] += int(stats[k])
-        reasons.update({k: int(v) for k, v in stats["status_dict"].items() if k != "success"})
-    unfinished = tuple(
-        t.name for t in sorted(shard_dir.glob("*.tar")) if not shard_stats_path(t).exists()
-    )
+            for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
+                totals[k] += int(stats[k])
+            reasons.update({k: int(v) for k, v in stats["status_dict"].items() if k != "success"})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DownloadError(f"cannot read img2dataset statistics {path}: {e!r}") from None
     return DownloadSummary(
-        shards=len(stats_files),
-        unfinished=unfinished,
+        shards=len(finished),
+        unfinished=tuple(t.name for t in tars if t not in finished),
         count=totals["count"],
         successes=totals["successes"],
         failed_to_download=totals["failed_to_download"],

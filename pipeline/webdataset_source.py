@@ -28,7 +28,7 @@ import numpy as np
 
 from latent_store import ClassInfo, LatentditError
 from pipeline import distributed
-from pipeline.download import CLASS_FILE_NAME, LABEL_FIELD, shard_stats_path
+from pipeline.download import CLASS_FILE_NAME, LABEL_FIELD, shard_stats_path, summarize_tars
 from pipeline.imagenet import fingerprint, read_class_file
 from pipeline.tar_index import Entry, Skipped, index_tars
 
@@ -178,6 +178,7 @@ class WebDatasetSource:
             "num_classes": len(self._classes),
             "skipped": len(self.skipped),
             "skipped_first": [f"{s.key}: {s.reason}" for s in self.skipped[:SKIPPED_SHOWN]],
+            "download": summarize_tars(self.shards).to_dict(),  # what img2dataset lost, by reason
         }
 
     # --- building the index ---------------------------------------------------------------------

@@ -364,6 +364,9 @@ def test_download_encode_validate(store, shards, url_list):
     assert LABEL_FILL not in labels
     source = opened.spec.source
     assert source["kind"] == "webdataset" and source["num_images"] == len(ok)
+    lost = source["download"]  # the URLs that never reached a tar are accounted for too
+    assert lost["successes"] == len(ok) and lost["count"] == len(url_list["rows"])
+    assert lost["reasons"] == {"HTTP Error 404: File not found": 2, "Image decoding error": 1}
     assert [c.id for c in opened.spec.classes] == list(CLASSES)
 
 

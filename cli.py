@@ -232,7 +232,7 @@ def encode(
         int, typer.Option(min=1, help="Images that set the quantization range.")
     ] = 512,
 ) -> None:
-    """Encode an image folder tree or webdataset tars into a latent store (resumable; torchrun scales it)."""
+    """Encode image folders or webdataset tars into a latent store (resumable; torchrun scales)."""
     from pipeline.encode import EncodeConfig, parse_max_failures
     from pipeline.encode import encode as run_encode
 

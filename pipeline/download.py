@@ -1,12 +1,13 @@
-"""Fetch a labeled URL list into webdataset tars with img2dataset, images kept as downloaded.
+"""Fetch a labeled URL list into webdataset tars with img2dataset, images at full resolution.
 
     latentdit download urls.csv --out shards/ --classes classes.txt
 
 A thin wrapper over `img2dataset.download`: it checks the list and maps class names to indices
-first, then lets img2dataset do the fetching, sharding and bookkeeping. Images are kept at full
-resolution (`resize_mode="no"`) and JPEGs are not re-encoded (`skip_reencode=True`), so that the
-exact ADM crop happens once, in `latentdit encode`. Each sample's json carries its class index
-under `LABEL_FIELD`. The summary is read back from img2dataset's own `<shard>_stats.json` files.
+first, then lets img2dataset do the fetching, sharding and bookkeeping. Images are not resized
+(`resize_mode="no"`), so that the exact ADM crop happens once, in `latentdit encode`; JPEGs with
+a JFIF or Exif header are stored byte for byte (`skip_reencode=True`), other images re-encoded
+as JPEG by img2dataset unless `reencode=False` (docs/web.md). Each sample's json carries its
+class index under `LABEL_FIELD`. The summary is read from img2dataset's `<shard>_stats.json`.
 """
 
 from __future__ import annotations

@@ -173,6 +173,10 @@ def test_shard_without_stats_is_skipped_with_a_message(shards, tmp_path, caplog)
     assert "00001.tar" in caplog.text and "--include-unfinished" in caplog.text
     assert source.skipped[0].key == "00001.tar"
     assert len(open_webdataset(copy, include_unfinished=True)) == full
+    summary = summarize_shards(copy)  # what `download` reports (exit 1) after an interruption
+    assert summary.unfinished == ("00001.tar",) and summary.shards == 3
+    assert summary.count == len(downloaded_rows(shards)) - PER_SHARD
+    assert "run the same command again" in summary.format()
 
 
 def test_truncated_tar_keeps_the_samples_before_the_cut(shards, tmp_path):

@@ -69,6 +69,17 @@ bench: bench-train
 
 
 # --- sample ---
+SAMPLE_ARGS ?=
+.PHONY: sample bench-sample
+
+sample: setup  ## sample a run: make sample RUN=runs/x OUT=samples/x [SAMPLE_ARGS="--class 207 --n 8 --cfg 4"]
+	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "usage: make sample RUN=RUN_DIR_OR_CKPT OUT=OUT_DIR [SAMPLE_ARGS=...]" >&2; exit 2; }
+	$(PY) cli.py sample "$(RUN)" --out "$(OUT)" $(SAMPLE_ARGS)
+
+bench-sample: setup  ## sampling images/s split into model and decode time, small models on CPU (JSON)
+	$(PY) bench/bench_sample.py
+
+bench: bench-sample
 
 
 # --- demo ---

@@ -436,6 +436,125 @@ def _sample_hook(cfg):
 # --- sample (sampler) ---------------------------------------------------------------------------
 
 
+def _sample_default(name: str):
+    """The SampleConfig / SolveConfig default of a `sample` option: one source for each default."""
+    from dataclasses import fields
+
+    from sampler.latents import SolveConfig
+    from sampler.sample import SampleConfig
+
+    return {f.name: f.default for c in (SampleConfig, SolveConfig) for f in fields(c)}[name]
+
+
+def _solver_names() -> str:
+    from sampler.solvers import SOLVERS
+
+    return ", ".join(f"{k} ({v.kind})" for k, v in SOLVERS.items())
+
+
+@app.command(context_settings={"max_content_width": 100})
+@user_errors
+def sample(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A run dir (its latest checkpoint) or a checkpoint folder.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder (PNGs, grid.png, .npz, resume state).")],
+    vae: Annotated[
+        str | None, typer.Option(help="VAE folder or hub id; default: the checkpoint's VAE.")
+    ] = None,
+    classes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--class", help="Class index, wnid or name; repeat for more. Default: random."
+        ),
+    ] = None,
+    n: Annotated[
+        int, typer.Option(min=1, help="Images per --class (without --class: images in total).")
+    ] = _sample_default("n"),
+    sampler: Annotated[
+        str | None,
+        typer.Option(help=f"Solver: {_solver_names()}. Default: heun (flow), dpm++2m (DDPM)."),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Solver steps.")] = _sample_default("steps"),
+    cfg: Annotated[
+        float, typer.Option(min=0.0, help="Guidance scale on all channels; 1 = no guidance.")
+    ] = _sample_default("cfg"),
+    cfg_interval: Annotated[
+        tuple[float, float] | None,
+        typer.Option(help="Guide only while LO <= t <= HI (t in [0, 1], 1 = noise)."),
+    ] = None,
+    shift: Annotated[
+        float, typer.Option(help="SD3 timestep shift for flow solvers (1 = none).")
+    ] = _sample_default("shift"),
+    eta: Annotated[float, typer.Option(help="DDIM eta (0 = deterministic).")] = _sample_default(
+        "eta"
+    ),
+    seed: Annotated[
+        int, typer.Option(min=0, help="Run seed; image i draws its noise from (seed, i).")
+    ] = _sample_default("seed"),
+    first_index: Annotated[
+        int, typer.Option(min=0, help="Index of the first image (regenerate image i: --n 1).")
+    ] = _sample_default("first_index"),
+    fid_samples: Annotated[
+        int | None,
+        typer.Option(help="Class-balanced FID set: exactly N / num_classes images per class."),
+    ] = None,
+    npz: Annotated[
+        bool, typer.Option("--npz", help="Also write the ADM evaluator's .npz (resumable).")
+    ] = _sample_default("npz"),
+    png: Annotated[bool, typer.Option(help="Write one PNG per image.")] = _sample_default("png"),
+    grid: Annotated[bool, typer.Option(help="Write grid.png of the first images.")] = (
+        _sample_default("grid")
+    ),
+    weights: Annotated[str, typer.Option(help="ema or model weights.")] = _sample_default(
+        "weights"
+    ),
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = _sample_default(
+        "batch_size"
+    ),
+    device: Annotated[str | None, typer.Option(help="Torch device; default cuda if any.")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32, bf16 or fp16 autocast; default bf16 on cuda.")
+    ] = None,
+) -> None:
+    """Sample images from a checkpoint with only the VAE decoder; re-run to resume."""
+    from sampler.latents import SolveConfig
+    from sampler.sample import SampleConfig
+    from sampler.sample import sample as run_sample
+
+    result = run_sample(
+        SampleConfig(
+            checkpoint=checkpoint,
+            out=out,
+            vae=vae,
+            classes=tuple(classes or ()),
+            n=n,
+            solve=SolveConfig(
+                sampler=sampler,
+                steps=steps,
+                cfg=cfg,
+                cfg_interval=cfg_interval,
+                shift=shift,
+                eta=eta,
+            ),
+            seed=seed,
+            first_index=first_index,
+            fid_samples=fid_samples,
+            npz=npz,
+            png=png,
+            grid=grid,
+            weights=weights,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+        )
+    )
+    typer.echo(
+        f"{result.out}: {result.total} images ({result.made} made now)"
+        + (f", {result.npz}" if result.npz else "")
+    )
+
+
 # --- demo ---------------------------------------------------------------------------------------
 
 

@@ -28,12 +28,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latent_store import LatentStore, StoreWriter, create_store
-from pipeline.distributed import init_distributed
-from pipeline.encode import EncodeConfig, calibrate_quantization, encode_shards, store_spec
+from pipeline.encode import EncodeConfig, encode_shards
 from pipeline.loader import collate, load_item, shard_batches
 from pipeline.preprocess import PreprocessConfig
 from pipeline.source import open_source
+from pipeline.store_setup import calibrate_quantization, store_spec
 from pipeline.vae import VaeConfig, encode_posterior, load_vae
+from trainer.distributed import DistInfo
 
 IMAGENET_SIZE = (500, 375)  # the most common ImageNet train resolution
 
@@ -133,7 +134,14 @@ def main() -> None:
         )
         writer = StoreWriter(LatentStore(cfg.out))
         t = time.perf_counter()
-        encode_shards(cfg, source, vae, pre, writer, init_distributed(args.device))
+        encode_shards(
+            cfg,
+            source,
+            vae,
+            pre,
+            writer,
+            DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(args.device)),
+        )
         pipeline_s = time.perf_counter() - t
 
     n = args.images

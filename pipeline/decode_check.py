@@ -21,7 +21,7 @@ from latent_store import LABEL_FILL, LatentStore, SchemaMismatchError, dequantiz
 from pipeline.loader import collate, load_item
 from pipeline.preprocess import PreprocessConfig
 from pipeline.source import reopen_source
-from pipeline.vae import VaeConfig, decode_latents, encode_posterior, key_seed, load_vae
+from pipeline.vae import VaeConfig, decode_latents, encode_variants, load_vae
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,9 @@ def decode_check(path: str | os.PathLike, cfg: DecodeCheckConfig) -> dict:
                 f"source image {source.key(batch.failures[0][0])} no longer decodes: {batch.failures[0][1]}"
             )
         stored = dequantize(latents.get_orthogonal_selection(idx)[:, 0], spec.quant)
-        seeds = (
-            [key_seed(source.key(int(i)), 0) for i in idx] if spec.posterior == "sample" else None
-        )
+        keys = [source.key(int(i)) for i in idx]
         posterior = "mean" if spec.posterior == "moments" else spec.posterior
-        fresh, _ = encode_posterior(vae, batch.crops, posterior=posterior, seeds=seeds)
+        fresh = encode_variants(vae, batch.crops, keys, flip=False, posterior=posterior)[0][:, 0]
         stored_psnr.append(psnr(decode_latents(vae, stored), batch.crops))
         float_psnr.append(psnr(decode_latents(vae, fresh.cpu()), batch.crops))
         errors.append((stored - fresh.cpu()).pow(2).flatten(1).mean(1))

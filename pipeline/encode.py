@@ -12,175 +12,69 @@ the same command skips complete shards and yields a bit-identical store.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from latent_store import (
     LABEL_FILL,
-    VARIANTS,
     Failure,
     LatentditError,
     LatentStore,
-    QuantParams,
     SchemaMismatchError,
-    StoreNotFoundError,
     StoreSpec,
     StoreWriter,
-    calibrate,
-    create_store,
     finalize_store,
     quantize,
 )
-from latent_store.schema import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, POSTERIOR_MODES
-from pipeline import distributed
-from pipeline.loader import Batch, collate, crop_loader, load_item, shard_batches
-from pipeline.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig
-from pipeline.source import LABEL_KEY, ImageSource, open_source
-from pipeline.vae import DTYPES, VaeConfig, encode_posterior, key_seed, load_vae
+from pipeline.encode_config import EncodeConfig, parse_max_failures
+from pipeline.loader import Batch, crop_loader, shard_batches
+from pipeline.preprocess import PreprocessConfig
+from pipeline.source import open_source
+from pipeline.store_setup import prepare_store
+from pipeline.vae import VaeConfig, encode_variants, load_vae
+from trainer.distributed import DistInfo, barrier, setup_distributed, teardown_distributed
+
+__all__ = ["EncodeConfig", "TooManyFailuresError", "encode", "parse_max_failures"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-CROP_METHOD = "adm-center"
-URL_SCHEME = "://"  # marks an fsspec URL, as opposed to a local path
-EXIF_TAG = "+exif-transpose"  # appended to the crop method when EXIF orientation is applied
-# fields of the store's spec that must match for a resume (the quantization is the store's own)
-RESUME_FIELDS = (
-    "vae",
-    "image_size",
-    "crop",
-    "source",
-    "variants",
-    "posterior",
-    "num_samples",
-    "latent_shape",
-    "classes",
-    "chunk_size",
-    "shard_size",
-)
 
 
 class TooManyFailuresError(LatentditError):
     """More source images failed to decode than --max-failures allows."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class EncodeConfig:
-    """One encode job: where the images are, how to encode them, where the store goes."""
-
-    source: Path
-    """An ImageNet-style class-folder tree, a flat val folder (with `val_labels`), or webdataset
-    tars: a folder of them, a brace pattern, or a .txt file listing tar paths."""
-    out: str | Path
-    """The store to create, or to resume when it exists: a folder or an fsspec URL (s3://...)."""
-    vae: str = DEFAULT_VAE
-    """Hub id or local folder of a diffusers AutoencoderKL."""
-    vae_revision: str | None = None
-    """Hub revision of the VAE."""
-    dtype: str = "fp32"
-    """VAE compute dtype: fp32, fp16 or bf16."""
-    device: str | None = None
-    """cpu or cuda; None picks CUDA when available."""
-    compile: bool = False
-    """torch.compile the VAE encoder."""
-    image_size: int = 256
-    """Side of the ADM center crop in pixels."""
-    flip: bool = False
-    """Also encode the horizontal flip of every crop (a second variant)."""
-    posterior: str = "mean"
-    """mean, sample (seeded per key), or moments (mean and log std)."""
-    batch_size: int = 64
-    """Images per VAE forward pass."""
-    workers: int = 4
-    """DataLoader worker processes that decode and crop (0: in the main process)."""
-    val_labels: Path | None = None
-    """ImageNet val labels: LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt."""
-    classes: Path | None = None
-    """Class list file (one id per line) fixing the label order; default: sorted folder names."""
-    devkit_synsets: Path | None = None
-    """wnids in the devkit's meta.mat order, for the devkit ground truth (else meta.mat + scipy)."""
-    label_key: str = LABEL_KEY
-    """Webdataset tars: the json field holding each sample's class (a .cls member wins)."""
-    include_unfinished: bool = False
-    """Webdataset tars: also use tars that have no img2dataset `_stats.json` (unfinished)."""
-    max_failures: int | float = 0.01
-    """Undecodable images tolerated: a count (int) or a fraction of the source (float < 1)."""
-    exif_transpose: bool = False
-    """Apply EXIF orientation before cropping (off: ImageNet parity)."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    """Images with more pixels are skipped as decompression bombs."""
-    shard_size: int = DEFAULT_SHARD_SIZE
-    """Samples per store shard (the unit of work and of resume)."""
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    """Samples per Zarr chunk; divides shard_size."""
-    calibration_samples: int = 512
-    """Images, spread evenly over the source, that set the quantization range."""
-    command: str = ""
-    """The command line, recorded in the store."""
-
-    def __post_init__(self) -> None:
-        positive = ("image_size", "batch_size", "shard_size", "chunk_size", "calibration_samples")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if self.shard_size % self.chunk_size:
-            raise LatentditError(
-                f"--shard-size {self.shard_size} must be a multiple of --chunk-size {self.chunk_size}"
-            )
-        if self.posterior not in POSTERIOR_MODES:
-            raise LatentditError(f"--posterior {self.posterior!r}: use one of {POSTERIOR_MODES}")
-        if self.dtype not in DTYPES:
-            raise LatentditError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
-        if self.max_failures < 0 or (
-            isinstance(self.max_failures, float) and self.max_failures >= 1
-        ):
-            raise LatentditError(
-                f"--max-failures {self.max_failures}: a count >= 0 or a fraction in [0, 1)"
-            )
-
-    @property
-    def variants(self) -> tuple[str, ...]:
-        return VARIANTS if self.flip else VARIANTS[:1]
-
-    def failure_limit(self, num_samples: int) -> int:
-        """The most failures allowed for a source of `num_samples` images."""
-        if isinstance(self.max_failures, float):
-            return math.floor(self.max_failures * num_samples)
-        return self.max_failures
-
-
-def parse_max_failures(text: str) -> int | float:
-    """'100' -> 100 images; '0.01' or '1%' -> a fraction of the source."""
-    try:
-        if text.endswith("%"):
-            return float(text[:-1]) / 100
-        return float(text) if "." in text or "e" in text.lower() else int(text)
-    except ValueError:
-        raise LatentditError(
-            f"--max-failures {text!r}: give a count (100), a fraction (0.01) or a percentage (1%)"
-        ) from None
-
-
 def encode(cfg: EncodeConfig) -> dict | None:
-    """Run the encode job on this rank; returns the store summary on rank 0, None elsewhere."""
-    info = distributed.init_distributed(cfg.device)
+    """Run the encode job on this rank; returns the store summary on rank 0, None elsewhere.
+
+    Under torchrun: NCCL on GPUs (each rank on the GPU of its LOCAL_RANK) or gloo on the CPU. A
+    single process runs the same code path in a group of one (the trainer's distributed setup).
+    """
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise LatentditError("--device cuda: no CUDA device is visible; use --device cpu")
+    info = setup_distributed(cfg.device)
     try:
         return _encode(cfg, info)
     finally:
-        distributed.shutdown(info)
+        teardown_distributed()
 
 
-def _encode(cfg: EncodeConfig, info: distributed.DistInfo) -> dict | None:
+def _broadcast_error(error: LatentditError | None) -> None:
+    """Raise on every rank the error rank 0 met while preparing the store, if any."""
+    message = [str(error) if error is not None else None]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise LatentditError(message[0])
+
+
+def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
     source = open_source(
         cfg.source,
         val_labels=cfg.val_labels,
@@ -207,8 +101,14 @@ def _encode(cfg: EncodeConfig, info: distributed.DistInfo) -> dict | None:
             prepare_store(cfg, source, vae, vae_info, pre)
         except LatentditError as e:
             error = e
-    distributed.broadcast_error(info, error)
+    _broadcast_error(error)
     store = LatentStore(cfg.out)
+    if (listed := source.describe()) != dict(store.spec.source):  # every rank listed the source
+        raise SchemaMismatchError(
+            f"rank {info.rank} lists {cfg.source} differently from the store "
+            f"({listed['fingerprint']} vs {store.spec.source.get('fingerprint')}): did the "
+            "folder change during the run, or do the nodes see different copies?"
+        )
     owned = range(info.rank, store.spec.num_shards, info.world_size)
     writer = StoreWriter(store, owned)
     log.info(
@@ -219,7 +119,7 @@ def _encode(cfg: EncodeConfig, info: distributed.DistInfo) -> dict | None:
         len(owned),
     )
     encode_shards(cfg, source, vae, pre, writer, info)
-    distributed.barrier(info)
+    barrier()
     if not info.is_main:
         return None
     summary = finalize_store(store)
@@ -231,125 +131,6 @@ def _encode(cfg: EncodeConfig, info: distributed.DistInfo) -> dict | None:
         summary["failure_reasons"] or "no failures",
     )
     return summary
-
-
-def store_spec(cfg: EncodeConfig, source: ImageSource, vae_info, quant=None, logstd_quant=None):
-    """The spec this configuration asks for; placeholder quantization when none is given yet."""
-    if cfg.image_size % vae_info.downsampling:
-        raise LatentditError(
-            f"--image-size {cfg.image_size} is not a multiple of the VAE's downsampling "
-            f"{vae_info.downsampling}"
-        )
-    side = cfg.image_size // vae_info.downsampling
-    channels = vae_info.latent_channels
-    placeholder = QuantParams(offset=(0.0,) * channels, scale=(1.0,) * channels)
-    moments = cfg.posterior == "moments"
-    return StoreSpec(
-        num_samples=len(source),
-        latent_shape=(channels, side, side),
-        quant=quant or placeholder,
-        logstd_quant=(logstd_quant or placeholder) if moments else None,
-        vae=vae_info,
-        classes=source.classes,
-        variants=cfg.variants,
-        posterior=cfg.posterior,
-        image_size=cfg.image_size,
-        crop=CROP_METHOD + (EXIF_TAG if cfg.exif_transpose else ""),
-        source=source.describe(),
-        chunk_size=cfg.chunk_size,
-        shard_size=cfg.shard_size,
-        tool_version=_tool_version(),
-        command=cfg.command,
-    )
-
-
-def _tool_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"latentdit {version('latentdit')}"
-    except PackageNotFoundError:
-        return "latentdit (not installed)"
-
-
-def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfig) -> None:
-    """Create the store (calibrating its quantization), or check an existing one matches."""
-    wanted = store_spec(cfg, source, vae_info)
-    out = cfg.out
-    if _store_exists(out):
-        have = LatentStore(out).spec
-        if diffs := have.differences(wanted, RESUME_FIELDS):
-            raise SchemaMismatchError(
-                f"{out} holds a store made with another configuration: {'; '.join(diffs)}. "
-                "Re-run with the original options to resume it, or choose another --out"
-            )
-        log.info("resuming %s", out)
-        return
-    quant, logstd_quant = calibrate_quantization(cfg, source, vae, pre)
-    spec = store_spec(cfg, source, vae_info, quant, logstd_quant)
-    create_store(out, spec, [source.key(i) for i in range(len(source))])
-
-
-def _store_exists(out: str | Path) -> bool:
-    """Whether `out` holds something: a non-empty folder, or a store at an fsspec URL."""
-    if URL_SCHEME not in str(out):
-        return Path(out).exists() and any(Path(out).iterdir())
-    try:
-        LatentStore(out)
-    except StoreNotFoundError:
-        return False
-    return True
-
-
-def calibration_indices(num_samples: int, count: int) -> list[int]:
-    """`count` indices spread evenly over the source (sorted ImageNet lists are grouped by class)."""
-    return sorted(set(np.linspace(0, num_samples - 1, min(count, num_samples)).round().astype(int)))
-
-
-def calibrate_quantization(
-    cfg: EncodeConfig, source, vae, pre
-) -> tuple[QuantParams, QuantParams | None]:
-    """Quantization ranges from the latents of the calibration images (all variants).
-
-    Depends only on the source and the configuration, never on ranks or on a resume.
-    """
-    items = [
-        load_item(source, i, pre) for i in calibration_indices(len(source), cfg.calibration_samples)
-    ]
-    batch = collate(items)
-    if not batch.ok:
-        reasons = "; ".join(f"{source.key(i)}: {r}" for i, r in batch.failures[:3])
-        raise LatentditError(f"none of the calibration images could be decoded ({reasons})")
-    means, logstds = [], []
-    for b in range(0, len(batch.ok), cfg.batch_size):
-        part = replace(
-            batch, ok=batch.ok[b : b + cfg.batch_size], crops=batch.crops[b : b + cfg.batch_size]
-        )
-        mean, logstd = _encode_batch(cfg, source, vae, part)
-        means.append(mean.cpu())
-        if logstd is not None:
-            logstds.append(logstd.cpu())
-    quant = calibrate(torch.cat(means))
-    log.info("calibrated quantization on %d images: %s", len(batch.ok), quant.to_attrs())
-    return quant, calibrate(torch.cat(logstds)) if logstds else None
-
-
-def _encode_batch(
-    cfg: EncodeConfig, source, vae, batch: Batch
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Encode a batch's crops (and their flips): float (b, V, C, h, w) latents and log std or None."""
-    crops = batch.crops.to(vae.device, non_blocking=True)
-    views = [crops, crops.flip(2)] if cfg.flip else [crops]  # (b, H, W, 3): flip W
-    seeds = None
-    if cfg.posterior == "sample":
-        seeds = [key_seed(source.key(i), v) for v in range(len(views)) for i in batch.ok]
-    mean, logstd = encode_posterior(vae, torch.cat(views), posterior=cfg.posterior, seeds=seeds)
-    b = len(batch.ok)
-
-    def by_variant(x):  # (V*b, C, h, w) -> (b, V, C, h, w)
-        return torch.stack(x.split(b), dim=1)
-
-    return by_variant(mean), None if logstd is None else by_variant(logstd)
 
 
 class ShardBuffer:
@@ -437,7 +218,8 @@ def _fill(cfg: EncodeConfig, source, vae, spec: StoreSpec, buf: ShardBuffer, bat
     buf.seen += len(batch.indices)
     if not batch.ok:
         return len(batch.failures)
-    mean, logstd = _encode_batch(cfg, source, vae, batch)
+    keys = [source.key(i) for i in batch.ok]
+    mean, logstd = encode_variants(vae, batch.crops, keys, flip=cfg.flip, posterior=cfg.posterior)
     rows = np.asarray(batch.ok) - buf.start
     q, clipped = quantize(mean, spec.quant)
     buf.latents[rows] = q.cpu().numpy()

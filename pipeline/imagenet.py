@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SYNSET_MAPPING = "LOC_synset_mapping.txt"  # Kaggle: "n01440764 tench, Tinca tinca" per line
 DEVKIT_META = "meta.mat"  # devkit: synsets in ILSVRC2012_ID order
-DEVKIT_ID = re.compile(r"(\d{8})")  # ILSVRC2012_val_00000001.JPEG -> 1
+WNID = re.compile(r"n\d{8}")  # an ImageNet synset id
 
 
 class SourceError(LatentditError):
@@ -133,7 +133,7 @@ def _class_list(ids: Sequence[str], classes_file: Path | None, near: Path) -> tu
 
 
 def _source_kind(class_ids: Sequence[str]) -> str:
-    return "imagenet-train" if all(re.fullmatch(r"n\d{8}", c) for c in class_ids) else "folders"
+    return "imagenet-train" if all(WNID.fullmatch(c) for c in class_ids) else "folders"
 
 
 def class_folder_source(root: Path, *, classes_file: Path | None = None) -> FolderSource:
@@ -169,7 +169,8 @@ def _require_images(root: Path, keys: Sequence[str]) -> None:
     if not keys:
         raise SourceError(
             f"{root}: no images found (looked for class folders holding files with an image "
-            "extension); point SOURCE at e.g. imagenet/train"
+            "extension); point SOURCE at e.g. imagenet/train, or pass --val-labels for a flat "
+            "folder of validation images"
         )
 
 
@@ -191,10 +192,11 @@ def read_val_labels(path: Path, *, devkit_synsets: Path | None = None) -> dict[s
     synsets = _devkit_synsets(path, devkit_synsets)
     labels = {}
     for line_no, line in enumerate(_read_text(path).split(), start=1):
-        ilsvrc_id = int(line)
+        ilsvrc_id = int(line) if line.isdigit() else 0
         if not 1 <= ilsvrc_id <= len(synsets):
             raise SourceError(
-                f"{path}: line {line_no} holds id {ilsvrc_id}, outside 1..{len(synsets)}"
+                f"{path}: line {line_no} holds {line!r}, not an id in 1..{len(synsets)}; is it "
+                "ILSVRC2012_validation_ground_truth.txt?"
             )
         labels[f"ILSVRC2012_val_{line_no:08d}"] = synsets[ilsvrc_id - 1]
     return labels
@@ -206,6 +208,8 @@ def _read_kaggle_solution(path: Path) -> dict[str, str]:
         raise SourceError(
             f"{path}: expected the columns ImageId,PredictionString (LOC_val_solution.csv)"
         )
+    if empty := [r["ImageId"] for r in rows if not (r["PredictionString"] or "").split()]:
+        raise SourceError(f"{path}: no label for {empty[0]} (empty PredictionString)")
     return {r["ImageId"]: r["PredictionString"].split()[0] for r in rows}
 
 
@@ -253,7 +257,8 @@ def val_source(
     classes = _class_list(sorted(ids), classes_file, Path(val_labels).parent)
     index = {c.id: c.index for c in classes}
     if unknown := sorted({by_stem[p.stem] for p in files} - set(index)):
-        raise SourceError(f"{val_labels}: class {unknown[0]} is not in {classes_file}")
+        where = classes_file or Path(val_labels).parent / SYNSET_MAPPING
+        raise SourceError(f"{val_labels}: class {unknown[0]} is not in {where}")
     log.info("%s: %d validation images in %d classes", root, len(files), len(classes))
     return FolderSource(
         root=root,

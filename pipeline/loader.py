@@ -106,5 +106,5 @@ def crop_loader(
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=2 if workers else None,  # batches queued per worker, in shared memory
     )

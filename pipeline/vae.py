@@ -191,3 +191,24 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Decode raw latents (B, C, h, w) to uint8 (B, H, W, 3) images on the CPU."""
     x = vae.decode(latents.to(vae.device, vae.dtype)).sample.float()
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def encode_variants(
+    vae, crops: torch.Tensor, keys: list[str], *, flip: bool, posterior: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encode uint8 (b, H, W, 3) crops and, with `flip`, their horizontal flips in the same pass.
+
+    Returns float (b, V, C, h, w) latents and log std (posterior "moments") or None. `keys` (one
+    per crop) seed the noise of posterior "sample", per key and variant.
+    """
+    crops = crops.to(vae.device, non_blocking=True)
+    views = [crops, crops.flip(2)] if flip else [crops]  # (b, H, W, 3): flip W
+    seeds = (
+        [key_seed(k, v) for v in range(len(views)) for k in keys] if posterior == "sample" else None
+    )
+    mean, logstd = encode_posterior(vae, torch.cat(views), posterior=posterior, seeds=seeds)
+
+    def by_variant(x):  # (V*b, C, h, w) -> (b, V, C, h, w)
+        return torch.stack(x.split(len(keys)), dim=1)
+
+    return by_variant(mean), None if logstd is None else by_variant(logstd)

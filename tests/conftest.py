@@ -311,4 +311,56 @@ def tiny_run(tmp_path_factory) -> Path:
 # --- fixtures: sampler --------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest single-threaded on the shared 2-core machine (use per module)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_checkpoint(
+    run: Path, vae_dir: Path, *, objective: str = "flow_matching", size: int = 4, seed: int = 0
+) -> Path:
+    """A tiny DiT checkpoint written by the trainer's `save_checkpoint`, for a tiny store's latents.
+
+    The weights are random (not adaLN-Zero's zeros) so outputs depend on x, t and the label; the
+    meta records `vae_dir` as the VAE, so `latentdit sample RUN` finds its decoder.
+    """
+    import torch
+
+    from latent_store import LatentStore
+    from trainer.checkpoint import checkpoint_meta, save_checkpoint
+    from trainer.model import build_model
+    from trainer.normalization import normalization_from_store
+    from trainer.objective import DDPM, FlowMatching
+
+    store = LatentStore(write_store(run.parent / f"{run.name}-store.zarr", n=16, size=size))
+    torch.manual_seed(seed)
+    model = build_model(
+        "DiT-S/2",
+        input_size=size,
+        in_channels=4,
+        num_classes=3,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    meta = checkpoint_meta(
+        preset="DiT-S/2",
+        model=model,
+        objective=DDPM() if objective == "ddpm" else FlowMatching(),
+        normalization=normalization_from_store(store, "channel_stats"),
+        store=store,
+    )
+    meta["vae"]["id"] = str(vae_dir)
+    return save_checkpoint(run, step=2, model=model, ema=model, train_state={}, meta=meta)
+
+
 # --- fixtures: demo -----------------------------------------------------------------------------

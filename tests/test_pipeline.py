@@ -23,6 +23,7 @@ from conftest import (
     ROOT,
     WNIDS,
     make_image_tree,
+    make_tiny_vae,
     smooth_image,
     store_contents,
 )
@@ -179,7 +180,7 @@ def val_folder(image_tree, tmp_path) -> tuple[Path, list[str]]:
     return folder, wnids
 
 
-def test_val_labels_from_kaggle_csv(val_folder, tmp_path):
+def test_val_labels_from_kaggle_csv(val_folder, tiny_vae_dir, tmp_path):
     folder, wnids = val_folder
     csv = tmp_path / "LOC_val_solution.csv"
     rows = [f"ILSVRC2012_val_{i:08d},{w} 1 2 3 4 {w} 5 6 7 8" for i, w in enumerate(wnids, 1)]
@@ -189,6 +190,10 @@ def test_val_labels_from_kaggle_csv(val_folder, tmp_path):
     assert len(source) == 6
     assert [source.classes[source.label(i)].id for i in range(6)] == wnids
     assert source.classes[1].name == f"class {WNIDS[1]}"
+    out = tmp_path / "val.zarr"  # and through the encode job
+    encode(job(folder, out, tiny_vae_dir, val_labels=csv))
+    assert all(c.ok for c in validate_store(out))
+    assert LatentStore(out).array("labels")[:].tolist() == list(source.labels)
 
 
 def test_val_labels_from_devkit_ids_follow_meta_order(val_folder, tmp_path):
@@ -203,6 +208,17 @@ def test_val_labels_from_devkit_ids_follow_meta_order(val_folder, tmp_path):
     assert [source.classes[source.label(i)].id for i in range(6)] == wnids
     with pytest.raises(SourceError, match="devkit-synsets"):
         open_source(folder, val_labels=truth)
+    bad = tmp_path / "bad_truth.txt"
+    bad.write_text("1\n<html>\n")
+    with pytest.raises(SourceError, match="line 2 holds '<html>'"):
+        open_source(folder, val_labels=bad, devkit_synsets=synsets)
+    # or meta.mat beside the labels (scipy): leaves in ILSVRC2012_ID order; parents are skipped
+    sio = pytest.importorskip("scipy.io")
+    rows = [(i + 1, w, 0) for i, w in enumerate(meta_order)] + [(4, "n00001740", 2)]
+    fields = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")]
+    sio.savemat(tmp_path / "meta.mat", {"synsets": np.array(rows[::-1], dtype=fields)})
+    from_meta = open_source(folder, val_labels=truth)
+    assert from_meta.labels == source.labels
 
 
 # --- the encode job -----------------------------------------------------------------------------
@@ -228,6 +244,22 @@ def test_every_file_is_encoded_skipped_or_ignored(reference, tmp_path):
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
     assert store.spec.vae.scaling_factor == 0.5  # read from the tiny VAE's config
     assert store.spec.latent_shape == (4, SIZE // 8, SIZE // 8)
+
+
+def test_sixteen_channel_vae_with_shift_factor(image_tree, tmp_path):
+    """SD3/FLUX-style VAEs: 16 latent channels and a shift_factor, both read from the config."""
+    from diffusers import AutoencoderKL
+
+    folder = make_tiny_vae(tmp_path / "vae16", latent_channels=16)
+    vae = AutoencoderKL.from_pretrained(folder)
+    vae.register_to_config(shift_factor=0.125)
+    vae.save_pretrained(folder)
+    out = tmp_path / "s16.zarr"
+    encode(job(image_tree, out, folder, calibration_samples=64))  # all 22: 4x4 latents are few
+    spec = LatentStore(out).spec
+    assert spec.latent_shape == (16, SIZE // 8, SIZE // 8)
+    assert (spec.vae.shift_factor, spec.vae.latent_channels) == (0.125, 16)
+    assert all(c.ok for c in validate_store(out))
 
 
 def test_flip_and_moments(image_tree, tiny_vae_dir, tmp_path):
@@ -375,6 +407,8 @@ def test_cli_encode_and_bad_input(image_tree, tiny_vae_dir, tmp_path, monkeypatc
         "fp8": [*base, "--out", str(tmp_path / "o"), "--dtype", "fp8"],
         "max-failures": [*base, "--out", str(tmp_path / "o"), "--max-failures", "many"],
     }
+    if not torch.cuda.is_available():
+        bad["no CUDA device"] = [*base, "--out", str(tmp_path / "o"), "--device", "cuda"]
     for message, args in bad.items():
         result = _invoke(*args)
         assert result.exit_code != 0, (message, result.output)

@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from pipeline import distributed
 from pipeline.webdataset_source import open_webdataset
+from trainer import distributed
 
-info = distributed.init_distributed("cpu")
+info = distributed.setup_distributed("cpu")
 source = open_webdataset(sys.argv[1])
 seen = {
     **source.describe(),
     "samples": [[source.key(i), source.label(i)] for i in range(len(source))],
 }
 Path(sys.argv[2], f"rank{info.rank}.json").write_text(json.dumps(seen))
-distributed.shutdown(info)
+distributed.teardown_distributed()

@@ -1,0 +1,115 @@
+"""The options of one encode job, checked once: the frozen config the CLI fills in."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from latent_store import VARIANTS, LatentditError
+from latent_store.schema import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, POSTERIOR_MODES
+from pipeline.preprocess import DEFAULT_MAX_PIXELS
+from pipeline.source import LABEL_KEY
+from pipeline.vae import DTYPES
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeConfig:
+    """One encode job: where the images are, how to encode them, where the store goes."""
+
+    source: Path
+    """An ImageNet-style class-folder tree, a flat val folder (with `val_labels`), or webdataset
+    tars: a folder of them, a brace pattern, or a .txt file listing tar paths."""
+    out: str | Path
+    """The store to create, or to resume when it exists: a folder or an fsspec URL (s3://...)."""
+    vae: str = DEFAULT_VAE
+    """Hub id or local folder of a diffusers AutoencoderKL."""
+    vae_revision: str | None = None
+    """Hub revision of the VAE."""
+    dtype: str = "fp32"
+    """VAE compute dtype: fp32, fp16 or bf16."""
+    device: str | None = None
+    """cpu or cuda; None picks CUDA when available."""
+    compile: bool = False
+    """torch.compile the VAE encoder."""
+    image_size: int = 256
+    """Side of the ADM center crop in pixels."""
+    flip: bool = False
+    """Also encode the horizontal flip of every crop (a second variant)."""
+    posterior: str = "mean"
+    """mean, sample (seeded per key), or moments (mean and log std)."""
+    batch_size: int = 64
+    """Images per VAE forward pass."""
+    workers: int = 4
+    """DataLoader worker processes that decode and crop (0: in the main process)."""
+    val_labels: Path | None = None
+    """ImageNet val labels: LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt."""
+    classes: Path | None = None
+    """Class list file (one id per line) fixing the label order; default: sorted folder names."""
+    devkit_synsets: Path | None = None
+    """wnids in the devkit's meta.mat order, for the devkit ground truth (else meta.mat + scipy)."""
+    label_key: str = LABEL_KEY
+    """Webdataset tars: the json field holding each sample's class (a .cls member wins)."""
+    include_unfinished: bool = False
+    """Webdataset tars: also use tars that have no img2dataset `_stats.json` (unfinished)."""
+    max_failures: int | float = 0.01
+    """Undecodable images tolerated: a count (int) or a fraction of the source (float < 1).
+    Under torchrun each rank holds its own failures to this limit."""
+    exif_transpose: bool = False
+    """Apply EXIF orientation before cropping (off: ImageNet parity)."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images with more pixels are skipped as decompression bombs."""
+    shard_size: int = DEFAULT_SHARD_SIZE
+    """Samples per store shard (the unit of work and of resume)."""
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    """Samples per Zarr chunk; divides shard_size."""
+    calibration_samples: int = 512
+    """Images, spread evenly over the source, that set the quantization range."""
+    command: str = ""
+    """The command line, recorded in the store."""
+
+    def __post_init__(self) -> None:
+        positive = ("image_size", "batch_size", "shard_size", "chunk_size", "calibration_samples")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.shard_size % self.chunk_size:
+            raise LatentditError(
+                f"--shard-size {self.shard_size} must be a multiple of --chunk-size {self.chunk_size}"
+            )
+        if self.posterior not in POSTERIOR_MODES:
+            raise LatentditError(f"--posterior {self.posterior!r}: use one of {POSTERIOR_MODES}")
+        if self.dtype not in DTYPES:
+            raise LatentditError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.max_failures < 0 or (
+            isinstance(self.max_failures, float) and self.max_failures >= 1
+        ):
+            raise LatentditError(
+                f"--max-failures {self.max_failures}: a count >= 0 or a fraction in [0, 1)"
+            )
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return VARIANTS if self.flip else VARIANTS[:1]
+
+    def failure_limit(self, num_samples: int) -> int:
+        """The most failures allowed for a source of `num_samples` images."""
+        if isinstance(self.max_failures, float):
+            return math.floor(self.max_failures * num_samples)
+        return self.max_failures
+
+
+def parse_max_failures(text: str) -> int | float:
+    """'100' -> 100 images; '0.01' or '1%' -> a fraction of the source."""
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100
+        return float(text) if "." in text or "e" in text.lower() else int(text)
+    except ValueError:
+        raise LatentditError(
+            f"--max-failures {text!r}: give a count (100), a fraction (0.01) or a percentage (1%)"
+        ) from None

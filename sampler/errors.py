@@ -1,0 +1,11 @@
+"""Errors of the sampler; all are `LatentditError`s, so the CLI prints them as one line."""
+
+from latent_store import LatentditError
+
+
+class SamplerError(LatentditError):
+    """Bad sampling input: an unknown class, solver or option, a missing checkpoint."""
+
+
+class VaeMismatchError(SamplerError):
+    """The checkpoint's latents do not fit the VAE chosen to decode them."""

@@ -1,0 +1,128 @@
+"""From noise to latents with a DiT: the solver, guidance and time units of a checkpoint's objective.
+
+    z = make_latents(model, objective, labels, ImageNoise(seed, indices), SolveConfig(steps=50),
+                     latent_shape=(4, 32, 32), device=device, precision="bf16")
+
+The one path that `latentdit sample`, the training grid hook and the benchmark all run.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sampler.errors import SamplerError
+from sampler.guidance import guided
+from sampler.plan import ImageNoise
+from sampler.solvers import DEFAULT_SOLVER, SOLVERS, Solver, solvers_for
+from trainer.model import DiT
+from trainer.objective import DDPM, FlowMatching, Objective
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolveConfig:
+    """How latents are made from noise."""
+
+    sampler: str | None = None
+    """Solver name (see `SOLVERS`); None: heun for flow matching, dpm++2m for DDPM."""
+    steps: int = 50
+    """Solver steps (Heun makes two model calls per step)."""
+    cfg: float = 1.0
+    """Guidance scale: uncond + cfg (cond - uncond) on all channels; 1 means no guidance."""
+    cfg_interval: tuple[float, float] | None = None
+    """Guide only for t in [lo, hi] (t in [0, 1], 1 = noise; DDPM: step / T); None: always."""
+    shift: float = 1.0
+    """SD3 timestep shift for flow solvers (1 = none)."""
+    eta: float = 0.0
+    """DDIM's eta (0 = deterministic)."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.shift > 0, f"--shift must be > 0, got {self.shift}"),
+            (self.cfg >= 0, f"--cfg must be >= 0, got {self.cfg}"),
+            (
+                self.sampler is None or self.sampler in SOLVERS,
+                f"--sampler {self.sampler!r} is not one of {', '.join(SOLVERS)}",
+            ),
+        ]
+        if self.cfg_interval is not None:
+            lo, hi = self.cfg_interval
+            checks.append(
+                (0 <= lo <= hi <= 1, f"--cfg-interval needs 0 <= lo <= hi <= 1, got {lo} {hi}")
+            )
+        for ok, message in checks:
+            if not ok:
+                raise SamplerError(message)
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast to `precision` on `device`; fp32 runs as is."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+
+
+def pick_solver(cfg: SolveConfig, objective: Objective) -> tuple[str, Solver, dict[str, Any]]:
+    """(name, solver, keyword arguments) for the checkpoint's objective; refuses misfits."""
+    name = cfg.sampler or DEFAULT_SOLVER[objective.KIND]
+    solver = SOLVERS[name]
+    if solver.kind != objective.KIND:
+        raise SamplerError(
+            f"--sampler {name} is for {solver.kind} models; this checkpoint is "
+            f"{objective.KIND}: use one of {', '.join(solvers_for(objective.KIND))}"
+        )
+    if isinstance(objective, FlowMatching):
+        return name, solver, {"shift": cfg.shift}
+    if cfg.shift != 1.0:
+        raise SamplerError("--shift applies to flow-matching samplers only; drop it")
+    if cfg.steps > objective.num_steps:
+        raise SamplerError(
+            f"--steps {cfg.steps}: this DDPM has {objective.num_steps} steps; use at most that"
+        )
+    kwargs: dict[str, Any] = {"alphas_cumprod": objective.alphas_cumprod}
+    if name == "ddim":
+        kwargs["eta"] = cfg.eta
+    return name, solver, kwargs
+
+
+def _time_units(objective: Objective) -> tuple[float, float]:
+    """(model time per unit of solver time, solver time per unit of t in [0, 1])."""
+    if isinstance(objective, DDPM):
+        return 1.0, float(objective.num_steps)
+    return objective.time_scale, 1.0
+
+
+def make_latents(
+    model: DiT,
+    objective: Objective,
+    labels: Tensor,
+    noise: ImageNoise,
+    cfg: SolveConfig,
+    *,
+    latent_shape: tuple[int, ...],
+    device: torch.device,
+    precision: str,
+) -> Tensor:
+    """Solve from each image's own noise to normalized latents (B, C, H, W), float32."""
+    _, solver, kwargs = pick_solver(cfg, objective)
+    to_model_time, per_t = _time_units(objective)
+
+    def net_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        with autocast(device, precision):
+            return model(x, t * to_model_time, y).float()
+
+    interval = None if cfg.cfg_interval is None else tuple(v * per_t for v in cfg.cfg_interval)
+    model_fn = guided(
+        net_fn, labels.to(device), scale=cfg.cfg, null_class=model.null_class, interval=interval
+    )
+    if solver.takes_noise:
+        kwargs["noise"] = noise
+    x = noise.initial(latent_shape, device)
+    return solver.fn(model_fn, x, cfg.steps, disable=True, **kwargs)

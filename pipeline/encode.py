@@ -80,6 +80,8 @@ def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
         val_labels=cfg.val_labels,
         classes=cfg.classes,
         devkit_synsets=cfg.devkit_synsets,
+        label_key=cfg.label_key,
+        include_unfinished=cfg.include_unfinished,
     )
     vae, vae_info = load_vae(
         VaeConfig(

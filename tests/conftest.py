@@ -245,6 +245,54 @@ def store_contents(path: Path) -> dict:
 # --- fixtures: web ingestion --------------------------------------------------------------------
 
 
+def make_web_images(folder: Path) -> dict[str, str]:
+    """Images for the download tests: file name -> what it is. Every odd case img2dataset meets."""
+    import io
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save(name: str, image: Image.Image, fmt: str) -> None:
+        buf = io.BytesIO()
+        image.save(buf, fmt)
+        (folder / name).write_bytes(buf.getvalue())
+
+    kinds = {}
+    for i in range(8):  # plain RGB JPEGs of different sizes and colours
+        save(f"rgb{i}.jpg", Image.new("RGB", (40 + 4 * i, 32), (30 * i, 100, 200 - 20 * i)), "JPEG")
+        kinds[f"rgb{i}.jpg"] = "jpeg"
+    save("cmyk.jpg", Image.new("CMYK", (36, 28), (10, 200, 30, 5)), "JPEG")
+    save("png_named.jpg", Image.new("RGB", (30, 40), (250, 10, 10)), "PNG")
+    save("rgba.png", Image.new("RGBA", (32, 32), (0, 255, 0, 128)), "PNG")
+    (folder / "not_an_image.jpg").write_text("<html>this is not an image</html>")
+    kinds.update({"cmyk.jpg": "cmyk", "png_named.jpg": "png", "rgba.png": "rgba"})
+    kinds["not_an_image.jpg"] = "text"
+    return kinds
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory):
+    """(base URL, folder): `make_web_images` served over HTTP on 127.0.0.1, a free port, a thread."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    folder = tmp_path_factory.mktemp("www")
+    make_web_images(folder)
+    handler = functools.partial(QuietHandler, directory=str(folder))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{server.server_address[1]}", folder
+        server.shutdown()
+        thread.join()
+
+
 # --- fixtures: trainer --------------------------------------------------------------------------
 
 

@@ -87,6 +87,24 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the process group if one is set up, else (0, 1); for code (like an
+    image source's constructor) that is not handed a DistInfo."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's picklable `value`, in rank order; just [value] without a process group."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [value]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier() -> None:
     dist.barrier()
 

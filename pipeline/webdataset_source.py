@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from latent_store import ClassInfo, LatentditError
+from latent_store import ClassInfo, LatentditError, distributed
 from pipeline.download import CLASS_FILE_NAME, LABEL_FIELD, shard_stats_path, summarize_tars
 from pipeline.imagenet import fingerprint, read_class_file
 from pipeline.tar_index import Entry, Skipped, index_tars
-from trainer import distributed
 
 log = logging.getLogger(__name__)
 

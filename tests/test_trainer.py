@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from latent_store import LatentStore
+from latent_store.distributed import seed_everything, setup_distributed, teardown_distributed
 from trainer.checkpoint import (
     CheckpointNotFoundError,
     capture_rng_state,
@@ -28,7 +29,6 @@ from trainer.checkpoint import (
 )
 from trainer.config import ConfigError, resolve_config
 from trainer.data import BatchLayout, DataError, build_batches
-from trainer.distributed import seed_everything, setup_distributed, teardown_distributed
 from trainer.model import DIT_PRESETS, DiT, ModelConfigError, build_model, forward_flops
 from trainer.normalization import LatentNormalization, NormalizationError, normalization_from_store
 from trainer.objective import DDPM, FlowMatching, ObjectiveError, drop_labels, objective_from_meta

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from latent_store import distributed
 from pipeline.webdataset_source import open_webdataset
-from trainer import distributed
 
 info = distributed.setup_distributed("cpu")
 source = open_webdataset(sys.argv[1])

@@ -1,7 +1,11 @@
 """All the distributed code: process group from torchrun's variables, per-rank seeds, reductions.
 
-    torchrun --nproc_per_node=8 -m cli train --store S --run R     # 8 GPUs, NCCL
-    latentdit train --store S --run R                             # 1 process: world size 1
+    torchrun --nproc_per_node=8 -m cli encode SRC --out S          # 8 GPUs, NCCL
+    torchrun --standalone --nproc_per_node=8 cli.py -- train --store S --run R
+    latentdit train --store S --run R                              # 1 process: world size 1
+
+It lives beside the store because both stages need it and import only `latent_store`: the
+multi-writer rule (rank 0 creates, a barrier, each rank owns whole shards) is the store's.
 
 A single process also gets a (gloo or NCCL) group of size one, so it runs the same code path as a
 multi-process run (DDP, all-reduce, barriers).

@@ -89,4 +89,4 @@ demo: setup  ## every stage on generated images, offline, a few minutes on a CPU
 	HF_HUB_OFFLINE=1 $(PY) -m cli demo --out demo_out
 
 
-bench: bench-store  ## every benchmark (JSON lines)
+bench: bench-store bench-encode  ## every benchmark (JSON lines)

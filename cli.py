@@ -151,10 +151,9 @@ def encode(
     source: Annotated[
         Path,
         typer.Argument(
-            exists=True,
-            file_okay=False,
-            help="ImageNet-style tree (train/<wnid>/*.JPEG), any class-folder dataset, or a flat "
-            "val folder with --val-labels.",
+            help="ImageNet-style tree (train/<wnid>/*.JPEG), any class-folder dataset, a flat "
+            "val folder with --val-labels, or webdataset tars: a folder of them, a brace pattern "
+            "('shards/{00000..00099}.tar') or a .txt file listing tar paths.",
         ),
     ],
     out: Annotated[
@@ -204,6 +203,16 @@ def encode(
             help="wnids in the devkit meta.mat order, one per line (for the devkit ground truth).",
         ),
     ] = None,
+    label_key: Annotated[
+        str, typer.Option(help="Tars: json field with the class index (a .cls member wins).")
+    ] = "label",
+    include_unfinished: Annotated[
+        bool,
+        typer.Option(
+            "--include-unfinished",
+            help="Tars: also use tars without img2dataset's _stats.json (unfinished shards).",
+        ),
+    ] = False,
     max_failures: Annotated[
         str, typer.Option(help="Undecodable images tolerated: a count (100) or fraction (1%).")
     ] = "1%",
@@ -223,7 +232,7 @@ def encode(
         int, typer.Option(min=1, help="Images that set the quantization range.")
     ] = 512,
 ) -> None:
-    """Encode an image folder tree into a latent store (resumable; run under torchrun to scale)."""
+    """Encode image folders or webdataset tars into a latent store (resumable; torchrun scales)."""
     from pipeline.encode import EncodeConfig, parse_max_failures
     from pipeline.encode import encode as run_encode
 
@@ -243,6 +252,8 @@ def encode(
         val_labels=val_labels,
         classes=classes,
         devkit_synsets=devkit_synsets,
+        label_key=label_key,
+        include_unfinished=include_unfinished,
         max_failures=parse_max_failures(max_failures),
         exif_transpose=exif_transpose,
         max_pixels=max_pixels,
@@ -260,6 +271,71 @@ def encode(
 
 
 # --- download (img2dataset) ---------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def download(
+    url_list: Annotated[
+        Path,
+        typer.Argument(
+            exists=True,
+            dir_okay=False,
+            help="csv, tsv or parquet file with a URL column and a label column.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for the webdataset tars (re-run to resume).")],
+    url_col: Annotated[str, typer.Option(help="Column holding the image URLs.")] = "url",
+    label_col: Annotated[
+        str, typer.Option(help="Column holding class indices, or class ids with --classes.")
+    ] = "label",
+    classes: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Class list, one id per line; maps class ids in --label-col to indices.",
+        ),
+    ] = None,
+    processes: Annotated[int, typer.Option(min=1, help="img2dataset worker processes.")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="Download threads per process.")] = 32,
+    number_sample_per_shard: Annotated[
+        int, typer.Option(min=1, help="URLs per tar (successes and failures).")
+    ] = 10_000,
+    timeout: Annotated[int, typer.Option(min=1, help="Seconds before a request is dropped.")] = 10,
+    retries: Annotated[int, typer.Option(min=0, help="Extra attempts per failed URL.")] = 0,
+    reencode: Annotated[
+        bool,
+        typer.Option(
+            help="Let img2dataset check every image decodes and re-encode non-JPEGs as JPEG; "
+            "--no-reencode stores the bytes exactly as served (encode checks them)."
+        ),
+    ] = True,
+    as_json: JsonFlag = False,
+) -> None:
+    """Download a labeled URL list into webdataset tars with img2dataset (full resolution)."""
+    from pipeline.download import DownloadConfig
+    from pipeline.download import download as run_download
+
+    summary = run_download(
+        DownloadConfig(
+            url_list=url_list,
+            out=out,
+            url_col=url_col,
+            label_col=label_col,
+            classes=classes,
+            processes=processes,
+            threads=threads,
+            samples_per_shard=number_sample_per_shard,
+            timeout=timeout,
+            retries=retries,
+            reencode=reencode,
+        )
+    )
+    typer.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.format())
+    if not summary.unfinished:
+        typer.echo(f"next: latentdit encode {out} --out STORE", err=True)
+    raise typer.Exit(1 if summary.unfinished else 0)
 
 
 # --- train (trainer) ----------------------------------------------------------------------------

@@ -28,13 +28,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latent_store import LatentStore, StoreWriter, create_store
+from latent_store.distributed import DistInfo
 from pipeline.encode import EncodeConfig, encode_shards
 from pipeline.loader import collate, load_item, shard_batches
 from pipeline.preprocess import PreprocessConfig
 from pipeline.source import open_source
 from pipeline.store_setup import calibrate_quantization, store_spec
 from pipeline.vae import VaeConfig, encode_posterior, load_vae
-from trainer.distributed import DistInfo
 
 IMAGENET_SIZE = (500, 375)  # the most common ImageNet train resolution
 

@@ -32,13 +32,13 @@ from latent_store import (
     finalize_store,
     quantize,
 )
+from latent_store.distributed import DistInfo, barrier, setup_distributed, teardown_distributed
 from pipeline.encode_config import EncodeConfig, parse_max_failures
 from pipeline.loader import Batch, crop_loader, shard_batches
 from pipeline.preprocess import PreprocessConfig
 from pipeline.source import open_source
 from pipeline.store_setup import prepare_store
 from pipeline.vae import VaeConfig, encode_variants, load_vae
-from trainer.distributed import DistInfo, barrier, setup_distributed, teardown_distributed
 
 __all__ = ["EncodeConfig", "TooManyFailuresError", "encode", "parse_max_failures"]
 
@@ -80,6 +80,8 @@ def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
         val_labels=cfg.val_labels,
         classes=cfg.classes,
         devkit_synsets=cfg.devkit_synsets,
+        label_key=cfg.label_key,
+        include_unfinished=cfg.include_unfinished,
     )
     vae, vae_info = load_vae(
         VaeConfig(

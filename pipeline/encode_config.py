@@ -9,6 +9,7 @@ from pathlib import Path
 from latent_store import VARIANTS, LatentditError
 from latent_store.schema import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, POSTERIOR_MODES
 from pipeline.preprocess import DEFAULT_MAX_PIXELS
+from pipeline.source import LABEL_KEY
 from pipeline.vae import DTYPES
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -19,7 +20,8 @@ class EncodeConfig:
     """One encode job: where the images are, how to encode them, where the store goes."""
 
     source: Path
-    """An ImageNet-style class-folder tree, or a flat val folder (with `val_labels`)."""
+    """An ImageNet-style class-folder tree, a flat val folder (with `val_labels`), or webdataset
+    tars: a folder of them, a brace pattern, or a .txt file listing tar paths."""
     out: str | Path
     """The store to create, or to resume when it exists: a folder or an fsspec URL (s3://...)."""
     vae: str = DEFAULT_VAE
@@ -48,6 +50,10 @@ class EncodeConfig:
     """Class list file (one id per line) fixing the label order; default: sorted folder names."""
     devkit_synsets: Path | None = None
     """wnids in the devkit's meta.mat order, for the devkit ground truth (else meta.mat + scipy)."""
+    label_key: str = LABEL_KEY
+    """Webdataset tars: the json field holding each sample's class (a .cls member wins)."""
+    include_unfinished: bool = False
+    """Webdataset tars: also use tars that have no img2dataset `_stats.json` (unfinished)."""
     max_failures: int | float = 0.01
     """Undecodable images tolerated: a count (int) or a fraction of the source (float < 1).
     Under torchrun each rank holds its own failures to this limit."""

@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 from latent_store import ClassInfo
 
 SOURCE_FILES = ("val_labels", "classes_file", "devkit_synsets")  # options kept in describe()
+LABEL_KEY = "label"  # json field of a webdataset sample holding its class (what download writes)
 
 
 @runtime_checkable
@@ -54,13 +55,30 @@ def open_source(
     val_labels: Path | None = None,
     classes: Path | None = None,
     devkit_synsets: Path | None = None,
+    label_key: str = LABEL_KEY,
+    include_unfinished: bool = False,
 ) -> ImageSource:
-    """Pick the source kind from SOURCE: a flat val folder with `val_labels`, or class folders."""
+    """Pick the source kind from SOURCE: webdataset tars (a folder of them, a brace pattern or a
+    .txt list), a flat val folder with `val_labels`, or class folders."""
     from pipeline.imagenet import SourceError, class_folder_source, val_source
+    from pipeline.webdataset_source import is_webdataset_path, open_webdataset
 
+    if is_webdataset_path(path):
+        if val_labels is not None or devkit_synsets is not None:
+            raise SourceError(
+                f"{path}: --val-labels and --devkit-synsets apply to image folders, not to tars; "
+                "tar samples carry their label (--label-key)"
+            )
+        return open_webdataset(
+            path, label_key=label_key, include_unfinished=include_unfinished, classes_file=classes
+        )
     path = Path(path)
     if not path.is_dir():
-        raise SourceError(f"{path}: not a folder; SOURCE must be an image folder tree")
+        problem = "not a folder" if path.exists() else "does not exist"
+        raise SourceError(
+            f"{path}: {problem}; SOURCE must be an image folder tree, a folder of webdataset "
+            "tars, a brace pattern ('shards/{00000..00009}.tar') or a .txt list of tar paths"
+        )
     if val_labels is not None:
         return val_source(
             path, val_labels=val_labels, classes_file=classes, devkit_synsets=devkit_synsets
@@ -71,6 +89,15 @@ def open_source(
 def reopen_source(description: Mapping[str, Any]) -> ImageSource:
     """Open the source a store was encoded from, as recorded by its `describe()`."""
     files = {k: Path(description[k]) if description.get(k) else None for k in SOURCE_FILES}
+    if description.get("kind") == "webdataset":
+        from pipeline.webdataset_source import open_webdataset
+
+        return open_webdataset(
+            description["path"],
+            label_key=description["label_key"],
+            include_unfinished=description["include_unfinished"],
+            classes_file=files["classes_file"],
+        )
     return open_source(
         description["path"],
         val_labels=files["val_labels"],

@@ -51,11 +51,12 @@ class VaeConfig:
             raise VaeLoadError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks for local files only (no hub requests)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def _resolve(vae_id: str) -> tuple[str, str | None]:
+def resolve_vae_id(vae_id: str) -> tuple[str, str | None]:
     """(path or hub id, subfolder); a local pipeline folder's VAE lives in its `vae/`."""
     local = Path(vae_id).expanduser()
     if local.exists():
@@ -71,7 +72,7 @@ def _resolve(vae_id: str) -> tuple[str, str | None]:
     return vae_id, None
 
 
-def _read_config(path: str, subfolder: str | None, **kwargs) -> tuple[dict, str | None]:
+def read_vae_config(path: str, subfolder: str | None, **kwargs) -> tuple[dict, str | None]:
     """The VAE's config and the subfolder holding it (hub pipeline repos keep it in `vae/`)."""
     from diffusers import AutoencoderKL
 
@@ -91,11 +92,11 @@ def _from_pretrained(cfg: VaeConfig, path: str, subfolder: str | None):
     """AutoencoderKL.from_pretrained, with every way it fails turned into one VaeLoadError."""
     from diffusers import AutoencoderKL
 
-    kwargs = dict(revision=cfg.revision, local_files_only=_offline())
+    kwargs = dict(revision=cfg.revision, local_files_only=hub_offline())
     # without accelerate, diffusers warns on every load unless asked for the plain path
     low_mem = importlib.util.find_spec("accelerate") is not None
     try:
-        config, subfolder = _read_config(path, subfolder, **kwargs)
+        config, subfolder = read_vae_config(path, subfolder, **kwargs)
         if config.get("_class_name", VAE_CLASS) != VAE_CLASS:
             raise VaeLoadError(
                 f"--vae {cfg.id}: a {config['_class_name']}, not an {VAE_CLASS}; pass a VAE folder"
@@ -114,7 +115,7 @@ def _from_pretrained(cfg: VaeConfig, path: str, subfolder: str | None):
         hint = (
             "HF_HUB_OFFLINE is set and it is not in the HF cache: download it first or pass a "
             "local folder"
-            if _offline() and not Path(path).exists()
+            if hub_offline() and not Path(path).exists()
             else "need a diffusers AutoencoderKL folder with config.json and weights, or a hub id"
         )
         raise VaeLoadError(f"cannot load VAE {cfg.id!r}: {reason} ({hint})") from None
@@ -122,7 +123,7 @@ def _from_pretrained(cfg: VaeConfig, path: str, subfolder: str | None):
 
 def load_vae(cfg: VaeConfig):
     """Load the AutoencoderKL in eval mode on cfg.device; returns (vae, VaeInfo)."""
-    path, subfolder = _resolve(cfg.id)
+    path, subfolder = resolve_vae_id(cfg.id)
     with warnings.catch_warnings():
         # diffusers 0.42 passes a deprecated argument to huggingface_hub on every hub lookup
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)

@@ -26,9 +26,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from safetensors import safe_open
 from torch import Tensor
 
-from pipeline.vae import _offline, decode_latents
-from pipeline.vae import _read_config as _read_vae_config
-from pipeline.vae import _resolve as _resolve_vae_id
+from pipeline.vae import decode_latents, hub_offline, read_vae_config, resolve_vae_id
 from sampler.errors import SamplerError, VaeMismatchError
 from trainer.normalization import LatentNormalization
 
@@ -44,13 +42,13 @@ def resolve_vae_files(vae_id: str, revision: str | None = None) -> tuple[dict, P
     Ids resolve as the encoder resolves them (`pipeline.vae`): a local folder or its `vae/`, a
     hub id or its `vae/` subfolder; the hub cache, revision and HF_HUB_OFFLINE are honoured.
     """
-    path, subfolder = _resolve_vae_id(vae_id)
-    kwargs = {"revision": revision, "local_files_only": _offline()}
+    path, subfolder = resolve_vae_id(vae_id)
+    kwargs = {"revision": revision, "local_files_only": hub_offline()}
     try:
         with warnings.catch_warnings():
             # diffusers 0.42 passes a deprecated argument to huggingface_hub on every hub lookup
             warnings.filterwarnings("ignore", ".*local_dir_use_symlinks", category=UserWarning)
-            config, subfolder = _read_vae_config(path, subfolder, **kwargs)
+            config, subfolder = read_vae_config(path, subfolder, **kwargs)
         weights = Path(path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
         if not Path(path).is_dir():
             weights = Path(

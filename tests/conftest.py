@@ -77,6 +77,17 @@ def write_store(path: Path, n: int = 40, *, failures=(), seed: int = 0, **spec_k
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models run fastest single-threaded: on a 2-core machine, more threads only contend."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def store_path(tmp_path: Path) -> Path:
     return write_store(tmp_path / "store.zarr")
@@ -234,6 +245,54 @@ def store_contents(path: Path) -> dict:
 # --- fixtures: web ingestion --------------------------------------------------------------------
 
 
+def make_web_images(folder: Path) -> dict[str, str]:
+    """Images for the download tests: file name -> what it is. Every odd case img2dataset meets."""
+    import io
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save(name: str, image: Image.Image, fmt: str) -> None:
+        buf = io.BytesIO()
+        image.save(buf, fmt)
+        (folder / name).write_bytes(buf.getvalue())
+
+    kinds = {}
+    for i in range(8):  # plain RGB JPEGs of different sizes and colours
+        save(f"rgb{i}.jpg", Image.new("RGB", (40 + 4 * i, 32), (30 * i, 100, 200 - 20 * i)), "JPEG")
+        kinds[f"rgb{i}.jpg"] = "jpeg"
+    save("cmyk.jpg", Image.new("CMYK", (36, 28), (10, 200, 30, 5)), "JPEG")
+    save("png_named.jpg", Image.new("RGB", (30, 40), (250, 10, 10)), "PNG")
+    save("rgba.png", Image.new("RGBA", (32, 32), (0, 255, 0, 128)), "PNG")
+    (folder / "not_an_image.jpg").write_text("<html>this is not an image</html>")
+    kinds.update({"cmyk.jpg": "cmyk", "png_named.jpg": "png", "rgba.png": "rgba"})
+    kinds["not_an_image.jpg"] = "text"
+    return kinds
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory):
+    """(base URL, folder): `make_web_images` served over HTTP on 127.0.0.1, a free port, a thread."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    folder = tmp_path_factory.mktemp("www")
+    make_web_images(folder)
+    handler = functools.partial(QuietHandler, directory=str(folder))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{server.server_address[1]}", folder
+        server.shutdown()
+        thread.join()
+
+
 # --- fixtures: trainer --------------------------------------------------------------------------
 
 
@@ -244,7 +303,6 @@ TINY_DIT = {"model": "DiT-S/2", "hidden_size": 32, "depth": 2, "num_heads": 2}
 def tiny_run(tmp_path_factory) -> Path:
     """A run folder whose latest checkpoint is a tiny DiT (hidden 32, depth 2) trained 2 steps
     on a 4x8x8, 3-class store (`write_store`), through the real `trainer.train.train`."""
-    import torch
 
     from trainer.config import resolve_config
     from trainer.train import train
@@ -252,26 +310,10 @@ def tiny_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-run")
     options = {"store": str(write_store(root / "store.zarr", n=16)), "run": str(root / "run")}
     options.update(TINY_DIT, steps=2, batch_size=8, warmup_steps=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
-    try:
-        return train(resolve_config(None, options))
-    finally:
-        torch.set_num_threads(threads)
+    return train(resolve_config(None, options))
 
 
 # --- fixtures: sampler --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny models run fastest single-threaded on the shared 2-core machine (use per module)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_checkpoint(

@@ -55,14 +55,6 @@ JOB_ARGS += ["--calibration-samples", "16", "--max-failures", "6", "--max-pixels
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def job(tree: Path, out: Path, vae: Path, **kw) -> EncodeConfig:
     base = dict(JOB, workers=0, max_failures=6, max_pixels=BOMB_MAX_PIXELS, device="cpu")
     return EncodeConfig(source=tree, out=out, vae=str(vae), **{**base, **kw})

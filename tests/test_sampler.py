@@ -29,9 +29,6 @@ from trainer.objective import DDPM
 runner = CliRunner()
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 # --- solvers on data x0 ~ N(MU, SIG^2) per dimension, whose exact predictions are closed form ------
 
 MU = torch.tensor([2.0, -1.0], dtype=torch.float64)

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from latent_store import LatentStore
+from latent_store.distributed import seed_everything, setup_distributed, teardown_distributed
 from trainer.checkpoint import (
     CheckpointNotFoundError,
     capture_rng_state,
@@ -28,7 +29,6 @@ from trainer.checkpoint import (
 )
 from trainer.config import ConfigError, resolve_config
 from trainer.data import BatchLayout, DataError, build_batches
-from trainer.distributed import seed_everything, setup_distributed, teardown_distributed
 from trainer.model import DIT_PRESETS, DiT, ModelConfigError, build_model, forward_flops
 from trainer.normalization import LatentNormalization, NormalizationError, normalization_from_store
 from trainer.objective import DDPM, FlowMatching, ObjectiveError, drop_labels, objective_from_meta
@@ -37,15 +37,6 @@ from trainer.train import build_model_for_store, train
 
 CPU = torch.device("cpu")
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest single-threaded on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 TINY = {"hidden_size": 32, "depth": 2, "num_heads": 2}

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from latent_store.distributed import DistInfo
 from trainer.config import TrainConfig
 from trainer.data import Batch, BatchLayout
-from trainer.distributed import DistInfo
 from trainer.model import DiT
 from trainer.objective import Objective, drop_labels
 

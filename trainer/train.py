@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from latent_store import LatentStore
+from latent_store.distributed import DistInfo, barrier, seed_everything, setup_distributed
+from latent_store.distributed import teardown_distributed as teardown
 from trainer.checkpoint import (
     CheckpointMismatchError,
     capture_rng_state,
@@ -27,8 +29,6 @@ from trainer.checkpoint import (
 )
 from trainer.config import ConfigError, TrainConfig, config_changes
 from trainer.data import BatchLayout, build_batches
-from trainer.distributed import DistInfo, barrier, seed_everything, setup_distributed
-from trainer.distributed import teardown_distributed as teardown
 from trainer.metrics import TrainLogger, peak_flops
 from trainer.model import DiT, ModelConfigError, build_model, forward_flops
 from trainer.normalization import normalization_from_store

@@ -1,7 +1,11 @@
 """All the distributed code: process group from torchrun's variables, per-rank seeds, reductions.
 
-    torchrun --nproc_per_node=8 -m cli train --store S --run R     # 8 GPUs, NCCL
-    latentdit train --store S --run R                             # 1 process: world size 1
+    torchrun --nproc_per_node=8 -m cli encode SRC --out S          # 8 GPUs, NCCL
+    torchrun --standalone --nproc_per_node=8 cli.py -- train --store S --run R
+    latentdit train --store S --run R                              # 1 process: world size 1
+
+It lives beside the store because both stages need it and import only `latent_store`: the
+multi-writer rule (rank 0 creates, a barrier, each rank owns whole shards) is the store's.
 
 A single process also gets a (gloo or NCCL) group of size one, so it runs the same code path as a
 multi-process run (DDP, all-reduce, barriers).
@@ -85,6 +89,24 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     out = t.detach().clone()
     dist.all_reduce(out)
     return out / dist.get_world_size()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the process group if one is set up, else (0, 1); for code (like an
+    image source's constructor) that is not handed a DistInfo."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's picklable `value`, in rank order; just [value] without a process group."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [value]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def barrier() -> None:

@@ -126,6 +126,6 @@ def verdict(
     real, real_labels = load_split(config.data, config.split)
     report = judge(load_classifier(config.classifier), generated, asked, real, real_labels)
     report.update(extra or {})
-    write_report(report, config.out)
-    log.info("verdict:\n%s", format_report(report))
+    path = write_report(report, config.out)
+    log.info("accuracy %.1f%%; report in %s", 100 * report["accuracy"], path)
     return report

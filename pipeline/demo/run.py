@@ -45,7 +45,7 @@ class DemoConfig:
 
     out: Path = Path("demo_out")
     """Folder for everything: data/, store.zarr, run/, samples/, report.json."""
-    train_per_class: int = 300
+    train_per_class: int = 500
     """Generated training images per class."""
     val_per_class: int = 100
     """Generated held-out images per class (the verdict's real sets)."""
@@ -59,7 +59,7 @@ class DemoConfig:
     """DiT blocks."""
     num_heads: int = 4
     """Attention heads."""
-    train_steps: int = 1500
+    train_steps: int = 4000
     """DiT optimizer steps."""
     batch_size: int = 64
     """DiT batch."""
@@ -75,8 +75,8 @@ class DemoConfig:
     """Solver steps (Heun, the sampler's default for flow matching: 2 model calls a step)."""
     decode_check: int = 64
     """Stored latents that `validate --decode-check` decodes (PSNR against the source images)."""
-    cfg_scale: float = 4.0
-    """Classifier-free guidance scale."""
+    cfg_scale: float = 2.0
+    """Classifier-free guidance scale (4.0 saturates colors: FD 54.6 against 10.1 at 2.0)."""
     seed: int = 0
     """Seed of the data, training and sampling."""
     vae: Path = VAE_DIR

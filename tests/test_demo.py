@@ -156,6 +156,7 @@ def test_verdict_judges_real_images_as_right_and_wrong_labels_as_wrong(tmp_path,
 # --- the demo, shortened: every real stage on a handful of images ------------------------------
 
 
+@pytest.mark.slow
 def test_quick_demo_makes_every_artifact(tmp_path):
     from PIL import Image
 

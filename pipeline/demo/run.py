@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from sampler.outputs import make_grid, png_path, read_png, write_png
 log = logging.getLogger(__name__)
 
 PROGRAM = "latentdit"
+CODE_ROOT = Path(__file__).resolve().parents[2]  # holds cli.py, pipeline/, trainer/, sampler/
 GRID_COLUMNS = len(CLASSES)  # samples per row of the class grid: a square grid
 
 
@@ -161,7 +163,15 @@ def run_step(name: str, cmd: list[str], echo: Callable[[str], None]) -> tuple[fl
     stderr (logs, progress bars) streams through as it comes."""
     echo(f"\n[{name}] $ {shown(cmd)}")
     t0 = time.perf_counter()
-    done = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, text=True, check=False)
+    # children import latentdit from where this process did (not another install on the path)
+    path = os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH")) if p)
+    done = subprocess.run(
+        [str(c) for c in cmd],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": path},
+    )
     if done.stdout.strip():
         echo(done.stdout.rstrip())
     if done.returncode != 0:

@@ -17,6 +17,7 @@ and the result does not depend on how the batch is split across ranks.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -73,11 +74,12 @@ def _noise_like(x0: torch.Tensor, generator: torch.Generator, offset: int, total
     return _draw(tuple(x0.shape), total, offset, randn)
 
 
-class _MSEObjective:
+class _MSEObjective(ABC):
     """The shared loss: mean squared error between the model output and the objective's target."""
 
+    @abstractmethod
     def corrupt(self, x0, generator, *, offset=0, total=None):
-        raise NotImplementedError
+        """(x_t, model time t, target) for clean latents x0."""
 
     def loss(
         self,

@@ -201,3 +201,15 @@ def test_quick_demo_makes_every_artifact(tmp_path):
     assert str(out / "grid.png") in shown[-1] and str(out / REPORT_FILE) in shown[-1]
     with pytest.raises(DemoError, match="earlier demo"):
         run_demo(cfg, echo=shown.append)
+
+
+def test_demo_command_refuses_an_earlier_demo_and_bad_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    (tmp_path / REPORT_FILE).write_text("{}")
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "holds an earlier demo: remove it or pass another --out" in result.output
+    assert CliRunner().invoke(app, ["demo", "--train-steps", "0"]).exit_code == 2

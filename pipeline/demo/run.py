@@ -43,7 +43,7 @@ class DemoError(LatentditError):
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    """Sizes of the demo; the defaults are the full demo (about 10 minutes on 2 CPU cores)."""
+    """Sizes of the demo; the defaults are the full demo (5.5 minutes on the 2-core dev VM)."""
 
     out: Path = Path("demo_out")
     """Folder for everything: data/, store.zarr, run/, samples/, report.json."""

@@ -90,3 +90,8 @@ demo: setup  ## every stage on generated images, offline, a few minutes on a CPU
 
 
 bench: bench-store bench-encode  ## every benchmark (JSON lines)
+
+.PHONY: bench-gpu
+bench-gpu: setup  ## on a CUDA machine: the GPU paths end to end, then throughput at real sizes (logs in OUT)
+	PY=$(PY) OUT=$${OUT:-gpu_check} bash bench/gpu_check.sh e2e
+	PY=$(PY) OUT=$${OUT:-gpu_check} bash bench/gpu_check.sh bench

@@ -94,6 +94,8 @@ def bench_model(model: str, store: Path, run: Path, args, peak: float | None) ->
             "keep_last": 1,
             "warmup_steps": 0,
             "compile": args.compile,
+            "data": args.data,
+            "precision": args.precision,
             "peak_tflops": None if peak is None else peak / 1e12,
         },
     )
@@ -109,6 +111,9 @@ def bench_model(model: str, store: Path, run: Path, args, peak: float | None) ->
     return {
         "model": model,
         "batch_size": args.batch_size,
+        "data": args.data,
+        "precision": args.precision,
+        "compile": args.compile,
         "steps_timed": len(timed),
         "seconds_per_step": seconds / len(timed),
         "images_per_s": images_per_s,
@@ -129,6 +134,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--data", default="memory", help="data mode: memory, gpu or stream")
+    parser.add_argument("--precision", default="auto", help="auto (bf16 on GPU), bf16 or fp32")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

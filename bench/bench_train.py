@@ -89,7 +89,7 @@ def bench_model(model: str, store: Path, run: Path, args, peak: float | None) ->
             "model": model,
             "steps": args.warmup + args.steps,
             "batch_size": args.batch_size,
-            "log_every": 1,
+            "log_every": args.log_every,
             "ckpt_every": 10**9,
             "keep_last": 1,
             "warmup_steps": 0,
@@ -101,10 +101,11 @@ def bench_model(model: str, store: Path, run: Path, args, peak: float | None) ->
     )
     train(cfg)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    timed = records[args.warmup :]
-    seconds = sum(1 / r["steps_per_s"] for r in timed)
-    data_s = sum(r["data_fraction"] / r["steps_per_s"] for r in timed)
-    images_per_s = len(timed) * args.batch_size / seconds
+    timed = records[args.warmup // args.log_every :]
+    steps = len(timed) * args.log_every
+    seconds = sum(args.log_every / r["steps_per_s"] for r in timed)
+    data_s = sum(r["data_fraction"] * args.log_every / r["steps_per_s"] for r in timed)
+    images_per_s = steps * args.batch_size / seconds
     with torch.device("meta"):
         config = build_model(model, input_size=32, in_channels=4, num_classes=CLASSES).config
     flops = forward_flops(config)
@@ -114,8 +115,9 @@ def bench_model(model: str, store: Path, run: Path, args, peak: float | None) ->
         "data": args.data,
         "precision": args.precision,
         "compile": args.compile,
-        "steps_timed": len(timed),
-        "seconds_per_step": seconds / len(timed),
+        "steps_timed": steps,
+        "log_every": args.log_every,
+        "seconds_per_step": seconds / steps,
         "images_per_s": images_per_s,
         "forward_gflop_per_image": flops / 1e9,
         "train_gflop_per_s": 3 * flops * images_per_s / 1e9,
@@ -131,12 +133,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=1,
+        help="steps per log record; above 1 the loop runs unsynchronized between records, as in "
+        "a real run (--steps and --warmup must be multiples)",
+    )
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--data", default="memory", help="data mode: memory, gpu or stream")
     parser.add_argument("--precision", default="auto", help="auto (bf16 on GPU), bf16 or fp32")
     args = parser.parse_args()
+    if args.steps % args.log_every or args.warmup % args.log_every:
+        parser.error("--steps and --warmup must be multiples of --log-every")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

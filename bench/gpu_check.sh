@@ -6,13 +6,16 @@
 #   bash bench/gpu_check.sh bench   # bench_train (DiT-XL/2, DiT-B/2; eager, compiled, --data gpu),
 #                                   # bench_encode (SD-VAE layout, 256 px, bf16), bench_sample
 #                                   # (DiT-XL/2 + SD-VAE decoder, bf16), bench_store on the host
+#   bash bench/gpu_check.sh next    # not yet run on a GPU: encode over 16,384 images, eager and
+#                                   # --compile; DiT-XL/2 at batch 128, compiled, logging every 5
+#                                   # steps (no sync per step), --data memory and --data gpu
 #
 # Run from the repository root with torch (CUDA build), diffusers, zarr and webdataset importable
 # (`pip install -e .` with a CUDA torch, or PYTHONPATH). Logs to $OUT (default /tmp/gpu_check):
 # one log per part and the demo's grid and report. SMALL=1 shrinks every size to check the script
 # itself on a CPU machine (its figures mean nothing).
 set -uo pipefail
-part=${1:?usage: bash bench/gpu_check.sh e2e|bench}
+part=${1:?usage: bash bench/gpu_check.sh e2e|bench|next}
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 T=$(mktemp -d)
@@ -24,10 +27,10 @@ failed=0
 if [[ ${SMALL:-0} == 1 ]]; then
   DEV=cpu STEPS=6 XL=DiT-S/8 B=DiT-S/8 TB=8 ENC_IMAGES=32 ENC_CH=16,32,32,32 ENC_BS=8 ENC_W=1
   DEMO=(--quick) SAMPLE_ARGS=(--model DiT-S/8 --latent-size 8 --images 8 --rows euler:2:8)
-  STORE_N=4096 COMPILE=() DATA_GPU=memory
+  STORE_N=4096 COMPILE=() DATA_GPU=memory LONG=64 TB_NEXT=8
 else
   DEV=cuda STEPS=300 XL=DiT-XL/2 B=DiT-B/2 TB=64 ENC_IMAGES=4096 ENC_CH=128,256,512,512 ENC_BS=128
-  ENC_W=12 DEMO=() STORE_N=262144 COMPILE=(--compile) DATA_GPU=gpu
+  ENC_W=12 DEMO=() STORE_N=262144 COMPILE=(--compile) DATA_GPU=gpu LONG=16384 TB_NEXT=128
   SAMPLE_ARGS=(--model DiT-XL/2 --latent-size 32 --sd-vae --images 256
                --rows euler:2:64,heun:50:64,euler:50:128,heun:50:256)
 fi
@@ -95,6 +98,16 @@ if [[ $part == bench ]]; then
   step sample $PY bench/bench_sample.py "${SAMPLE_ARGS[@]}" --cfg 4 --device "$DEV" \
     --precision bf16
   step store $PY bench/bench_store.py --samples "$STORE_N" --out "$T/bench_store.zarr"
+fi
+
+if [[ $part == next ]]; then
+  enc=(--images "$LONG" --channels "$ENC_CH" --dtype bf16 --batch-size "$ENC_BS" --workers "$ENC_W"
+       --threads 4 --device "$DEV")
+  step encode_long $PY bench/bench_encode.py "${enc[@]}"
+  step encode_long_compiled $PY bench/bench_encode.py "${enc[@]}" "${COMPILE[@]}"
+  tn=(--models "$XL" --batch-size "$TB_NEXT" --steps 15 --warmup 5 --log-every 5 --samples 4096)
+  step train_unsynced $PY bench/bench_train.py "${tn[@]}" "${COMPILE[@]}"
+  step train_unsynced_data_gpu $PY bench/bench_train.py "${tn[@]}" "${COMPILE[@]}" --data "$DATA_GPU"
 fi
 
 rm -rf "$T"

@@ -277,6 +277,17 @@ def test_sample_posterior_is_seeded_per_key(image_tree, tiny_vae_dir, tmp_path, 
     assert diff.max() <= 1 and (diff == 0).mean() > 0.99
 
 
+def test_compiled_encoder_matches_eager(image_tree, tiny_vae_dir, tmp_path, reference):
+    """--compile (torch.compile of the encoder) writes the eager store up to float rounding."""
+    out = tmp_path / "compiled.zarr"
+    encode(job(image_tree, out, tiny_vae_dir, compile=True))
+    a, b = store_contents(out), store_contents(reference)
+    assert np.array_equal(a["labels"], b["labels"])
+    diff = np.abs(a["latents"].astype(int) - b["latents"].astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.9
+    assert all(c.ok for c in validate_store(out))
+
+
 def test_encode_to_an_fsspec_url(reference, image_tree, tiny_vae_dir):
     url = "memory://encode-test/store.zarr"  # fsspec's in-process file system
     encode(job(image_tree, url, tiny_vae_dir))

@@ -31,10 +31,9 @@ from latent_store import LatentStore, StoreWriter, create_store
 from latent_store.distributed import DistInfo
 from pipeline.encode import EncodeConfig, encode_shards
 from pipeline.loader import collate, load_item, shard_batches
-from pipeline.preprocess import PreprocessConfig
 from pipeline.source import open_source
 from pipeline.store_setup import calibrate_quantization, store_spec
-from pipeline.vae import VaeConfig, encode_posterior, load_vae
+from pipeline.vae import encode_posterior, load_vae
 
 IMAGENET_SIZE = (500, 375)  # the most common ImageNet train resolution
 
@@ -115,10 +114,8 @@ def main() -> None:
             calibration_samples=args.batch_size,
         )
         source = open_source(cfg.source)
-        vae, vae_info = load_vae(
-            VaeConfig(id=cfg.vae, dtype=cfg.dtype, device=args.device, compile=args.compile)
-        )
-        pre = PreprocessConfig(image_size=cfg.image_size)
+        vae, vae_info = load_vae(cfg.vae_config(args.device))  # as `encode` loads it
+        pre = cfg.preprocess_config()
 
         t = time.perf_counter()
         items = [load_item(source, i, pre) for i in range(min(len(source), args.distinct))]

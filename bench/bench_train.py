@@ -37,7 +37,7 @@ from latent_store import (
     finalize_store,
     quantize,
 )
-from trainer.config import resolve_config
+from trainer.config import DATA_MODES, PRECISIONS, resolve_config
 from trainer.metrics import peak_flops
 from trainer.model import DIT_PRESETS, build_model, forward_flops
 from trainer.train import train
@@ -143,8 +143,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--data", default="memory", help="data mode: memory, gpu or stream")
-    parser.add_argument("--precision", default="auto", help="auto (bf16 on GPU), bf16 or fp32")
+    parser.add_argument("--data", default="memory", choices=DATA_MODES)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on GPU")
     args = parser.parse_args()
     if args.steps % args.log_every or args.warmup % args.log_every:
         parser.error("--steps and --warmup must be multiples of --log-every")

@@ -35,10 +35,9 @@ from latent_store import (
 from latent_store.distributed import DistInfo, barrier, setup_distributed, teardown_distributed
 from pipeline.encode_config import EncodeConfig, parse_max_failures
 from pipeline.loader import Batch, crop_loader, shard_batches
-from pipeline.preprocess import PreprocessConfig
 from pipeline.source import open_source
 from pipeline.store_setup import prepare_store
-from pipeline.vae import VaeConfig, encode_variants, load_vae
+from pipeline.vae import encode_variants, load_vae
 
 __all__ = ["EncodeConfig", "TooManyFailuresError", "encode", "parse_max_failures"]
 
@@ -83,18 +82,8 @@ def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
         label_key=cfg.label_key,
         include_unfinished=cfg.include_unfinished,
     )
-    vae, vae_info = load_vae(
-        VaeConfig(
-            id=cfg.vae,
-            revision=cfg.vae_revision,
-            dtype=cfg.dtype,
-            device=str(info.device),
-            compile=cfg.compile,
-        )
-    )
-    pre = PreprocessConfig(
-        image_size=cfg.image_size, exif_transpose=cfg.exif_transpose, max_pixels=cfg.max_pixels
-    )
+    vae, vae_info = load_vae(cfg.vae_config(str(info.device)))
+    pre = cfg.preprocess_config()
     error = None
     if info.is_main:
         try:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from latent_store import VARIANTS, LatentditError
 from latent_store.schema import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, POSTERIOR_MODES
-from pipeline.preprocess import DEFAULT_MAX_PIXELS
+from pipeline.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig
 from pipeline.source import LABEL_KEY
-from pipeline.vae import DTYPES
+from pipeline.vae import DTYPES, VaeConfig
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
@@ -95,6 +95,24 @@ class EncodeConfig:
     @property
     def variants(self) -> tuple[str, ...]:
         return VARIANTS if self.flip else VARIANTS[:1]
+
+    def vae_config(self, device: str) -> VaeConfig:
+        """How this job loads and runs its VAE on `device`."""
+        return VaeConfig(
+            id=self.vae,
+            revision=self.vae_revision,
+            dtype=self.dtype,
+            device=device,
+            compile=self.compile,
+        )
+
+    def preprocess_config(self) -> PreprocessConfig:
+        """How this job decodes and crops each image."""
+        return PreprocessConfig(
+            image_size=self.image_size,
+            exif_transpose=self.exif_transpose,
+            max_pixels=self.max_pixels,
+        )
 
     def failure_limit(self, num_samples: int) -> int:
         """The most failures allowed for a source of `num_samples` images."""

@@ -574,7 +574,7 @@ def demo(
     """Run every stage on generated images, offline, in minutes on a CPU; see OUT/report.json."""
     from dataclasses import replace
 
-    from pipeline.demo.run import DemoConfig, run_demo
+    from demo.run import DemoConfig, run_demo
 
     cfg = DemoConfig.quick(out) if quick else DemoConfig(out=out)
     if train_steps is not None:

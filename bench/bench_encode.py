@@ -27,8 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from foundation.distributed import DistInfo
 from latent_store import LatentStore, StoreWriter, create_store
-from latent_store.distributed import DistInfo
 from pipeline.encode import EncodeConfig, encode_shards
 from pipeline.loader import collate, load_item, shard_batches
 from pipeline.source import open_source

@@ -61,7 +61,7 @@ if [[ $part == e2e ]]; then
   cp "$D/report.json" "$OUT/demo_report.json" 2>/dev/null
   # the demo's images again, encoded on the GPU in bf16 (the demo encodes on the CPU in fp32)
   step encode_cuda_bf16 $PY cli.py encode "$D/data/train" --out "$T/gpu.zarr" \
-    --vae pipeline/demo/assets/vae --image-size 32 --classes "$D/data/LOC_synset_mapping.txt" \
+    --vae demo/assets/vae --image-size 32 --classes "$D/data/LOC_synset_mapping.txt" \
     --device "$DEV" --dtype bf16 --workers 4 --batch-size 500 --shard-size 1024 --chunk-size 256
   step validate $PY cli.py validate "$T/gpu.zarr" --decode-check 64
   step compare_stores $PY - "$D/store.zarr" "$T/gpu.zarr" <<'EOF'
@@ -84,7 +84,7 @@ EOF
   step train_resume $PY -m torch.distributed.run --standalone --nproc_per_node=1 cli.py -- \
     train "${train[@]}" --steps $((STEPS + 100))
   grep -h '"step"' "$T/run/log.jsonl" | tail -n 3 >>"$LOG"
-  step sample_bf16 $PY cli.py sample "$T/run" --out "$T/samples" --vae pipeline/demo/assets/vae \
+  step sample_bf16 $PY cli.py sample "$T/run" --out "$T/samples" --vae demo/assets/vae \
     --class 0 --class 5 --n 8 --steps 20 --cfg 2.0 --device "$DEV" --precision bf16
 fi
 

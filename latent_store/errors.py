@@ -1,12 +1,16 @@
-"""Typed errors. Every user-facing failure in latentdit derives from `LatentditError`.
+"""The store's typed errors, under the project-wide root `foundation.errors.LatentditError`."""
 
-The CLI turns any `LatentditError` into one line on stderr and exit code 2, so messages must
-name the bad value and say what to do.
-"""
+from foundation.errors import LatentditError
 
-
-class LatentditError(Exception):
-    """Root of the errors a user can act on (bad input, incomplete data, mismatched files)."""
+__all__ = [
+    "LatentditError",
+    "SchemaMismatchError",
+    "StoreCorruptError",
+    "StoreError",
+    "StoreExistsError",
+    "StoreIncompleteError",
+    "StoreNotFoundError",
+]
 
 
 class StoreError(LatentditError):

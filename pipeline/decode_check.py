@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from foundation.vae import VaeConfig, decode_latents
 from latent_store import LABEL_FILL, LatentStore, SchemaMismatchError, dequantize
 from pipeline.loader import collate, load_item
 from pipeline.preprocess import PreprocessConfig
 from pipeline.source import reopen_source
-from pipeline.vae import VaeConfig, decode_latents, encode_variants, load_vae
+from pipeline.vae import encode_variants, load_vae
 
 log = logging.getLogger(__name__)
 

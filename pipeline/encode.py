@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from foundation.distributed import DistInfo, barrier, setup_distributed, teardown_distributed
 from latent_store import (
     LABEL_FILL,
     Failure,
@@ -32,7 +33,6 @@ from latent_store import (
     finalize_store,
     quantize,
 )
-from latent_store.distributed import DistInfo, barrier, setup_distributed, teardown_distributed
 from pipeline.encode_config import EncodeConfig, parse_max_failures
 from pipeline.loader import Batch, crop_loader, shard_batches
 from pipeline.source import open_source

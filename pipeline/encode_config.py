@@ -6,11 +6,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from foundation.precision import NAMES as DTYPES
+from foundation.vae import VaeConfig
 from latent_store import VARIANTS, LatentditError
 from latent_store.schema import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, POSTERIOR_MODES
 from pipeline.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig
 from pipeline.source import LABEL_KEY
-from pipeline.vae import DTYPES, VaeConfig
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 

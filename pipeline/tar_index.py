@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from latent_store import distributed
+from foundation import distributed
 
 LABEL_EXTENSIONS = (".cls", ".json")  # members read at indexing time; images are only located
 

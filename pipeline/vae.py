@@ -1,4 +1,4 @@
-"""Load a diffusers AutoencoderKL and encode uint8 crops into posterior latents.
+"""Encode uint8 crops into posterior latents with a diffusers AutoencoderKL (loaded by `foundation.vae`).
 
 Stored latents are the raw posterior (before `scaling_factor` / `shift_factor`); the factors are
 read from the VAE's config and recorded in the store, never typed in.
@@ -7,132 +7,22 @@ read from the VAE's config and recorded in the store, never typed in.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
-import os
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from latent_store import LatentditError, VaeInfo
+from foundation.vae import VaeConfig, downsampling, load_autoencoder, resolve_vae_id
+from latent_store import VaeInfo
+
+__all__ = ["VaeConfig", "encode_posterior", "encode_variants", "load_vae", "vae_info"]
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-VAE_CLASS = "AutoencoderKL"
-VAE_SUBFOLDER = "vae"  # where full pipeline repos keep their VAE
-
-
-class VaeLoadError(LatentditError):
-    """The VAE cannot be loaded: missing weights, not a VAE, offline without a cache."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class VaeConfig:
-    """Which VAE to load and how to run it."""
-
-    id: str
-    """Hub id (e.g. stabilityai/sd-vae-ft-ema) or a local folder saved with save_pretrained."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit); None for the default branch."""
-    dtype: str = "fp32"
-    """Compute dtype: fp32, fp16 or bf16."""
-    device: str = "cpu"
-    """Torch device to run on."""
-    channels_last: bool = True
-    """Use the channels_last memory format (faster convolutions on GPUs)."""
-    compile: bool = False
-    """torch.compile the encoder."""
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise VaeLoadError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-
-
-def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE asks for local files only (no hub requests)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-def resolve_vae_id(vae_id: str) -> tuple[str, str | None]:
-    """(path or hub id, subfolder); a local pipeline folder's VAE lives in its `vae/`."""
-    local = Path(vae_id).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise VaeLoadError(f"--vae {vae_id}: a file, not a VAE folder (config.json + weights)")
-        if (local / VAE_SUBFOLDER / "config.json").is_file() and not (
-            local / "config.json"
-        ).is_file():
-            return str(local.resolve()), VAE_SUBFOLDER
-        return str(local.resolve()), None
-    if vae_id.startswith(("/", ".", "~")) or vae_id.count("/") > 1:  # a path, not "org/name"
-        raise VaeLoadError(f"--vae {vae_id}: no such folder; pass a VAE folder or a hub id")
-    return vae_id, None
-
-
-def read_vae_config(path: str, subfolder: str | None, **kwargs) -> tuple[dict, str | None]:
-    """The VAE's config and the subfolder holding it (hub pipeline repos keep it in `vae/`)."""
-    from diffusers import AutoencoderKL
-
-    try:
-        return AutoencoderKL.load_config(path, subfolder=subfolder, **kwargs), subfolder
-    except OSError as first:
-        if subfolder is not None or Path(path).exists():
-            raise
-        try:
-            config = AutoencoderKL.load_config(path, subfolder=VAE_SUBFOLDER, **kwargs)
-        except OSError:
-            raise first from None
-        return config, VAE_SUBFOLDER
-
-
-def _from_pretrained(cfg: VaeConfig, path: str, subfolder: str | None):
-    """AutoencoderKL.from_pretrained, with every way it fails turned into one VaeLoadError."""
-    from diffusers import AutoencoderKL
-
-    kwargs = dict(revision=cfg.revision, local_files_only=hub_offline())
-    # without accelerate, diffusers warns on every load unless asked for the plain path
-    low_mem = importlib.util.find_spec("accelerate") is not None
-    try:
-        config, subfolder = read_vae_config(path, subfolder, **kwargs)
-        if config.get("_class_name", VAE_CLASS) != VAE_CLASS:
-            raise VaeLoadError(
-                f"--vae {cfg.id}: a {config['_class_name']}, not an {VAE_CLASS}; pass a VAE folder"
-            )
-        return AutoencoderKL.from_pretrained(
-            path,
-            subfolder=subfolder,
-            torch_dtype=DTYPES[cfg.dtype],
-            low_cpu_mem_usage=low_mem,
-            **kwargs,
-        )
-    except VaeLoadError:
-        raise
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = (
-            "HF_HUB_OFFLINE is set and it is not in the HF cache: download it first or pass a "
-            "local folder"
-            if hub_offline() and not Path(path).exists()
-            else "need a diffusers AutoencoderKL folder with config.json and weights, or a hub id"
-        )
-        raise VaeLoadError(f"cannot load VAE {cfg.id!r}: {reason} ({hint})") from None
 
 
 def load_vae(cfg: VaeConfig):
     """Load the AutoencoderKL in eval mode on cfg.device; returns (vae, VaeInfo)."""
-    path, subfolder = resolve_vae_id(cfg.id)
-    with warnings.catch_warnings():
-        # diffusers 0.42 passes a deprecated argument to huggingface_hub on every hub lookup
-        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
-        vae = _from_pretrained(cfg, path, subfolder)
-    vae = vae.to(cfg.device).eval().requires_grad_(False)
-    if cfg.channels_last:
-        vae = vae.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        vae.encoder = torch.compile(vae.encoder)
+    path, _ = resolve_vae_id(cfg.id)
+    vae = load_autoencoder(cfg)
     return vae, vae_info(vae, path, cfg)
 
 
@@ -146,7 +36,7 @@ def vae_info(vae, vae_id: str, cfg: VaeConfig) -> VaeInfo:
         scaling_factor=float(c.scaling_factor),
         shift_factor=None if c.get("shift_factor") is None else float(c.shift_factor),
         latent_channels=int(c.latent_channels),
-        downsampling=2 ** (len(c.block_out_channels) - 1),
+        downsampling=downsampling(vae),
     )
 
 
@@ -185,13 +75,6 @@ def encode_posterior(
         [torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
     )
     return mean + logstd.exp() * noise.to(mean.device), None
-
-
-@torch.inference_mode()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Decode raw latents (B, C, h, w) to uint8 (B, H, W, 3) images on the CPU."""
-    x = vae.decode(latents.to(vae.device, vae.dtype)).sample.float()
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 def encode_variants(

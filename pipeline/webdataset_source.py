@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from latent_store import ClassInfo, LatentditError, distributed
+from foundation import distributed
+from latent_store import ClassInfo, LatentditError
 from pipeline.download import CLASS_FILE_NAME, LABEL_FIELD, shard_stats_path, summarize_tars
 from pipeline.imagenet import fingerprint, read_class_file
 from pipeline.tar_index import Entry, Skipped, index_tars

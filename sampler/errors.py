@@ -1,6 +1,6 @@
 """Errors of the sampler; all are `LatentditError`s, so the CLI prints them as one line."""
 
-from latent_store import LatentditError
+from foundation.errors import LatentditError
 
 
 class SamplerError(LatentditError):

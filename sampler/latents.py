@@ -8,21 +8,19 @@ The one path that `latentdit sample`, the training grid hook and the benchmark a
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from foundation.precision import autocast
 from sampler.errors import SamplerError
 from sampler.guidance import guided
 from sampler.plan import ImageNoise
 from sampler.solvers import DEFAULT_SOLVER, SOLVERS, Solver, solvers_for
 from trainer.model import DiT
 from trainer.objective import DDPM, FlowMatching, Objective
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,13 +58,6 @@ class SolveConfig:
         for ok, message in checks:
             if not ok:
                 raise SamplerError(message)
-
-
-def autocast(device: torch.device, precision: str):
-    """Autocast to `precision` on `device`; fp32 runs as is."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
 
 
 def pick_solver(cfg: SolveConfig, objective: Objective) -> tuple[str, Solver, dict[str, Any]]:

@@ -18,10 +18,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from foundation.precision import NAMES as PRECISION_NAMES
+from foundation.precision import autocast, resolve_precision
 from sampler import outputs
 from sampler.decoder import LatentDecoder
 from sampler.errors import SamplerError
-from sampler.latents import PRECISIONS, SolveConfig, autocast, make_latents, pick_solver
+from sampler.latents import SolveConfig, make_latents, pick_solver
 from sampler.plan import ImageNoise, plan_labels
 from trainer.checkpoint import load_for_inference, resolve_checkpoint
 from trainer.objective import objective_from_meta
@@ -76,8 +78,8 @@ class SampleConfig:
             (self.first_index >= 0, f"--first-index must be >= 0, got {self.first_index}"),
             (self.weights in WEIGHTS, f"--weights must be one of {WEIGHTS}, got {self.weights!r}"),
             (
-                self.precision is None or self.precision in PRECISIONS,
-                f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}",
+                self.precision is None or self.precision in PRECISION_NAMES,
+                f"--precision {self.precision!r} is not one of {', '.join(PRECISION_NAMES)}",
             ),
             (
                 self.fid_samples is None or (self.fid_samples >= 1 and not self.classes),
@@ -167,7 +169,7 @@ def _load(cfg: SampleConfig, device: torch.device):
 def sample(cfg: SampleConfig) -> SampleResult:
     """Make the configured images; resumes when OUT holds an interrupted run of the same settings."""
     device = _device(cfg)
-    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(cfg.precision, device)
     folder, model, meta, objective, decoder = _load(cfg, device)
     classes, latent_shape = meta["classes"], tuple(meta["latent_shape"])
     labels = plan_labels(

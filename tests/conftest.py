@@ -363,7 +363,7 @@ def make_checkpoint(
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """A tiny demo image set (2 train + 4 val images per class) in the ImageNet layout."""
-    from pipeline.demo.data import DemoDataConfig, make_demo_data
+    from demo.data import DemoDataConfig, make_demo_data
 
     out = tmp_path_factory.mktemp("demo") / "data"
     return make_demo_data(DemoDataConfig(out=out, train_per_class=2, val_per_class=4))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.demo import CLASSIFIER_DIR, VAE_DIR
-from pipeline.demo.classifier import Classifier, load_classifier
-from pipeline.demo.data import (
+from demo import CLASSIFIER_DIR, VAE_DIR
+from demo.classifier import Classifier, load_classifier
+from demo.data import (
     CLASSES,
     SYNSET_FILE,
     DemoDataConfig,
@@ -19,8 +19,8 @@ from pipeline.demo.data import (
     load_split,
     make_demo_data,
 )
-from pipeline.demo.frechet import frechet_distance
-from pipeline.demo.verdict import REPORT_FILE, VerdictConfig, judge, split_halves, verdict
+from demo.frechet import frechet_distance
+from demo.verdict import REPORT_FILE, VerdictConfig, judge, split_halves, verdict
 
 # --- data ----------------------------------------------------------------------------------------
 
@@ -91,7 +91,7 @@ def test_frechet_distance_rejects_a_single_sample():
 def test_shipped_vae_loads_through_from_pretrained_and_reconstructs(demo_data):
     from diffusers import AutoencoderKL
 
-    from pipeline.demo.train_vae import reconstruction_psnr
+    from demo.train_vae import reconstruction_psnr
 
     vae = AutoencoderKL.from_pretrained(VAE_DIR).eval()
     recipe = json.loads((VAE_DIR / "training.json").read_text())
@@ -160,8 +160,8 @@ def test_verdict_judges_real_images_as_right_and_wrong_labels_as_wrong(tmp_path,
 def test_quick_demo_makes_every_artifact(tmp_path):
     from PIL import Image
 
+    from demo.run import GRID_COLUMNS, DemoConfig, DemoError, run_demo
     from latent_store import validate_store
-    from pipeline.demo.run import GRID_COLUMNS, DemoConfig, DemoError, run_demo
     from trainer.checkpoint import load_for_inference
 
     cfg = DemoConfig.quick(tmp_path / "demo_out")

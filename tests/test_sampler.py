@@ -8,16 +8,17 @@ import zipfile
 
 import numpy as np
 import pytest
+import safetensors
 import torch
 from conftest import make_checkpoint, make_tiny_vae, write_store
 from typer.testing import CliRunner
 
-import sampler.decoder as decoder_module
 from cli import app
+from foundation.errors import VaeLoadError
+from foundation.vae import decode_latents, load_vae_decoder
 from latent_store import LatentditError
-from pipeline.vae import decode_latents
 from sampler import outputs
-from sampler.decoder import LatentDecoder, load_vae_decoder
+from sampler.decoder import LatentDecoder
 from sampler.errors import SamplerError, VaeMismatchError
 from sampler.guidance import guided
 from sampler.latents import SolveConfig
@@ -159,7 +160,7 @@ def test_guidance_interval():
 
 def test_only_the_decoder_is_read(tiny_vae_dir, monkeypatch):
     read: list[str] = []
-    real_safe_open = decoder_module.safe_open
+    real_safe_open = safetensors.safe_open
 
     class Recording:
         def __init__(self, *args, **kw):
@@ -179,7 +180,7 @@ def test_only_the_decoder_is_read(tiny_vae_dir, monkeypatch):
             read.append(key)
             return self.f.get_tensor(key)
 
-    monkeypatch.setattr(decoder_module, "safe_open", Recording)
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
     vae = load_vae_decoder(str(tiny_vae_dir))
     with real_safe_open(tiny_vae_dir / "diffusion_pytorch_model.safetensors", "pt") as f:
         on_disk = list(f.keys())
@@ -237,7 +238,7 @@ def test_hub_ids_resolve_through_the_hub_cache_offline(tiny_vae_dir, tmp_path, m
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     vae = load_vae_decoder("acme/tiny-diffusion")
     assert vae.encoder is None and vae.config.latent_channels == 4
-    with pytest.raises(SamplerError, match="--vae acme/absent: cannot load its decoder"):
+    with pytest.raises(VaeLoadError, match="--vae acme/absent: cannot load its decoder"):
         load_vae_decoder("acme/absent")
 
 

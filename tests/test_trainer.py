@@ -16,8 +16,8 @@ from conftest import ROOT, write_store
 from typer.testing import CliRunner
 
 from cli import app
+from foundation.distributed import seed_everything, setup_distributed, teardown_distributed
 from latent_store import LatentStore
-from latent_store.distributed import seed_everything, setup_distributed, teardown_distributed
 from trainer.checkpoint import (
     CheckpointNotFoundError,
     capture_rng_state,

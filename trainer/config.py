@@ -7,29 +7,22 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
-import yaml
-
-from latent_store import LatentditError
+from foundation.config import option
+from foundation.config import resolve_config as resolve_options
+from foundation.errors import ConfigError
+from foundation.precision import AUTO, Precision
 from trainer.model import DIT_PRESETS, POS_EMBEDS
 from trainer.normalization import LatentNormalization
 from trainer.objective import DDPM, OBJECTIVES, FlowMatching
 
 DATA_MODES = ("memory", "gpu", "stream")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = (AUTO, Precision.bf16.value, Precision.fp32.value)  # no fp16: it needs a loss scaler
 
 
-class ConfigError(LatentditError):
-    """A training option or config file is invalid."""
-
-
-def _opt(default: Any, help: str) -> Any:
-    """A dataclass field with its help text (used as the field's docstring and the CLI --help)."""
-    return field(default=default, metadata={"help": help})
+_opt = option
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,47 +126,11 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
-def _load_toml(path: Path) -> dict[str, Any]:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # the same parser, packaged for 3.10 (a declared dependency there)
-        import tomli as tomllib
-    return tomllib.loads(path.read_text())
-
-
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Options from a .toml, .yaml or .yml file (keys as in TrainConfig; '-' may stand for '_')."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config {p}: no such file")
-    try:
-        if p.suffix == ".toml":
-            raw = _load_toml(p)
-        elif p.suffix in (".yaml", ".yml"):
-            raw = yaml.safe_load(p.read_text()) or {}
-        else:
-            raise ConfigError(f"--config {p}: use a .toml, .yaml or .yml file")
-    except (ValueError, yaml.YAMLError) as e:  # tomllib.TOMLDecodeError is a ValueError
-        raise ConfigError(f"--config {p}: cannot parse: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--config {p}: expected a table of options at the top level")
-    options = {k.replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(options) - set(FIELD_HELP))
-    if unknown:
-        raise ConfigError(f"--config {p}: unknown options {unknown}; see `latentdit train --help`")
-    return options
-
-
 def resolve_config(
     config_file: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
     """Defaults, then the file's options, then `overrides` (None values mean 'not given')."""
-    options = read_config_file(config_file) if config_file else {}
-    options.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    try:
-        return TrainConfig(**options)
-    except TypeError as e:
-        raise ConfigError(f"bad training options: {e}") from None
+    return resolve_options(TrainConfig, config_file, overrides, command="train")
 
 
 def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:

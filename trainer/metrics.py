@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from latent_store.distributed import DistInfo, all_reduce_mean
+from foundation.distributed import DistInfo, all_reduce_mean
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from latent_store import LatentditError
+from foundation.errors import LatentditError
 
 POS_EMBEDS = ("sincos", "rope")
 FREQ_EMBED_DIM = 256  # sinusoidal timestep features fed to the timestep MLP (DiT)

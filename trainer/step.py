@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from latent_store.distributed import DistInfo
+from foundation.distributed import DistInfo
+from foundation.precision import autocast, resolve_precision
 from trainer.config import TrainConfig
 from trainer.data import Batch, BatchLayout
 from trainer.model import DiT
@@ -82,14 +83,6 @@ def make_trainee(model: DiT, cfg: TrainConfig, dist: DistInfo) -> Trainee:
     return Trainee(model=model, ddp=ddp, forward=forward, ema=make_ema(model), optimizer=optimizer)
 
 
-def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU (precision auto or bf16), full fp32 otherwise."""
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def step_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
     """The generator of one micro-step's noise, times and label dropout: a function of its position.
 
@@ -124,7 +117,7 @@ def train_step(
         y = drop_labels(y, cfg.p_uncond, trainee.model.null_class, g, **rows)
         last = micro == len(batches) - 1
         with contextlib.nullcontext() if last else trainee.ddp.no_sync():
-            with autocast(cfg, device):
+            with autocast(device, resolve_precision(cfg.precision, device)):
                 loss = objective.loss(trainee.forward, x, y, g, **rows)
             (loss / len(batches)).backward()
         total += loss.detach() / len(batches)

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from foundation.distributed import DistInfo, barrier, seed_everything, setup_distributed
+from foundation.distributed import teardown_distributed as teardown
 from latent_store import LatentStore
-from latent_store.distributed import DistInfo, barrier, seed_everything, setup_distributed
-from latent_store.distributed import teardown_distributed as teardown
 from trainer.checkpoint import (
     CheckpointMismatchError,
     capture_rng_state,

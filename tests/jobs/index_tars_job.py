@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from latent_store import distributed
+from foundation import distributed
 from pipeline.webdataset_source import open_webdataset
 
 info = distributed.setup_distributed("cpu")

@@ -1,6 +1,6 @@
 """Train the demo's small AutoencoderKL on generated demo images and save it with save_pretrained.
 
-    python -m pipeline.demo.train_vae --out pipeline/demo/assets/vae
+    python -m demo.train_vae --out demo/assets/vae
 
 The VAE has the SD-VAE interface (4 latent channels, inputs in [-1, 1]; 4x downsampling of
 32-px images to 8x8 latents, where SD has 8x of 256 px to 32x32) and
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from pipeline.demo import VAE_DIR
-from pipeline.demo.data import DemoDataConfig, as_tensor, generate_arrays
+from demo import VAE_DIR
+from demo.data import DemoDataConfig, as_tensor, generate_arrays
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@
     torchrun --standalone --nproc_per_node=8 cli.py -- train --store S --run R
     latentdit train --store S --run R                              # 1 process: world size 1
 
-It lives beside the store because both stages need it and import only `latent_store`: the
-multi-writer rule (rank 0 creates, a barrier, each rank owns whole shards) is the store's.
+It lives on the ground floor because encode, train and sample all need it; the store's
+multi-writer rule (rank 0 creates, a barrier, each rank owns whole shards) is built on it.
 
 A single process also gets a (gloo or NCCL) group of size one, so it runs the same code path as a
 multi-process run (DDP, all-reduce, barriers).

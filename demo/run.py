@@ -24,16 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
+from demo import CLASSIFIER_DIR, VAE_DIR
+from demo.data import CLASSES, SYNSET_FILE
+from demo.verdict import REPORT_FILE
 from latent_store import LatentditError
-from pipeline.demo import CLASSIFIER_DIR, VAE_DIR
-from pipeline.demo.data import CLASSES, SYNSET_FILE
-from pipeline.demo.verdict import REPORT_FILE
 from sampler.outputs import make_grid, png_path, read_png, write_png
 
 log = logging.getLogger(__name__)
 
 PROGRAM = "latentdit"
-CODE_ROOT = Path(__file__).resolve().parents[2]  # holds cli.py, pipeline/, trainer/, sampler/
+CODE_ROOT = (
+    Path(__file__).resolve().parents[1]
+)  # holds cli.py, demo/, pipeline/, trainer/, sampler/
 GRID_COLUMNS = len(CLASSES)  # samples per row of the class grid: a square grid
 
 
@@ -184,7 +186,7 @@ def commands(cfg: DemoConfig, at: Layout) -> list[tuple[str, list[str]]]:
     ld = latentdit_command()
     n_train = cfg.train_per_class * len(CLASSES)
     return [
-        ("data", [sys.executable, "-m", "pipeline.demo.data", "--out", at.data,
+        ("data", [sys.executable, "-m", "demo.data", "--out", at.data,
                   "--train-per-class", cfg.train_per_class, "--val-per-class", cfg.val_per_class,
                   "--image-size", cfg.image_size, "--seed", cfg.seed]),
         ("encode", [*ld, "encode", at.data / "train", "--out", at.store, "--vae", cfg.vae,
@@ -207,7 +209,7 @@ def commands(cfg: DemoConfig, at: Layout) -> list[tuple[str, list[str]]]:
 
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = log.info) -> dict:
     """Run every step into cfg.out; returns the report (also written to report.json)."""
-    from pipeline.demo.verdict import VerdictConfig, format_report, verdict
+    from demo.verdict import VerdictConfig, format_report, verdict
 
     at = Layout(cfg.out)
     if at.report.exists() or at.store.exists():

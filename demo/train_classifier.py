@@ -1,6 +1,6 @@
 """Train the verdict classifier on generated demo images and save it beside the demo VAE.
 
-    python -m pipeline.demo.train_classifier --out pipeline/demo/assets/classifier
+    python -m demo.train_classifier --out demo/assets/classifier
 
 Trained on real (generated, JPEG) demo images from a data seed other than the demo's, with a
 random blur as augmentation so that a slightly soft image (as a VAE decodes it) is still judged
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from pipeline.demo import CLASSIFIER_DIR
-from pipeline.demo.classifier import Classifier
-from pipeline.demo.data import CLASSES, DemoDataConfig, as_tensor, generate_arrays
+from demo import CLASSIFIER_DIR
+from demo.classifier import Classifier
+from demo.data import CLASSES, DemoDataConfig, as_tensor, generate_arrays
 
 log = logging.getLogger(__name__)
 

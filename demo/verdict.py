@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.demo import CLASSIFIER_DIR
-from pipeline.demo.classifier import Classifier, load_classifier
-from pipeline.demo.data import CLASSES, load_split
-from pipeline.demo.frechet import frechet_distance
+from demo import CLASSIFIER_DIR
+from demo.classifier import Classifier, load_classifier
+from demo.data import CLASSES, load_split
+from demo.frechet import frechet_distance
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The demo's image set: ten generated classes of shapes and textures in the ImageNet layout.
 
-    python -m pipeline.demo.data --out demo_out/data
+    python -m demo.data --out demo_out/data
 
 Writes `train/<wnid>/<wnid>_<i>.JPEG`, a held-out `val/<wnid>/` split in the same class-folder
 layout, and `LOC_synset_mapping.txt` ("<wnid> <name>" per line, as in the Kaggle ImageNet set).

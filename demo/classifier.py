@@ -1,7 +1,7 @@
 """The verdict classifier: a small CNN that names the demo class of a 32-px image.
 
-It is trained once on generated demo images (`python -m pipeline.demo.train_classifier`) and
-shipped in `pipeline/demo/assets/classifier/` (model.safetensors + config.json). Its
+It is trained once on generated demo images (`python -m demo.train_classifier`) and
+shipped in `demo/assets/classifier/` (model.safetensors + config.json). Its
 penultimate layer is the feature space of the demo's Fréchet distance.
 """
 
@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.demo import CLASSIFIER_DIR
-from pipeline.demo.data import as_tensor
+from demo import CLASSIFIER_DIR
+from demo.data import as_tensor
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -91,7 +91,7 @@ def load_classifier(folder: Path = CLASSIFIER_DIR) -> Classifier:
     if not config_path.is_file():
         raise FileNotFoundError(
             f"no classifier at {folder}: retrain it with "
-            f"`python -m pipeline.demo.train_classifier --out {folder}`"
+            f"`python -m demo.train_classifier --out {folder}`"
         )
     cfg = json.loads(config_path.read_text())
     model = Classifier(

@@ -23,11 +23,20 @@ C = TypeVar("C")
 SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 
 
-def option(default: Any = MISSING, help: str = "") -> Any:
-    """A dataclass field with its help text (the CLI's --help); no default: a required option."""
+def option(default: Any = MISSING, help: str = "", **cli: Any) -> Any:
+    """A config field with its help text; no default makes it a required option.
+
+    `cli` holds plain hints for the command line, read by `cli.py` (libraries never import
+    Typer): `flags` (a tuple of option names, e.g. ("--class",)), `argument` (a positional
+    argument), `min` / `max`, `exists` / `file_okay` / `dir_okay` (paths), `hidden`, `cli=False`
+    (not an option: filled in by the command itself).
+    """
+    metadata = {"help": help, "cli": cli}
     if default is MISSING:
-        return field(metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(metadata=metadata)
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def field_help(cls: type) -> dict[str, str]:

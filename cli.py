@@ -516,8 +516,17 @@ def sample(
     precision: Annotated[
         str | None, typer.Option(help="fp32, bf16 or fp16 autocast; default bf16 on cuda.")
     ] = None,
+    compile: Annotated[
+        str | None,
+        typer.Option(
+            help="torch.compile the DiT: default, reduce-overhead (CUDA graphs), max-autotune."
+        ),
+    ] = None,
+    cast_weights: Annotated[
+        bool, typer.Option(help="Cast the DiT's weights to the bf16/fp16 --precision once.")
+    ] = _sample_default("cast_weights"),
 ) -> None:
-    """Sample images from a checkpoint with only the VAE decoder; re-run to resume."""
+    """Sample images from a checkpoint with only the VAE decoder; re-run to resume; torchrun: ranks share the work."""
     from sampler.latents import SolveConfig
     from sampler.sample import SampleConfig
     from sampler.sample import sample as run_sample
@@ -547,6 +556,8 @@ def sample(
             batch_size=batch_size,
             device=device,
             precision=precision,
+            compile=compile,
+            cast_weights=cast_weights,
         )
     )
     typer.echo(

@@ -210,7 +210,9 @@ def downsampling(vae) -> int:
 
 
 @torch.inference_mode()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Decode raw latents (B, C, h, w) to uint8 (B, H, W, 3) images on the CPU."""
+def decode_latents(vae, latents: torch.Tensor, *, to_cpu: bool = True) -> torch.Tensor:
+    """Decode raw latents (B, C, h, w) to uint8 (B, H, W, 3) images on the CPU (or left on the
+    VAE's device, with `to_cpu=False`, for a copy that does not wait)."""
     x = vae.decode(latents.to(vae.device, vae.dtype)).sample.float()
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return images.cpu() if to_cpu else images

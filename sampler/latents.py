@@ -17,8 +17,9 @@ from torch import Tensor
 from foundation.precision import autocast
 from sampler.errors import SamplerError
 from sampler.guidance import guided
+from sampler.inference import InferenceModel
 from sampler.plan import ImageNoise
-from sampler.solvers import DEFAULT_SOLVER, SOLVERS, Solver, solvers_for
+from sampler.solvers import DEFAULT_SOLVER, SOLVERS, Callback, Solver, solvers_for
 from trainer.model import DiT
 from trainer.objective import DDPM, FlowMatching, Objective
 
@@ -91,7 +92,7 @@ def _time_units(objective: Objective) -> tuple[float, float]:
 
 
 def make_latents(
-    model: DiT,
+    model: DiT | InferenceModel,
     objective: Objective,
     labels: Tensor,
     noise: ImageNoise,
@@ -100,8 +101,12 @@ def make_latents(
     latent_shape: tuple[int, ...],
     device: torch.device,
     precision: str,
+    callback: Callback | None = None,
 ) -> Tensor:
-    """Solve from each image's own noise to normalized latents (B, C, H, W), float32."""
+    """Solve from each image's own noise to normalized latents (B, C, H, W), float32.
+
+    `model` is the DiT or an `InferenceModel` (compiled, cast weights); `callback` goes to the solver.
+    """
     _, solver, kwargs = pick_solver(cfg, objective)
     to_model_time, per_t = _time_units(objective)
 
@@ -116,4 +121,4 @@ def make_latents(
     if solver.takes_noise:
         kwargs["noise"] = noise
     x = noise.initial(latent_shape, device)
-    return solver.fn(model_fn, x, cfg.steps, disable=True, **kwargs)
+    return solver.fn(model_fn, x, cfg.steps, callback=callback, disable=True, **kwargs)

@@ -129,10 +129,11 @@ def sync(args) -> None:
 
 
 def warm_up(net, row: dict, args) -> float:
-    """Run the model once at each shape the row uses (compiles a compiled model); seconds."""
+    """Run the model at each shape the row uses (compiles, records CUDA graphs); seconds."""
     t0 = time.perf_counter()
     shapes = [row["batch"]] + ([2 * row["batch"]] if row["cfg"] != 1.0 else [])
-    for rows in shapes:
+    calls = 3 if isinstance(net, InferenceModel) and net.forward is not net.model else 1
+    for rows in [r for r in shapes for _ in range(calls)]:
         x = torch.randn(rows, 4, args.latent_size, args.latent_size, device=args.dev)
         t = torch.full((rows,), 0.5, device=args.dev)
         with autocast(args.dev, args.precision):
@@ -219,6 +220,7 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--profile", action="store_true", help="kernel classes of the first row's step")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    p.add_argument("--json", default=None, help="also write the report here, after every row")
     args = p.parse_args()
     args.dev, args.precision = torch.device(args.device), parse_precision(args.precision)
     if args.threads:
@@ -257,18 +259,27 @@ def main() -> None:
         report["decoder_params"] = sum(w.numel() for w in decoder.vae.parameters())
         if args.profile:
             report["profile"] = profile_step(model, decoder, rows[0], args)
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=2))
         reference: dict[int, torch.Tensor] = {}
         for spec in args.variants.split(","):
             net, results = make_variant(model, spec, args), []
             for k, row in enumerate(rows):
-                result, z = time_row(net, decoder, row, args, flops_per_row)
+                try:
+                    result, z = time_row(net, decoder, row, args, flops_per_row)
+                except torch.OutOfMemoryError as e:  # the largest batch that fits is a finding
+                    results.append({**row, "error": str(e).splitlines()[0]})
+                    torch.cuda.empty_cache()
+                    continue
                 if k in reference:
                     diff = (z - reference[k]).abs().max().item()
                     result["max_abs_diff_vs_first_variant"] = round(diff, 6)
                     result["max_abs_first_variant"] = round(reference[k].abs().max().item(), 4)
                 reference.setdefault(k, z)
                 results.append(result)
-            report["variants"][spec] = results
+                report["variants"][spec] = results
+                if args.json:  # rewritten after every row: a run cut short keeps what it measured
+                    Path(args.json).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
 

@@ -262,8 +262,9 @@ def main() -> None:
             if args.json:
                 Path(args.json).write_text(json.dumps(report, indent=2))
         reference: dict[int, torch.Tensor] = {}
-        for spec in args.variants.split(","):
+        for n, spec in enumerate(args.variants.split(",")):
             net, results = make_variant(model, spec, args), []
+            key = spec if spec not in report["variants"] else f"{spec} #{n + 1}"  # a repeat
             for k, row in enumerate(rows):
                 try:
                     result, z = time_row(net, decoder, row, args, flops_per_row)
@@ -277,7 +278,7 @@ def main() -> None:
                     result["max_abs_first_variant"] = round(reference[k].abs().max().item(), 4)
                 reference.setdefault(k, z)
                 results.append(result)
-                report["variants"][spec] = results
+                report["variants"][key] = results
                 if args.json:  # rewritten after every row: a run cut short keeps what it measured
                     Path(args.json).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

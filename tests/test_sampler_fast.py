@@ -81,6 +81,12 @@ def test_two_ranks_under_torchrun_resume_to_the_npz_of_one_process(flow_run, tmp
     assert npz.read_bytes() == one.npz.read_bytes()
     assert (cut / "grid.png").read_bytes() == (tmp_path / "one" / "grid.png").read_bytes()
     assert not (cut / outputs.PARTS).exists()
+    other = [*TORCHRUN, str(ROOT / "cli.py"), "--", *args, "--steps", "4"]  # rank 0's error on both
+    refused = subprocess.run(other, env=ENV, capture_output=True, text=True, timeout=180)
+    assert refused.returncode != 0
+    assert refused.stderr.count("other settings (steps 3 there vs 4 now") == 2, refused.stderr[
+        -2000:
+    ]
 
 
 def test_a_failed_write_stops_later_writes_and_reaches_the_caller():

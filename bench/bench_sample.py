@@ -27,16 +27,17 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 from kernel_profile import profile_call
 from torch.profiler import record_function
 
 from foundation.precision import autocast, parse_precision
+from sampler.config import SolveConfig
 from sampler.decoder import LatentDecoder
 from sampler.inference import InferenceModel
-from sampler.latents import SolveConfig, make_latents
+from sampler.latents import make_latents
 from sampler.plan import ImageNoise
 from sampler.solvers import SOLVERS
+from testkit import make_vae
 from trainer.metrics import peak_flops
 from trainer.model import build_model, forward_flops
 from trainer.objective import DDPM, FlowMatching
@@ -47,18 +48,6 @@ SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "no
 SMALL_VAE = {"block_out_channels": (32, 64, 64, 64), "layers_per_block": 1, "norm_num_groups": 16}
 CPU_ROWS = "euler:5:8,heun:5:8:interval=0-0.7,ddpm:250:8:timed=5"
 INIT_STD = 0.02  # every weight random (adaLN-Zero's zeros would make the outputs trivial)
-
-
-def save_vae(folder: Path, sizes: dict) -> Path:
-    """An AutoencoderKL with SD-VAE's layout (4 latent channels, 8x) and the given widths."""
-    blocks = len(sizes["block_out_channels"])
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks,
-        latent_channels=4,
-        **sizes,
-    ).save_pretrained(folder)
-    return folder
 
 
 def meta_for(latent_size: int) -> dict:
@@ -254,7 +243,7 @@ def main() -> None:
         "variants": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        vae_dir = save_vae(Path(tmp) / "vae", SD_VAE if args.sd_vae else SMALL_VAE)
+        vae_dir = make_vae(Path(tmp) / "vae", **(SD_VAE if args.sd_vae else SMALL_VAE))
         decoder = LatentDecoder.load(str(vae_dir), meta_for(args.latent_size), device=args.dev)
         report["decoder_params"] = sum(w.numel() for w in decoder.vae.parameters())
         if args.profile:

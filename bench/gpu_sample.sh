@@ -66,15 +66,9 @@ step() {  # step NAME CMD...: run within the time left, log it, keep going on fa
 
 # --- e2e: the real command on the device --------------------------------------------------------
 step e2e_setup $PY - "$T" <<'EOF'
-import sys, types
+import sys
 from pathlib import Path
-sys.path.insert(0, "tests")
-try:
-    import pytest  # noqa: F401  (conftest decorates with it)
-except ImportError:
-    sys.modules["pytest"] = types.SimpleNamespace(
-        fixture=lambda *a, **k: a[0] if a and callable(a[0]) else (lambda f: f))
-from conftest import make_checkpoint, make_tiny_vae
+from testkit import make_checkpoint, make_tiny_vae
 t = Path(sys.argv[1])
 make_checkpoint(t / "run", make_tiny_vae(t / "vae"))
 EOF

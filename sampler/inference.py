@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sampler.config import COMPILE_MODES
 from trainer.model import DiT
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-"""torch.compile modes: "reduce-overhead" replays CUDA graphs (on CUDA)."""
 CUDA_GRAPH_MODES = ("reduce-overhead",)
 
 

@@ -9,17 +9,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_checkpoint
+from conftest import ROOT
 
 from foundation.distributed import DistInfo
 from sampler import outputs, ranks
+from sampler.config import SampleConfig, SolveConfig
 from sampler.errors import SamplerError
 from sampler.inference import InferenceModel
-from sampler.latents import SolveConfig, make_latents
+from sampler.latents import make_latents
 from sampler.plan import ImageNoise, plan_labels
-from sampler.sample import SampleConfig, _batches, sample
+from sampler.sample import _batches, sample
 from sampler.writer import BatchWriter
-from trainer.model import build_model
+from testkit import make_checkpoint, tiny_dit
 from trainer.objective import FlowMatching
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -103,17 +104,6 @@ def test_a_failed_write_stops_later_writes_and_reaches_the_caller():
     assert done == [0]
 
 
-def tiny_dit():
-    torch.manual_seed(0)
-    model = build_model(
-        "DiT-S/2", input_size=4, in_channels=4, num_classes=3, hidden_size=32, depth=2, num_heads=2
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model.eval()
-
-
 def latents(net, solve: SolveConfig, precision="fp32", n=3):
     return make_latents(
         net, FlowMatching(), torch.arange(n) % 3, ImageNoise(0, range(n)), solve,
@@ -131,7 +121,7 @@ def test_compiled_model_function_matches_eager_and_never_recompiles_across_steps
     (inductor fuses and reorders fp32 sums: measured ~8e-6 of the output scale)."""
     from torch._dynamo.utils import counters
 
-    model = tiny_dit()
+    model = tiny_dit().eval()
     torch._dynamo.reset()
     counters.clear()
     compiled = InferenceModel(model, compile="default")
@@ -147,10 +137,10 @@ def test_compiled_model_function_matches_eager_and_never_recompiles_across_steps
 
 
 def test_cast_weights_stay_within_bf16_tolerance_of_autocast():
-    model = tiny_dit()
+    model = tiny_dit().eval()
     solve = SolveConfig(sampler="euler", steps=3, cfg=2.0)
     reference = latents(model, solve, precision="bf16")
-    cast = InferenceModel(tiny_dit(), weights_dtype=torch.bfloat16)
+    cast = InferenceModel(tiny_dit().eval(), weights_dtype=torch.bfloat16)
     assert next(cast.model.parameters()).dtype == torch.bfloat16
     z = latents(cast, solve, precision="bf16")
     assert z.dtype == torch.float32

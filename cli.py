@@ -455,6 +455,7 @@ def _solver_names() -> str:
 @app.command(context_settings={"max_content_width": 100})
 @user_errors
 def sample(
+    ctx: typer.Context,
     checkpoint: Annotated[
         Path, typer.Argument(help="A run dir (its latest checkpoint) or a checkpoint folder.")
     ],
@@ -516,12 +517,51 @@ def sample(
     precision: Annotated[
         str | None, typer.Option(help="fp32, bf16 or fp16 autocast; default bf16 on cuda.")
     ] = None,
+    protocol: Annotated[
+        str | None,
+        typer.Option(help="A published protocol: dit-fid or sit-fid (options given here win)."),
+    ] = None,
+    cfg_channels: Annotated[
+        int | None, typer.Option(min=1, help="Guide only the first N channels (3: published).")
+    ] = None,
+    variance: Annotated[
+        str | None, typer.Option(help="DDPM variance: fixed-small, fixed-large or learned.")
+    ] = None,
+    spacing: Annotated[
+        str, typer.Option(help="DDPM/DDIM timesteps: trailing or official (DiT's).")
+    ] = _sample_default("spacing"),
+    diffusion: Annotated[
+        float, typer.Option(min=0.0, help="Euler-Maruyama diffusion (SiT's sigma-form norm x 2).")
+    ] = _sample_default("diffusion"),
+    last_step: Annotated[
+        float | None, typer.Option(help="Euler-Maruyama noise-free last step size (SiT: 0.04).")
+    ] = None,
+    noise: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Starting noise .npy (N, C, H, W)."),
+    ] = None,
+    save_latents: Annotated[
+        bool, typer.Option("--save-latents", help="Also write OUT/latents.npy (decoder input).")
+    ] = False,
 ) -> None:
     """Sample images from a checkpoint with only the VAE decoder; re-run to resume."""
-    from sampler.latents import SolveConfig
+    from sampler.latents import SolveConfig, protocol_solve
     from sampler.sample import SampleConfig
     from sampler.sample import sample as run_sample
 
+    solve_options = {
+        "sampler": sampler, "steps": steps, "cfg": cfg, "cfg_interval": cfg_interval,
+        "shift": shift, "eta": eta, "cfg_channels": cfg_channels, "variance": variance,
+        "spacing": spacing, "diffusion": diffusion, "last_step": last_step,
+    }  # fmt: skip
+    if protocol is None:
+        solve = SolveConfig(**solve_options)
+    else:
+        given = {
+            k: v for k, v in solve_options.items()
+            if getattr(ctx.get_parameter_source(k), "name", None) == "COMMANDLINE"
+        }  # fmt: skip
+        solve = protocol_solve(protocol, given)
     result = run_sample(
         SampleConfig(
             checkpoint=checkpoint,
@@ -529,14 +569,9 @@ def sample(
             vae=vae,
             classes=tuple(classes or ()),
             n=n,
-            solve=SolveConfig(
-                sampler=sampler,
-                steps=steps,
-                cfg=cfg,
-                cfg_interval=cfg_interval,
-                shift=shift,
-                eta=eta,
-            ),
+            solve=solve,
+            noise=noise,
+            save_latents=save_latents,
             seed=seed,
             first_index=first_index,
             fid_samples=fid_samples,
@@ -553,6 +588,32 @@ def sample(
         f"{result.out}: {result.total} images ({result.made} made now)"
         + (f", {result.npz}" if result.npz else "")
     )
+
+
+@app.command("import")
+@user_errors
+def import_(
+    checkpoint: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Official DiT/SiT .pt file.")],
+    run: Annotated[Path, typer.Option(help="Run folder to create.")],
+    format: Annotated[str, typer.Option(help="dit or sit.")] = "dit",
+    model: Annotated[str | None, typer.Option(help="Preset, e.g. DiT-XL/2 (default: from the file).")] = None,
+    hidden_size: Annotated[int | None, typer.Option(min=1, help="Hidden size (checked).")] = None,
+    depth: Annotated[int | None, typer.Option(min=1, help="Blocks (checked).")] = None,
+    num_heads: Annotated[int | None, typer.Option(min=1, help="Attention heads.")] = None,
+    vae: Annotated[str | None, typer.Option(help="VAE id or folder (default sd-vae-ft-ema).")] = None,
+    weights: Annotated[str, typer.Option(help="train.py checkpoints: ema or model.")] = "ema",
+    classes: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="Class list file.")] = None,
+) -> None:
+    """Import an official DiT or SiT checkpoint into a run dir that `sample` and `train` read."""
+    from sampler.importer import DEFAULT_VAE, ImportConfig, import_checkpoint
+
+    folder = import_checkpoint(
+        ImportConfig(
+            checkpoint=checkpoint, run=run, format=format, model=model, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, vae=vae or DEFAULT_VAE, weights=weights, classes=classes,
+        )
+    )  # fmt: skip
+    typer.echo(f"{folder}: imported; next: latentdit sample {run} --out SAMPLES")
 
 
 # --- demo ---------------------------------------------------------------------------------------

@@ -79,6 +79,39 @@ class SolveConfig:
                 raise SamplerError(message)
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """A published sampling protocol: the SolveConfig values it sets, and where they come from."""
+
+    solve: dict[str, Any]
+    source: str
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "dit-fid": Protocol(
+        {"sampler": "ddpm", "steps": 250, "cfg": 1.5, "cfg_channels": 3, "variance": "learned",
+         "spacing": "official"},
+        "DiT-XL/2 256px, FID-50K 2.27 (Peebles & Xie 2023, Table 4): facebookresearch/DiT "
+        "sample_ddp.py defaults (250 DDPM steps of create_diffusion('250'), learned sigma, "
+        "--cfg-scale 1.5, sd-vae-ft-ema) and models.py forward_with_cfg (guidance on 3 channels)",
+    ),
+    "sit-fid": Protocol(
+        {"sampler": "euler-maruyama", "steps": 250, "cfg": 1.5, "cfg_channels": 3,
+         "diffusion": 2.0, "last_step": 0.04},
+        "SiT-XL/2 256px, FID-50K 2.06 (Ma et al. 2024; willisma/SiT README): sample_ddp.py SDE "
+        "defaults (Euler, --diffusion-form sigma, --diffusion-norm 1 = our diffusion 2, "
+        "--last-step Mean of size 0.04, 250 steps), --cfg-scale 1.5, guidance on 3 channels",
+    ),
+}  # fmt: skip
+
+
+def protocol_solve(name: str, given: dict[str, Any] | None = None) -> SolveConfig:
+    """The SolveConfig of a protocol; `given` (options set explicitly) win over it."""
+    if name not in PROTOCOLS:
+        raise SamplerError(f"--protocol {name!r} is not one of {', '.join(PROTOCOLS)}")
+    return SolveConfig(**{**PROTOCOLS[name].solve, **(given or {})})
+
+
 def pick_solver(
     cfg: SolveConfig, objective: Objective, *, learn_sigma: bool = False
 ) -> tuple[str, Solver, dict[str, Any]]:

@@ -336,5 +336,9 @@ def test_cli_import_then_sample(tmp_path, tiny_vae_dir):
     assert len(list((out / "images").glob("*.png"))) == 2
     latents = np.load(out / "latents.npy")
     assert latents.shape == (2, C, 8, 8) and np.isfinite(latents).all()
+    settings = json.loads((out / "sample.json").read_text())
+    assert settings == {**settings, "sampler": "ddpm", "steps": 5, "cfg": 1.5, "cfg_channels": 3,
+                        "variance": "learned", "spacing": "official"}  # fmt: skip
+    assert "noise_blake2b" in settings and "labels_blake2b" in settings
     again = runner.invoke(app, ["import", str(FIXTURES / "dit_bare.pt"), "--run", str(run), "--vae", str(tiny_vae_dir), "--num-heads", "2"])  # fmt: skip
     assert again.exit_code == 2 and "already holds checkpoints" in again.output

@@ -380,6 +380,8 @@ def train(
     objective: Annotated[str | None, _train_option("objective")] = None,
     timesteps: Annotated[str | None, _train_option("timesteps")] = None,
     ddpm_schedule: Annotated[str | None, _train_option("ddpm_schedule")] = None,
+    learn_sigma: Annotated[bool | None, _train_option("learn_sigma")] = None,
+    init: Annotated[str | None, _train_option("init")] = None,
     p_uncond: Annotated[float | None, _train_option("p_uncond")] = None,
     normalization: Annotated[str | None, _train_option("normalization")] = None,
     qk_norm: Annotated[bool | None, _train_option("qk_norm")] = None,
@@ -593,19 +595,28 @@ def sample(
 @app.command("import")
 @user_errors
 def import_(
-    checkpoint: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Official DiT/SiT .pt file.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="Official DiT/SiT .pt file.")
+    ],
     run: Annotated[Path, typer.Option(help="Run folder to create.")],
     format: Annotated[str, typer.Option(help="dit or sit.")] = "dit",
-    model: Annotated[str | None, typer.Option(help="Preset, e.g. DiT-XL/2 (default: from the file).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Preset, e.g. DiT-XL/2 (default: from the file).")
+    ] = None,
     hidden_size: Annotated[int | None, typer.Option(min=1, help="Hidden size (checked).")] = None,
     depth: Annotated[int | None, typer.Option(min=1, help="Blocks (checked).")] = None,
     num_heads: Annotated[int | None, typer.Option(min=1, help="Attention heads.")] = None,
-    vae: Annotated[str | None, typer.Option(help="VAE id or folder (default sd-vae-ft-ema).")] = None,
+    vae: Annotated[
+        str | None, typer.Option(help="VAE id or folder (default sd-vae-ft-ema).")
+    ] = None,
     weights: Annotated[str, typer.Option(help="train.py checkpoints: ema or model.")] = "ema",
-    classes: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="Class list file.")] = None,
+    classes: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Class list file.")
+    ] = None,
 ) -> None:
     """Import an official DiT or SiT checkpoint into a run dir that `sample` and `train` read."""
-    from sampler.importer import DEFAULT_VAE, ImportConfig, import_checkpoint
+    from sampler.import_config import DEFAULT_VAE, ImportConfig
+    from sampler.importer import import_checkpoint
 
     folder = import_checkpoint(
         ImportConfig(

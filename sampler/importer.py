@@ -23,26 +23,23 @@ import math
 import pickle
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from foundation.config import option
-from foundation.errors import LatentditError
 from latent_store.schema import ClassInfo, VaeInfo
+from sampler.errors import CheckpointImportError
+from sampler.import_config import ImportConfig
 from trainer.checkpoint import CHECKPOINTS, FORMAT, VERSION, latest_checkpoint, save_checkpoint
-from trainer.model import DIT_PRESETS, DiT, ModelConfigError, sincos_pos_embed_2d
+from trainer.model import DIT_PRESETS, DiT, ModelConfigError
 from trainer.normalization import LatentNormalization
 from trainer.objective import DDPM, FlowMatching
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("dit", "sit")
-WEIGHT_SETS = ("ema", "model")
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE of DiT's and SiT's FID evaluations
 SAFE_GLOBALS = [argparse.Namespace]  # the only class train.py checkpoints pickle
 TRAIN_KEYS = ("model", "ema")
 REQUIRED = (
@@ -62,32 +59,6 @@ RENAMES = [
 ]
 POS_TOLERANCE = 1e-5
 HASH_CHUNK = 1 << 24
-
-
-class CheckpointImportError(LatentditError):
-    """A file that cannot be imported as an official DiT/SiT checkpoint, or flags that contradict it."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ImportConfig:
-    """What to import, and where to write the run."""
-
-    checkpoint: Path = option(help="Official DiT/SiT checkpoint (.pt).", argument=True, exists=True)
-    run: Path = option(help="Run folder to create (must not hold a checkpoint yet).")
-    format: str = option("dit", "Source: dit (DDPM, learned sigma) or sit (linear flow, SiT time).")
-    model: str | None = option(None, "Preset (DiT-XL/2 or SiT-XL/2 ...); None: the checkpoint's args or the preset its shapes match.")
-    hidden_size: int | None = option(None, "Hidden size (must match the weights).", min=1)
-    depth: int | None = option(None, "Number of blocks (must match the weights).", min=1)
-    num_heads: int | None = option(None, "Attention heads (the weights cannot tell).", min=1)
-    vae: str = option(DEFAULT_VAE, "VAE id or folder the model was trained with (its scaling_factor normalizes latents).")
-    weights: str = option("ema", "From a train.py checkpoint: ema or model weights.")
-    classes: Path | None = option(None, "Class list, one per line in label order: 'id name...' (e.g. LOC_synset_mapping.txt); None: ids 0..K-1.", exists=True, dir_okay=False)  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise CheckpointImportError(f"--format {self.format!r} is not one of {', '.join(FORMATS)}")
-        if self.weights not in WEIGHT_SETS:
-            raise CheckpointImportError(f"--weights {self.weights!r} is not one of {', '.join(WEIGHT_SETS)}")  # fmt: skip
 
 
 def sha256(path: Path) -> str:
@@ -145,7 +116,9 @@ def infer_shapes(state: dict[str, Tensor], path: Path) -> dict[str, Any]:
     grid = math.isqrt(tokens)
     out = state["final_layer.linear.weight"].shape[0]
     if p != q or grid * grid != tokens or out % (p * p):
-        raise CheckpointImportError(f"{path}: patch {p}x{q} with {tokens} tokens is not a square DiT")
+        raise CheckpointImportError(
+            f"{path}: patch {p}x{q} with {tokens} tokens is not a square DiT"
+        )
     out_channels = out // (p * p)
     if out_channels not in (channels, 2 * channels):
         raise CheckpointImportError(
@@ -180,14 +153,20 @@ def model_config(shapes: dict[str, Any], cfg: ImportConfig, args: dict) -> tuple
     ]  # fmt: skip
     preset = _preset_name(named) if named else (matches[0] if matches else None)
     if named and preset not in DIT_PRESETS:
-        raise CheckpointImportError(f"{source} {named!r} is not a preset; use one of {', '.join(DIT_PRESETS)}")
+        raise CheckpointImportError(
+            f"{source} {named!r} is not a preset; use one of {', '.join(DIT_PRESETS)}"
+        )
     wanted = dict(DIT_PRESETS[preset]) if preset else {}
     for key in ("hidden_size", "depth", "num_heads"):
         if getattr(cfg, key) is not None:
             wanted[key] = getattr(cfg, key)
     for key in ("hidden_size", "depth", "patch_size"):
         if key in wanted and wanted[key] != shapes[key]:
-            flag = f"--{key.replace('_', '-')}" if getattr(cfg, key, None) is not None else f"{source} {named}"
+            flag = (
+                f"--{key.replace('_', '-')}"
+                if getattr(cfg, key, None) is not None
+                else f"{source} {named}"
+            )
             raise CheckpointImportError(
                 f"{cfg.checkpoint}: the weights have {key} {shapes[key]}, {flag} says {wanted[key]}; "
                 f"drop the flag or give --{key.replace('_', '-')} {shapes[key]} (and --num-heads)"
@@ -214,7 +193,9 @@ def map_state(state: dict[str, Tensor], model: DiT, path: Path) -> dict[str, Ten
         if key == "pos_embed":
             table = value.reshape(-1, value.shape[-1]).float()
             if not torch.allclose(table, model.pos_embed, atol=POS_TOLERANCE):
-                raise CheckpointImportError(f"{path}: pos_embed is not the fixed 2-D sin-cos table DiT builds")
+                raise CheckpointImportError(
+                    f"{path}: pos_embed is not the fixed 2-D sin-cos table DiT builds"
+                )
             continue
         if key == "x_embedder.proj.weight":  # (D, C, p, p) conv -> (D, p p C) linear over (p q c)
             ours["x_embedder.weight"] = value.permute(0, 2, 3, 1).reshape(value.shape[0], -1)
@@ -243,7 +224,9 @@ def objective_for(fmt: str, args: dict, learn_sigma: bool, path: Path):
         return DDPM(schedule="linear", num_steps=1000, learn_sigma=learn_sigma)
     for key, supported in (("path_type", "Linear"), ("prediction", "velocity")):
         if args.get(key, supported) != supported:
-            raise CheckpointImportError(f"{path}: SiT {key} {args[key]!r} is not supported; only {supported!r}")
+            raise CheckpointImportError(
+                f"{path}: SiT {key} {args[key]!r} is not supported; only {supported!r}"
+            )
     # learn_sigma SiT models (the released XL/2) discard their sigma half: the sampler never uses it
     return FlowMatching(timesteps="uniform", time_scale=1.0, reverse_time=True)
 
@@ -256,7 +239,9 @@ def vae_info(vae_id: str) -> VaeInfo:
     try:
         config, _ = read_vae_config(path, subfolder, local_files_only=hub_offline())
     except (OSError, ValueError) as e:
-        raise CheckpointImportError(f"--vae {vae_id}: cannot read its config ({str(e).splitlines()[0]})") from None
+        raise CheckpointImportError(
+            f"--vae {vae_id}: cannot read its config ({str(e).splitlines()[0]})"
+        ) from None
     return VaeInfo(
         id=vae_id,
         scaling_factor=float(config.get("scaling_factor", 1.0)),
@@ -272,7 +257,9 @@ def read_classes(path: Path | None, num_classes: int) -> list[dict]:
         return [asdict(ClassInfo(index=i, id=str(i))) for i in range(num_classes)]
     lines = [line.split(maxsplit=1) for line in Path(path).read_text().splitlines() if line.strip()]
     if len(lines) != num_classes:
-        raise CheckpointImportError(f"--classes {path}: {len(lines)} classes, the model has {num_classes}")
+        raise CheckpointImportError(
+            f"--classes {path}: {len(lines)} classes, the model has {num_classes}"
+        )
     return [asdict(ClassInfo(index=i, id=p[0], name=p[1] if len(p) > 1 else "")) for i, p in enumerate(lines)]  # fmt: skip
 
 

@@ -18,8 +18,8 @@ from foundation.precision import autocast
 from sampler.errors import SamplerError
 from sampler.guidance import guided
 from sampler.plan import ImageNoise
-from sampler.solvers import ddpm_timesteps as solver_times
 from sampler.solvers import DEFAULT_SOLVER, SOLVERS, SPACINGS, VARIANCES, Solver, solvers_for
+from sampler.solvers import ddpm_timesteps as solver_times
 from trainer.model import DiT
 from trainer.objective import DDPM, FlowMatching, Objective
 
@@ -128,7 +128,9 @@ def pick_solver(
         )
     if isinstance(objective, FlowMatching):
         if name != "euler-maruyama" and (cfg.diffusion != 1.0 or cfg.last_step is not None):
-            raise SamplerError("--diffusion and --last-step apply to euler-maruyama only; drop them")
+            raise SamplerError(
+                "--diffusion and --last-step apply to euler-maruyama only; drop them"
+            )
         if cfg.variance is not None or cfg.spacing != "trailing":
             raise SamplerError("--variance and --spacing apply to DDPM samplers only; drop them")
         kwargs = {"shift": cfg.shift}
@@ -184,7 +186,7 @@ def make_latents(
     (and is never guided); every other solver sees the prediction alone.
     """
     learn_sigma = bool(model.config.get("learn_sigma"))
-    name, solver, kwargs = pick_solver(cfg, objective, learn_sigma=learn_sigma)
+    _, solver, kwargs = pick_solver(cfg, objective, learn_sigma=learn_sigma)
     keep_sigma = learn_sigma and kwargs.get("variance") == "learned"
     channels = model.config["in_channels"]
     sign = objective.velocity_sign if isinstance(objective, FlowMatching) else 1.0

@@ -18,14 +18,10 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
+from sampler.errors import CheckpointImportError
 from sampler.guidance import guided
-from sampler.importer import (
-    CheckpointImportError,
-    ImportConfig,
-    import_checkpoint,
-    infer_shapes,
-    read_official,
-)
+from sampler.import_config import ImportConfig
+from sampler.importer import import_checkpoint, infer_shapes, read_official
 from sampler.latents import SolveConfig, make_latents
 from sampler.solvers import (
     ddpm_step,
@@ -93,7 +89,9 @@ class Recorded:
 
 def test_learn_sigma_parameter_count_is_the_papers():
     with torch.device("meta"):
-        model = build_model("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+        model = build_model(
+            "DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True
+        )
     assert model.out_channels == 8
     assert paper_parameter_count(model) == 675_129_632
 
@@ -225,7 +223,9 @@ def test_vlb_gradient_stops_at_the_mean(imported):
 # --- SiT sampling -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("solver", "key"), [(sample_euler, "ode_euler"), (sample_heun, "ode_heun2")])
+@pytest.mark.parametrize(
+    ("solver", "key"), [(sample_euler, "ode_euler"), (sample_heun, "ode_heun2")]
+)
 def test_sit_ode_matches(imported, solver, key):
     model, meta = load(imported, "sit")
     ref = outputs("sit")
@@ -283,7 +283,11 @@ def _bad_files(tmp: Path) -> dict[str, Path]:
         ("junk", {}, r"not a torch checkpoint that loads"),
         ("list", {}, r"not a DiT/SiT checkpoint \(a list"),
         ("dit_train", {}, r"hidden_size 32, the checkpoint's args.model DiT-S/2 says 384"),
-        ("dit_train", {"hidden_size": 64, "depth": 2, "num_heads": 2}, r"hidden_size 32, --hidden-size says 64"),
+        (
+            "dit_train",
+            {"hidden_size": 64, "depth": 2, "num_heads": 2},
+            r"hidden_size 32, --hidden-size says 64",
+        ),
         ("dit_bare", {"model": "DiT-XL/2"}, r"hidden_size 32, --model DiT-XL/2 says 1152"),
         ("dit_bare", {}, r"give --num-heads"),
         ("dit_bare", {"depth": 3, "hidden_size": 32, "num_heads": 2}, r"depth 2, --depth says 3"),
@@ -342,3 +346,32 @@ def test_cli_import_then_sample(tmp_path, tiny_vae_dir):
     assert "noise_blake2b" in settings and "labels_blake2b" in settings
     again = runner.invoke(app, ["import", str(FIXTURES / "dit_bare.pt"), "--run", str(run), "--vae", str(tiny_vae_dir), "--num-heads", "2"])  # fmt: skip
     assert again.exit_code == 2 and "already holds checkpoints" in again.output
+
+
+# --- fine-tuning an imported model --------------------------------------------------------------
+
+
+def test_train_fine_tunes_an_imported_dit_with_the_hybrid_loss(imported, tmp_path):
+    from conftest import write_store
+
+    from trainer.checkpoint import CheckpointMismatchError, load_checkpoint
+    from trainer.config import resolve_config
+    from trainer.train import train
+
+    store = write_store(tmp_path / "store.zarr", n=16, classes=5)
+    options = {"store": str(store), "run": str(tmp_path / "run"), "model": "DiT-S/2", **TINY,
+               "objective": "ddpm", "learn_sigma": True, "normalization": "vae_scaling",
+               "init": str(imported["dit"]), "steps": 2, "batch_size": 8, "warmup_steps": 0}  # fmt: skip
+    run = train(resolve_config(None, options))
+    ckpt = load_checkpoint(run)
+    assert ckpt.meta["objective"]["learn_sigma"] and ckpt.meta["model"]["config"]["learn_sigma"]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+    imported_weights = load_for_inference(imported["dit"])[0].state_dict()
+    moved = [k for k, v in ckpt.model_state.items() if not torch.equal(v, imported_weights[k])]
+    assert moved and set(ckpt.model_state) == set(imported_weights)  # started there, then trained
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"its model \{'learn_sigma': True\} differs from this run's \{'learn_sigma': False\}",
+    ):
+        train(resolve_config(None, {**options, "run": str(tmp_path / "r2"), "learn_sigma": False}))

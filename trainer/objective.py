@@ -226,7 +226,9 @@ class DDPM(_MSEObjective):
         x_t, t, eps = self.corrupt(x0, generator, offset=offset, total=total)
         out = model_fn(x_t, t, y).float()
         betas = ddpm_betas(self.schedule, self.num_steps)
-        mse, vb = hybrid_terms(out, x0=x0.float(), x_t=x_t.float(), t=t.long(), eps=eps.float(), betas=betas)
+        mse, vb = hybrid_terms(
+            out, x0=x0.float(), x_t=x_t.float(), t=t.long(), eps=eps.float(), betas=betas
+        )
         return (mse + vb).mean()
 
     def corrupt(

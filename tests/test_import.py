@@ -375,3 +375,58 @@ def test_train_fine_tunes_an_imported_dit_with_the_hybrid_loss(imported, tmp_pat
         match=r"its model \{'learn_sigma': True\} differs from this run's \{'learn_sigma': False\}",
     ):
         train(resolve_config(None, {**options, "run": str(tmp_path / "r2"), "learn_sigma": False}))
+
+
+@pytest.mark.parametrize(
+    ("solve", "match"),
+    [
+        (
+            {"sampler": "ddim", "steps": 999, "spacing": "official"},
+            r"no integer stride makes 999 DDIM steps",
+        ),
+        (
+            {"sampler": "dpm++2m", "variance": "learned"},
+            r"--variance applies to the ddpm sampler only",
+        ),
+        ({"sampler": "heun", "spacing": "official"}, r"is for flow_matching models"),
+    ],
+)
+def test_bad_solver_options_for_an_imported_dit(imported, solve, match):
+    from sampler.errors import SamplerError
+    from sampler.latents import pick_solver
+
+    model, meta = load(imported, "dit")
+    with pytest.raises(SamplerError, match=match):
+        pick_solver(SolveConfig(**solve), objective_from_meta(meta["objective"]), learn_sigma=True)
+
+
+def test_every_ddpm_solver_runs_a_learn_sigma_model(imported):
+    from sampler.plan import ImageNoise
+
+    model, meta = load(imported, "dit")
+    objective = objective_from_meta(meta["objective"])
+    for sampler in ("ddpm", "ddim", "dpm++2m"):
+        z = make_latents(model, objective, torch.tensor([0, 4]), ImageNoise(0, [0, 1]),
+                         SolveConfig(sampler=sampler, steps=4, cfg=2.0, spacing="official"),
+                         latent_shape=(C, 8, 8), device=torch.device("cpu"), precision="fp32")  # fmt: skip
+        assert z.shape == (2, C, 8, 8) and torch.isfinite(z).all()
+
+
+def test_sample_refuses_bad_noise_and_protocol(imported, tmp_path):
+    np.save(tmp_path / "noise.npy", np.zeros((3, C, 8, 8), np.float32))
+    base = [
+        "sample",
+        str(imported["dit"]),
+        "--out",
+        str(tmp_path / "s"),
+        "--n",
+        "2",
+        "--steps",
+        "2",
+    ]
+    result = runner.invoke(app, [*base, "--noise", str(tmp_path / "noise.npy")])
+    assert result.exit_code == 2 and "shape (3, 4, 8, 8), need (2, 4, 8, 8)" in result.output
+    result = runner.invoke(app, [*base, "--protocol", "adm"])
+    assert (
+        result.exit_code == 2 and "--protocol 'adm' is not one of dit-fid, sit-fid" in result.output
+    )

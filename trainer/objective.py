@@ -97,7 +97,11 @@ class _MSEObjective(ABC):
     ) -> torch.Tensor:
         """Scalar float32 loss for clean latents x0 (B, C, H, W) and labels y (B,)."""
         x_t, t, target = self.corrupt(x0, generator, offset=offset, total=total)
-        return F.mse_loss(model_fn(x_t, t, y).float(), target.float())
+        return self.loss_of(model_fn(x_t, t, y).float(), x0=x0, x_t=x_t, t=t, target=target)
+
+    def loss_of(self, out, *, x0, x_t, t, target) -> torch.Tensor:
+        """The loss of model output `out` at (x_t, t), made from x0 with `target`."""
+        return F.mse_loss(out, target.float())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,24 +214,13 @@ class DDPM(_MSEObjective):
         """The model's time input: the DDPM step itself."""
         return t
 
-    def loss(
-        self,
-        model_fn: ModelFn,
-        x0: torch.Tensor,
-        y: torch.Tensor,
-        generator: torch.Generator,
-        *,
-        offset: int = 0,
-        total: int | None = None,
-    ) -> torch.Tensor:
-        """Scalar float32 loss: the MSE on eps, plus L_vlb with learn_sigma (`trainer.vlb`)."""
+    def loss_of(self, out, *, x0, x_t, t, target) -> torch.Tensor:
+        """The MSE on eps; with learn_sigma plus L_vlb on the variance half (`trainer.vlb`)."""
         if not self.learn_sigma:
-            return super().loss(model_fn, x0, y, generator, offset=offset, total=total)
-        x_t, t, eps = self.corrupt(x0, generator, offset=offset, total=total)
-        out = model_fn(x_t, t, y).float()
+            return super().loss_of(out, x0=x0, x_t=x_t, t=t, target=target)
         betas = ddpm_betas(self.schedule, self.num_steps)
         mse, vb = hybrid_terms(
-            out, x0=x0.float(), x_t=x_t.float(), t=t.long(), eps=eps.float(), betas=betas
+            out, x0=x0.float(), x_t=x_t.float(), t=t.long(), eps=target.float(), betas=betas
         )
         return (mse + vb).mean()
 

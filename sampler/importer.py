@@ -57,6 +57,7 @@ RENAMES = [
     (r"^(blocks\.\d+)\.mlp\.fc1\.", r"\1.mlp.0."),
     (r"^(blocks\.\d+)\.mlp\.fc2\.", r"\1.mlp.2."),
 ]
+NAMES = {"dit": "DiT", "sit": "SiT"}
 POS_TOLERANCE = 1e-5
 HASH_CHUNK = 1 << 24
 
@@ -92,10 +93,14 @@ def read_official(path: Path, weights: str = "ema") -> tuple[dict[str, Tensor], 
         raise CheckpointImportError(
             f"{path}: not a torch checkpoint ({str(e).strip().splitlines()[0]})"
         ) from None
-    if isinstance(obj, dict) and all(k in obj for k in TRAIN_KEYS):
+
+    def tensors(d) -> bool:
+        return isinstance(d, dict) and bool(d) and all(isinstance(v, Tensor) for v in d.values())
+
+    if isinstance(obj, dict) and all(k in obj for k in TRAIN_KEYS) and tensors(obj[weights]):
         args = obj.get("args")
         return obj[weights], vars(args) if isinstance(args, argparse.Namespace) else {}, "train"
-    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+    if tensors(obj):
         return obj, {}, "bare"
     raise CheckpointImportError(
         f"{path}: not a DiT/SiT checkpoint (a {type(obj).__name__} that is neither a state dict nor "
@@ -111,6 +116,8 @@ def infer_shapes(state: dict[str, Tensor], path: Path) -> dict[str, Any]:
             f"{path}: not a DiT/SiT checkpoint (no {', '.join(missing[:3])}; it has "
             f"{', '.join(list(state)[:3])}...)"
         )
+    if state["x_embedder.proj.weight"].ndim != 4:
+        raise CheckpointImportError(f"{path}: x_embedder.proj.weight is not a patch convolution")
     hidden, channels, p, q = state["x_embedder.proj.weight"].shape
     tokens = state["pos_embed"].shape[-2]
     grid = math.isqrt(tokens)
@@ -186,6 +193,17 @@ def model_config(shapes: dict[str, Any], cfg: ImportConfig, args: dict) -> tuple
     return preset, config
 
 
+def drop_sigma(state: dict[str, Tensor], channels: int) -> dict[str, Tensor]:
+    """The state without the variance half of the output layer (outputs ordered (p, q, c))."""
+    w, b = state["final_layer.linear.weight"], state["final_layer.linear.bias"]
+    patches = w.shape[0] // (2 * channels)
+    return {
+        **state,
+        "final_layer.linear.weight": w.view(patches, 2 * channels, -1)[:, :channels].reshape(-1, w.shape[1]),
+        "final_layer.linear.bias": b.view(patches, 2 * channels)[:, :channels].reshape(-1),
+    }  # fmt: skip
+
+
 def map_state(state: dict[str, Tensor], model: DiT, path: Path) -> dict[str, Tensor]:
     """The official state dict in our names: conv patch embedding as a linear, pos_embed checked."""
     ours: dict[str, Tensor] = {}
@@ -218,16 +236,25 @@ def map_state(state: dict[str, Tensor], model: DiT, path: Path) -> dict[str, Ten
     return {k: v.float().contiguous() for k, v in ours.items()}
 
 
-def objective_for(fmt: str, args: dict, learn_sigma: bool, path: Path):
-    """DiT: DDPM, linear betas, 1000 steps; SiT: linear flow in SiT's time (0 = noise, t in [0, 1])."""
-    if fmt == "dit":
-        return DDPM(schedule="linear", num_steps=1000, learn_sigma=learn_sigma)
+def check_format(fmt: str, args: dict, path: Path) -> None:
+    """Refuse a train.py checkpoint whose args say it is the other format, or an unsupported SiT."""
+    sit_args = "path_type" in args  # SiT's train.py adds its transport arguments
+    if args and sit_args != (fmt == "sit"):
+        other = "sit" if sit_args else "dit"
+        raise CheckpointImportError(
+            f"{path}: its train.py args are {NAMES[other]}'s, not {NAMES[fmt]}'s; use --format {other}"
+        )
     for key, supported in (("path_type", "Linear"), ("prediction", "velocity")):
         if args.get(key, supported) != supported:
             raise CheckpointImportError(
                 f"{path}: SiT {key} {args[key]!r} is not supported; only {supported!r}"
             )
-    # learn_sigma SiT models (the released XL/2) discard their sigma half: the sampler never uses it
+
+
+def objective_for(fmt: str, learn_sigma: bool):
+    """DiT: DDPM, linear betas, 1000 steps; SiT: linear flow in SiT's time (0 = noise, t in [0, 1])."""
+    if fmt == "dit":
+        return DDPM(schedule="linear", num_steps=1000, learn_sigma=learn_sigma)
     return FlowMatching(timesteps="uniform", time_scale=1.0, reverse_time=True)
 
 
@@ -243,7 +270,7 @@ def vae_info(vae_id: str) -> VaeInfo:
             f"--vae {vae_id}: cannot read its config ({str(e).splitlines()[0]})"
         ) from None
     return VaeInfo(
-        id=vae_id,
+        id=path if Path(path).exists() else vae_id,
         scaling_factor=float(config.get("scaling_factor", 1.0)),
         shift_factor=config.get("shift_factor"),
         latent_channels=int(config.get("latent_channels", 4)),
@@ -269,7 +296,11 @@ def import_checkpoint(cfg: ImportConfig) -> Path:
     if latest_checkpoint(cfg.run) is not None or (Path(cfg.run) / CHECKPOINTS).exists():
         raise CheckpointImportError(f"--run {cfg.run} already holds checkpoints; use a new --run")
     state, args, layout = read_official(src, cfg.weights)
+    check_format(cfg.format, args, src)
     shapes = infer_shapes(state, src)
+    sigma_dropped = cfg.format == "sit" and shapes["learn_sigma"]
+    if sigma_dropped:  # SiT's forward discards it: without it the model is the same, and trainable
+        state, shapes = drop_sigma(state, shapes["in_channels"]), {**shapes, "learn_sigma": False}
     preset, config = model_config(shapes, cfg, args)
     try:
         model = DiT(**config)
@@ -281,7 +312,7 @@ def import_checkpoint(cfg: ImportConfig) -> Path:
         raise CheckpointImportError(
             f"--vae {cfg.vae} has {vae.latent_channels} latent channels, the model {config['in_channels']}"
         )
-    objective = objective_for(cfg.format, args, config["learn_sigma"], src)
+    objective = objective_for(cfg.format, config["learn_sigma"])
     channels, size = config["in_channels"], config["input_size"]
     norm = LatentNormalization(
         kind="vae_scaling", mean=(vae.shift_factor or 0.0,) * channels, std=(1.0 / vae.scaling_factor,) * channels
@@ -298,7 +329,7 @@ def import_checkpoint(cfg: ImportConfig) -> Path:
         "store": None,
         "source": {
             "path": str(src), "sha256": sha256(src), "format": cfg.format, "layout": layout,
-            "weights": cfg.weights if layout == "train" else None,
+            "weights": cfg.weights if layout == "train" else None, "sigma_dropped": sigma_dropped,
             "args": {k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, type(None)))},
         },
     }  # fmt: skip

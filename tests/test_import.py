@@ -102,8 +102,11 @@ def test_forward_matches_the_official_model(imported, name):
     ref = outputs(name)
     with torch.no_grad():
         got = model(ref["x"], ref["t_forward"].float(), ref["y"])
-    assert meta["model"]["config"]["learn_sigma"] and got.shape[1] == 2 * C
-    assert_matches(got if name == "dit" else got[:, :C], ref["forward"])  # SiT drops its sigma
+    if name == "dit":
+        assert meta["model"]["config"]["learn_sigma"] and got.shape[1] == 2 * C
+    else:  # SiT's forward discards its sigma half; the import drops those weights
+        assert meta["source"]["sigma_dropped"] and got.shape[1] == C
+    assert_matches(got, ref["forward"])
 
 
 @pytest.mark.parametrize("name", ["dit", "sit"])
@@ -231,7 +234,7 @@ def test_sit_ode_matches(imported, solver, key):
     ref = outputs("sit")
     objective = objective_from_meta(meta["objective"])
     assert meta["objective"]["t0"] == "noise"
-    net = lambda x, t, y: -model(x, objective.model_time(t), y)[:, :C]  # noqa: E731
+    net = lambda x, t, y: -model(x, objective.model_time(t), y)  # noqa: E731
     fn = guided(net, ref["y_cond"], scale=CONFIG["cfg"], null_class=model.null_class, channels=3)
     with torch.no_grad():
         got = solver(fn, ref["z"], CONFIG["steps"])
@@ -292,6 +295,8 @@ def _bad_files(tmp: Path) -> dict[str, Path]:
         ("dit_bare", {}, r"give --num-heads"),
         ("dit_bare", {"depth": 3, "hidden_size": 32, "num_heads": 2}, r"depth 2, --depth says 3"),
         ("dit_train", {**TINY, "weights": "opt"}, r"--weights 'opt' is not one of"),
+        ("dit_train", {**TINY, "format": "sit"}, r"args are DiT's, not SiT's; use --format dit"),
+        ("sit_train", {**TINY, "format": "dit"}, r"args are SiT's, not DiT's; use --format sit"),
         ("dit_train", {**TINY, "format": "adm"}, r"--format 'adm' is not one of"),
     ],
 )
@@ -430,3 +435,23 @@ def test_sample_refuses_bad_noise_and_protocol(imported, tmp_path):
     assert (
         result.exit_code == 2 and "--protocol 'adm' is not one of dit-fid, sit-fid" in result.output
     )
+
+
+def test_train_fine_tunes_an_imported_sit_in_its_time(imported, tmp_path):
+    from conftest import write_store
+
+    from trainer.checkpoint import load_checkpoint
+    from trainer.config import resolve_config
+    from trainer.train import train
+
+    store = write_store(tmp_path / "store.zarr", n=16, classes=7)
+    options = {"store": str(store), "run": str(tmp_path / "run"), "model": "DiT-S/4", **TINY,
+               "normalization": "vae_scaling", "init": str(imported["sit"]), "steps": 1,
+               "batch_size": 8, "warmup_steps": 0, "timesteps": "uniform"}  # fmt: skip
+    meta = load_checkpoint(train(resolve_config(None, options))).meta
+    assert meta["objective"] == {
+        **meta["objective"],
+        "reverse_time": True,
+        "time_scale": 1.0,
+        "t0": "noise",
+    }

@@ -400,7 +400,7 @@ def test_bad_solver_options_for_an_imported_dit(imported, solve, match):
     from sampler.errors import SamplerError
     from sampler.latents import pick_solver
 
-    model, meta = load(imported, "dit")
+    _, meta = load(imported, "dit")
     with pytest.raises(SamplerError, match=match):
         pick_solver(SolveConfig(**solve), objective_from_meta(meta["objective"]), learn_sigma=True)
 

@@ -34,9 +34,10 @@ from latent_store.schema import ClassInfo, VaeInfo
 from sampler.errors import CheckpointImportError
 from sampler.import_config import ImportConfig
 from trainer.checkpoint import CHECKPOINTS, FORMAT, VERSION, latest_checkpoint, save_checkpoint
-from trainer.model import DIT_PRESETS, DiT, ModelConfigError
+from trainer.model import DiT, ModelConfigError
 from trainer.normalization import LatentNormalization
 from trainer.objective import DDPM, FlowMatching
+from trainer.presets import DIT_PRESETS
 
 log = logging.getLogger(__name__)
 

@@ -8,108 +8,20 @@ The one path that `latentdit sample`, the training grid hook and the benchmark a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from foundation.precision import autocast
+from sampler.config import SolveConfig
 from sampler.errors import SamplerError
 from sampler.guidance import guided
 from sampler.plan import ImageNoise
-from sampler.solvers import DEFAULT_SOLVER, SOLVERS, SPACINGS, VARIANCES, Solver, solvers_for
+from sampler.solvers import DEFAULT_SOLVER, SOLVERS, Solver, solvers_for
 from sampler.solvers import ddpm_timesteps as solver_times
 from trainer.model import DiT
 from trainer.objective import DDPM, FlowMatching, Objective
-
-
-@dataclass(frozen=True, kw_only=True)
-class SolveConfig:
-    """How latents are made from noise."""
-
-    sampler: str | None = None
-    """Solver name (see `SOLVERS`); None: heun for flow matching, dpm++2m for DDPM."""
-    steps: int = 50
-    """Solver steps (Heun makes two model calls per step)."""
-    cfg: float = 1.0
-    """Guidance scale: uncond + cfg (cond - uncond) on all channels; 1 means no guidance."""
-    cfg_channels: int | None = None
-    """Guide only the first N latent channels (3 reproduces the published DiT/SiT numbers); None: all."""
-    cfg_interval: tuple[float, float] | None = None
-    """Guide only for t in [lo, hi] (t in [0, 1], 1 = noise; DDPM: step / T); None: always."""
-    shift: float = 1.0
-    """SD3 timestep shift for flow solvers (1 = none)."""
-    eta: float = 0.0
-    """DDIM's eta (0 = deterministic)."""
-    variance: str | None = None
-    """DDPM sampler variance: fixed-small, fixed-large or learned; None: learned for learn_sigma models."""
-    spacing: str = "trailing"
-    """DDPM/DDIM timesteps: trailing (ours) or official (DiT's space_timesteps: "N", "ddimN")."""
-    diffusion: float = 1.0
-    """Euler-Maruyama diffusion w(t) = diffusion * t (SiT's sigma form with norm n: 2 n)."""
-    last_step: float | None = None
-    """Euler-Maruyama: size of a last, noise-free step to t = 0 (SiT: 0.04); None: uniform steps."""
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
-            (self.shift > 0, f"--shift must be > 0, got {self.shift}"),
-            (self.cfg >= 0, f"--cfg must be >= 0, got {self.cfg}"),
-            (
-                self.sampler is None or self.sampler in SOLVERS,
-                f"--sampler {self.sampler!r} is not one of {', '.join(SOLVERS)}",
-            ),
-            (
-                self.variance is None or self.variance in VARIANCES,
-                f"--variance {self.variance!r} is not one of {', '.join(VARIANCES)}",
-            ),
-            (self.spacing in SPACINGS, f"--spacing {self.spacing!r} is not one of {', '.join(SPACINGS)}"),
-            (self.cfg_channels is None or self.cfg_channels >= 1, f"--cfg-channels must be >= 1, got {self.cfg_channels}"),
-            (self.diffusion >= 0, f"--diffusion must be >= 0, got {self.diffusion}"),
-            (self.last_step is None or 0 < self.last_step < 1, f"--last-step must be in (0, 1), got {self.last_step}"),
-        ]  # fmt: skip
-        if self.cfg_interval is not None:
-            lo, hi = self.cfg_interval
-            checks.append(
-                (0 <= lo <= hi <= 1, f"--cfg-interval needs 0 <= lo <= hi <= 1, got {lo} {hi}")
-            )
-        for ok, message in checks:
-            if not ok:
-                raise SamplerError(message)
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """A published sampling protocol: the SolveConfig values it sets, and where they come from."""
-
-    solve: dict[str, Any]
-    source: str
-
-
-PROTOCOLS: dict[str, Protocol] = {
-    "dit-fid": Protocol(
-        {"sampler": "ddpm", "steps": 250, "cfg": 1.5, "cfg_channels": 3, "variance": "learned",
-         "spacing": "official"},
-        "DiT-XL/2 256px, FID-50K 2.27 (Peebles & Xie 2023, Table 4): facebookresearch/DiT "
-        "sample_ddp.py defaults (250 DDPM steps of create_diffusion('250'), learned sigma, "
-        "--cfg-scale 1.5, sd-vae-ft-ema) and models.py forward_with_cfg (guidance on 3 channels)",
-    ),
-    "sit-fid": Protocol(
-        {"sampler": "euler-maruyama", "steps": 250, "cfg": 1.5, "cfg_channels": 3,
-         "diffusion": 2.0, "last_step": 0.04},
-        "SiT-XL/2 256px, FID-50K 2.06 (Ma et al. 2024; willisma/SiT README): sample_ddp.py SDE "
-        "defaults (Euler, --diffusion-form sigma, --diffusion-norm 1 = our diffusion 2, "
-        "--last-step Mean of size 0.04, 250 steps), --cfg-scale 1.5, guidance on 3 channels",
-    ),
-}  # fmt: skip
-
-
-def protocol_solve(name: str, given: dict[str, Any] | None = None) -> SolveConfig:
-    """The SolveConfig of a protocol; `given` (options set explicitly) win over it."""
-    if name not in PROTOCOLS:
-        raise SamplerError(f"--protocol {name!r} is not one of {', '.join(PROTOCOLS)}")
-    return SolveConfig(**{**PROTOCOLS[name].solve, **(given or {})})
 
 
 def pick_solver(

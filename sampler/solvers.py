@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm, trange
 
+from sampler.config import SPACINGS, VARIANCES
+
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 NoiseFn = Callable[[Tensor], Tensor]
 Callback = Callable[[dict], None]
@@ -132,10 +134,6 @@ def sample_euler_maruyama(
 
 
 # --- noise prediction (DDPM-trained models) ----------------------------------------------------
-
-
-SPACINGS = ("trailing", "official")
-VARIANCES = ("fixed-small", "fixed-large", "learned")
 
 
 def ddpm_timesteps(

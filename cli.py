@@ -397,6 +397,10 @@ def train(
     keep_all: Annotated[bool, typer.Option("--keep-all", help="Keep every checkpoint.")] = False,
     sample_every: Annotated[int | None, _train_option("sample_every")] = None,
     peak_tflops: Annotated[float | None, _train_option("peak_tflops")] = None,
+    eval_every: Annotated[int | None, _train_option("eval_every")] = None,
+    eval_samples: Annotated[int | None, _train_option("eval_samples")] = None,
+    eval_ref: Annotated[str | None, _train_option("eval_ref")] = None,
+    eval_inception: Annotated[str | None, _train_option("eval_inception")] = None,
 ) -> None:
     """Train a class-conditional DiT on a latent store; re-running on a run folder resumes it."""
     options = {k: v for k, v in locals().items() if k not in ("config", "no_grad_clip", "keep_all")}
@@ -413,7 +417,14 @@ def train(
             grad_clip=None if no_grad_clip else cfg.grad_clip,
             keep_last=None if keep_all else cfg.keep_last,
         )
-    train_run(cfg, sample_fn=_sample_hook(cfg))
+    eval_fn = None
+    if cfg.eval_every is not None:
+        from evaluation.training import fid_hook
+
+        eval_fn = fid_hook(
+            cfg.vae, cfg.eval_ref, samples=cfg.eval_samples, inception=cfg.eval_inception
+        )
+    train_run(cfg, sample_fn=_sample_hook(cfg), eval_fn=eval_fn)
 
 
 def _sample_hook(cfg):

@@ -76,7 +76,6 @@ def summarize(path: Path, cfg: EvaluateConfig, net, device: str) -> SetStats:
     """Open `path`, featurize its images (if it has any) and compute ADM's statistics."""
     from evaluation.features import extract_features
     from evaluation.inputs import StatsFile, open_input
-    from evaluation.metrics import GaussianStats
 
     opened = open_input(path, limit=cfg.limit, workers=cfg.workers, vae=cfg.vae, device=device)
     if isinstance(opened, StatsFile):
@@ -88,11 +87,20 @@ def summarize(path: Path, cfg: EvaluateConfig, net, device: str) -> SetStats:
         return SetStats("stats", str(path), opened.count, opened.stats, opened.pool, opened.spatial)
     if opened.count < 2:
         raise EvaluationError(f"{path}: {opened.count} image(s); statistics need at least 2")
-    f = extract_features(opened, net, batch_size=cfg.batch_size, device=device)
+    s = set_stats(opened.kind, path, extract_features(opened, net, batch_size=cfg.batch_size,
+                                                     device=device))  # fmt: skip
+    if opened.stats:  # a reference batch's own statistics win, as in ADM
+        s.stats = opened.stats
+    return s
+
+
+def set_stats(kind: str, path: Path | str, f) -> SetStats:
+    """ADM's statistics of a set's features (`evaluation.features.SetFeatures`)."""
+    from evaluation.metrics import GaussianStats
+
     pool, spatial = GaussianStats.of(f.pool), GaussianStats.of(f.spatial)
-    mine = {"mu": pool.mu, "sigma": pool.sigma, "mu_s": spatial.mu, "sigma_s": spatial.sigma}
-    stats = opened.stats or mine  # a reference batch's own statistics win, as in ADM
-    return SetStats(opened.kind, str(path), len(f.pool), stats, f.pool, f.spatial, f.images_per_s)
+    stats = {"mu": pool.mu, "sigma": pool.sigma, "mu_s": spatial.mu, "sigma_s": spatial.sigma}
+    return SetStats(kind, str(path), len(f.pool), stats, f.pool, f.spatial, f.images_per_s)
 
 
 def save_stats(s: SetStats, out: Path, network_sha1: str) -> Path:

@@ -314,3 +314,27 @@ def test_stats_of_another_network_are_refused(tmp_path, tiny_inception, tiny_inc
     with pytest.raises(EvaluationError, match="recompute the stats"):
         evaluate(cfg(tmp_path / "s.npz", tmp_path / "st.npz", tiny_inception_logits))
     assert sha1_of(tiny_inception) != sha1_of(tiny_inception_logits)
+
+
+def test_train_eval_every_logs_fid_records(tmp_path, tiny_vae_dir, tiny_inception):
+    store = write_store(tmp_path / "s.zarr", n=16, size=4)
+    evaluate(cfg(store, None, tiny_inception, vae=str(tiny_vae_dir), save_stats=tmp_path / "r.npz"))
+    args = ["train", "--store", store, "--run", tmp_path / "run", "--model", "DiT-S/2",
+            "--hidden-size", 32, "--depth", 2, "--num-heads", 2, "--steps", 2, "--batch-size", 8,
+            "--warmup-steps", 0, "--vae", tiny_vae_dir, "--sample-every", 2, "--eval-every", 1,
+            "--eval-samples", 6, "--eval-ref", tmp_path / "r.npz", "--eval-inception",
+            tiny_inception]  # fmt: skip
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    evals = [rec for rec in log if rec.get("eval")]
+    assert [rec["step"] for rec in evals] == [1, 2]
+    assert all(rec["fid"] > 0 and rec["eval_samples"] == 6 for rec in evals)
+    assert evals[0]["precision"] is not None and evals[0]["inception_score"] is None
+
+
+def test_eval_every_needs_vae_and_ref():
+    from trainer.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="--eval-every needs --vae"):
+        TrainConfig(store="s", run="r", eval_every=10)

@@ -87,6 +87,8 @@ class DemoConfig:
     """The VAE (diffusers folder); by default the shipped demo VAE."""
     classifier: Path = CLASSIFIER_DIR
     """The verdict classifier; by default the shipped one."""
+    fid_per_class: int | None = 20
+    """Images per class in each set of the Inception FIDs (200 a set: ~4 CPU-minutes in all)."""
 
     def __post_init__(self) -> None:
         if self.samples_per_class < GRID_COLUMNS:
@@ -109,6 +111,7 @@ class DemoConfig:
             samples_per_class=GRID_COLUMNS,
             sample_steps=2,
             decode_check=8,
+            fid_per_class=None,  # 2048-d sqrtms cost minutes on a loaded CPU: tested on their own
         )
 
 
@@ -218,7 +221,8 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = log.info) -> dict:
     t0 = time.perf_counter()
     for name, cmd in commands(cfg, at):
         seconds[name], stdout[name] = run_step(name, cmd, echo)
-    echo("\n[verdict] the shipped classifier names each sample; FD against held-out images")
+    echo("\n[verdict] the shipped classifier names each sample; FD against held-out images;")
+    echo("          Inception FID (ADM's evaluator) of samples and of the VAE floor")
     t = time.perf_counter()
     images, asked = read_samples(at.samples, cfg.samples_per_class, cfg.seed)
     write_class_grid(images, asked, at.grid)
@@ -231,7 +235,13 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = log.info) -> dict:
         "artifacts": {k: str(getattr(at, k)) for k in ("data", "store", "run", "samples", "grid")},
     }
     report = verdict(
-        VerdictConfig(data=at.data, out=cfg.out, classifier=cfg.classifier),
+        VerdictConfig(
+            data=at.data,
+            out=cfg.out,
+            classifier=cfg.classifier,
+            vae=cfg.vae,
+            inception_per_class=cfg.fid_per_class,
+        ),
         images,
         asked,
         extra=extra,

@@ -39,6 +39,16 @@ class ImageSet:
     stats: dict[str, np.ndarray] = field(default_factory=dict)  # a reference batch's own
 
 
+def array_images(kind: str, name: str | Path, images: np.ndarray) -> ImageSet:
+    """An in-memory uint8 (N, H, W, 3) array as an image set."""
+
+    def batches(batch_size: int) -> Iterator[np.ndarray]:
+        for i in range(0, len(images), batch_size):
+            yield images[i : i + batch_size]
+
+    return ImageSet(kind, Path(name), len(images), batches)
+
+
 @dataclass
 class StatsFile:
     """A statistics file: ADM's keys, and the features when `--save-stats` wrote them."""

@@ -20,7 +20,14 @@ from demo.data import (
     make_demo_data,
 )
 from demo.frechet import frechet_distance
-from demo.verdict import REPORT_FILE, VerdictConfig, judge, split_halves, verdict
+from demo.verdict import (
+    REPORT_FILE,
+    VerdictConfig,
+    format_report,
+    judge,
+    split_halves,
+    verdict,
+)
 
 # --- data ----------------------------------------------------------------------------------------
 
@@ -141,7 +148,8 @@ def test_split_halves_are_disjoint_and_balanced():
 
 def test_verdict_judges_real_images_as_right_and_wrong_labels_as_wrong(tmp_path, demo_data):
     images, labels = load_split(demo_data, "val")
-    report = verdict(VerdictConfig(data=demo_data, out=tmp_path), images, labels)
+    config = VerdictConfig(data=demo_data, out=tmp_path, inception_per_class=None)
+    report = verdict(config, images, labels)
     assert report["accuracy"] >= 0.9 and report["goal_met"]
     assert len(report["per_class"]) == len(CLASSES)
     assert json.loads((tmp_path / REPORT_FILE).read_text()) == report
@@ -201,6 +209,22 @@ def test_quick_demo_makes_every_artifact(tmp_path):
     assert str(out / "grid.png") in shown[-1] and str(out / REPORT_FILE) in shown[-1]
     with pytest.raises(DemoError, match="earlier demo"):
         run_demo(cfg, echo=shown.append)
+
+
+def test_inception_report_of_the_demo(demo_data, tiny_inception):
+    """The demo's Inception FIDs (here with a tiny stand-in network): samples, VAE floor, real."""
+    from demo.inception import inception_report
+    from demo.verdict import split_halves
+
+    real, labels = load_split(demo_data, "val")
+    (a, la), (b, lb) = split_halves(real, labels)
+    generated = np.flip(b, axis=2).copy()  # stand-in samples: mirrored real images
+    r = inception_report(generated, lb, a, la, b, lb, vae_dir=VAE_DIR, images_per_class=2,
+                         inception=tiny_inception)  # fmt: skip
+    assert r["images_per_set"] == 2 * len(CLASSES)
+    assert all(r[k] > 0 for k in ("fid_generated", "fid_reconstruction", "fid_real_vs_real"))
+    text = format_report({**judge(load_classifier(), b, lb, a, la), "inception": r})
+    assert "VAE reconstruction floor" in text
 
 
 def test_demo_command_refuses_an_earlier_demo_and_bad_options(tmp_path):

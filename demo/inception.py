@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from demo.data import as_tensor
+from demo.data import as_tensor, load_split
+from demo.verdict import split_halves
 from evaluation.evaluate import set_stats
 from evaluation.features import extract_features
 from evaluation.inputs import array_images
@@ -55,9 +56,12 @@ def inception_fids(sets: dict[str, np.ndarray], net: InceptionFeatures) -> dict[
     return {k: frechet_distance(v, stats["real_a"]) for k, v in stats.items() if k != "real_a"}
 
 
-def inception_report(generated, asked, real_a, labels_a, real_b, labels_b, *, vae_dir: Path,
-                     images_per_class: int, inception: Path | None = None) -> dict:  # fmt: skip
-    """{"fid_generated", "fid_reconstruction", "fid_real_vs_real", "images_per_set", network}."""
+def demo_inception(data: Path, generated: np.ndarray, asked: np.ndarray, *, vae_dir: Path,
+                   images_per_class: int, inception: Path | None = None) -> dict:  # fmt: skip
+    """{"fid_generated", "fid_reconstruction", "fid_real_vs_real", "images_per_set", network}
+    of `generated` (asked for classes `asked`) against the halves of `data`'s held-out split."""
+    real, labels = load_split(data, "val")
+    (real_a, labels_a), (real_b, labels_b) = split_halves(real, labels)
     net = load_inception(inception)
     n = min(images_per_class, np.bincount(asked).min(), np.bincount(labels_a).min(),
             np.bincount(labels_b).min())  # fmt: skip

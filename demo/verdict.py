@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from demo import CLASSIFIER_DIR, VAE_DIR
+from demo import CLASSIFIER_DIR
 from demo.classifier import Classifier, load_classifier
 from demo.data import CLASSES, load_split
 from demo.frechet import frechet_distance
@@ -40,12 +40,6 @@ class VerdictConfig:
     """Saved verdict classifier."""
     split: str = "val"
     """Split of `data` used as held-out real images."""
-    vae: Path = VAE_DIR
-    """The VAE of the reconstruction floor (held-out images encoded and decoded)."""
-    inception_per_class: int | None = 20
-    """Images per class in each set of the Inception FIDs (None: skip them)."""
-    inception: Path | None = None
-    """Another Inception port (default: the cached one `latentdit evaluate` uses)."""
 
 
 def split_halves(images: np.ndarray, labels: np.ndarray):
@@ -124,9 +118,9 @@ def format_report(report: dict) -> str:
     if report.get("inception"):
         i = report["inception"]
         lines.append(
-            f"Inception FID ({i['images_per_set']} images a set, vs held-out): generated "
-            f"{i['fid_generated']:.2f}, VAE reconstruction floor {i['fid_reconstruction']:.2f}, "
-            f"real vs real {i['fid_real_vs_real']:.2f}"
+            f"Inception FID (ADM's evaluator; {i['images_per_set']} images a set, vs held-out): "
+            f"generated {i['fid_generated']:.2f}, VAE reconstruction floor "
+            f"{i['fid_reconstruction']:.2f}, real vs real {i['fid_real_vs_real']:.2f}"
         )
     return "\n".join(lines)
 
@@ -138,15 +132,6 @@ def verdict(
     (the figures of `judge`, then `extra`, e.g. timings and provenance)."""
     real, real_labels = load_split(config.data, config.split)
     report = judge(load_classifier(config.classifier), generated, asked, real, real_labels)
-    report["inception"] = None
-    if config.inception_per_class is not None:
-        from demo.inception import inception_report
-
-        (real_a, labels_a), (real_b, labels_b) = split_halves(real, real_labels)
-        report["inception"] = inception_report(
-            generated, asked, real_a, labels_a, real_b, labels_b, vae_dir=config.vae,
-            images_per_class=config.inception_per_class, inception=config.inception,
-        )  # fmt: skip
     report.update(extra or {})
     path = write_report(report, config.out)
     log.info("accuracy %.1f%%; report in %s", 100 * report["accuracy"], path)

@@ -113,7 +113,9 @@ def save_stats(s: SetStats, out: Path, network_sha1: str) -> Path:
     return out
 
 
-def compare(samples: SetStats, ref: SetStats | None, net) -> tuple[dict, dict, list[str]]:
+def compare(
+    samples: SetStats, ref: SetStats | None, net, device: str = "cpu"
+) -> tuple[dict, dict, list[str]]:
     """(metrics, reasons for the null ones, warnings) of `samples` against `ref`."""
     import torch
 
@@ -162,7 +164,9 @@ def compare(samples: SetStats, ref: SetStats | None, net) -> tuple[dict, dict, l
     elif min(len(samples.pool), len(ref.pool)) <= 3:
         reasons["precision"] = reasons["recall"] = "need more than k = 3 images in each set"
     else:
-        values["precision"], values["recall"] = precision_recall(ref.pool, samples.pool)
+        values["precision"], values["recall"] = precision_recall(
+            ref.pool, samples.pool, device=device
+        )
     return values, reasons, warnings
 
 
@@ -178,7 +182,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     ref = summarize(cfg.ref, cfg, net, device) if cfg.ref is not None else None
     if cfg.save_stats is not None:
         save_stats(samples, Path(cfg.save_stats), net.sha1)
-    values, reasons, warnings = compare(samples, ref, net)
+    values, reasons, warnings = compare(samples, ref, net, device)
     for w in warnings:
         log.warning(w)
 

@@ -76,7 +76,7 @@ def fid_hook(vae_id: str, ref: str | Path, *, samples: int = 5000, steps: int = 
         )  # fmt: skip
         f = extract_features(images, loaded["net"], batch_size=batch_size, device=device)
         mine = set_stats("ema samples", run_dir, f)
-        values, _, _ = compare(mine, loaded["ref"], loaded["net"])
+        values, _, _ = compare(mine, loaded["ref"], loaded["net"], str(device))
         values.update(eval_samples=samples, eval_seconds=time.perf_counter() - t0)
         log.info("step %d: FID %.3f of %d EMA samples", step, values["fid"], samples)
         return values

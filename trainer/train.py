@@ -42,6 +42,9 @@ CONFIG_FILE = "config.json"
 SampleFn = Callable[[DiT, dict[str, Any], int, Path], None]
 """sample_fn(ema_model, meta, step, run_dir): called on rank 0 every `sample_every` steps and at
 the end, e.g. to write an EMA sample grid under run_dir through the sampler's decoder-only path."""
+EvalFn = Callable[[DiT, dict[str, Any], int, Path], dict[str, Any]]
+"""eval_fn(ema_model, meta, step, run_dir) -> metrics: called on rank 0 every `eval_every` steps and
+at the end (e.g. FID of EMA samples, `evaluation.training.fid_hook`); logged to log.jsonl."""
 
 
 def build_objective(cfg: TrainConfig) -> Objective:
@@ -135,16 +138,20 @@ def save(
     barrier()
 
 
-def train(cfg: TrainConfig, *, sample_fn: SampleFn | None = None) -> Path:
+def train(
+    cfg: TrainConfig, *, sample_fn: SampleFn | None = None, eval_fn: EvalFn | None = None
+) -> Path:
     """Train (or resume) the run `cfg.run` on `cfg.store` up to `cfg.steps`; returns the run folder."""
     dist = setup_distributed(cfg.device)
     try:
-        return _train(cfg, dist, sample_fn)
+        return _train(cfg, dist, sample_fn, eval_fn)
     finally:
         teardown()
 
 
-def _train(cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None) -> Path:
+def _train(
+    cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None, eval_fn: EvalFn | None = None
+) -> Path:
     store = LatentStore(cfg.store)
     seed_everything(cfg.seed, dist.rank)
     model = build_model_for_store(cfg, store).to(dist.device)
@@ -209,6 +216,12 @@ def _train(cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None) -> Path
             and (done == cfg.steps or done % (cfg.sample_every or cfg.steps) == 0)
         ):
             sample_fn(trainee.ema, {**meta, "step": done}, done, run)
+        if (
+            eval_fn
+            and dist.is_main
+            and (done == cfg.steps or done % (cfg.eval_every or cfg.steps) == 0)
+        ):
+            logger.log_eval(done, eval_fn(trainee.ema, {**meta, "step": done}, done, run))
     logger.close()
     log.info("run %s at step %d of %d", run, max(start, cfg.steps), cfg.steps)
     return run

@@ -31,3 +31,7 @@ class StoreIncompleteError(StoreError):
 
 class StoreCorruptError(StoreError):
     """Data on disk does not match its checksum or cannot be read."""
+
+
+class StoreReadError(StoreError):
+    """Reading from the store kept failing (network, credentials, endpoint) after retries."""

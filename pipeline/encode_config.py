@@ -24,6 +24,9 @@ class EncodeConfig:
     tars: a folder of them, a brace pattern, or a .txt file listing tar paths."""
     out: str | Path
     """The store to create, or to resume when it exists: a folder or an fsspec URL (s3://...)."""
+    storage_options: dict | None = None
+    """fsspec options for a store URL (endpoint_url, key, secret, ...); None: the driver's
+    usual places (environment, AWS_ENDPOINT_URL, ~/.aws, fsspec config)."""
     vae: str = DEFAULT_VAE
     """Hub id or local folder of a diffusers AutoencoderKL."""
     vae_revision: str | None = None

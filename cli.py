@@ -19,7 +19,13 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from latent_store import LatentditError, describe_store, validate_store
+from latent_store import (
+    LatentditError,
+    describe_store,
+    open_store,
+    parse_storage_options,
+    validate_store,
+)
 from latent_store.summary import format_description
 from latent_store.validate import DEFAULT_MAX_CLIPPED
 
@@ -32,7 +38,16 @@ app = typer.Typer(
 
 F = TypeVar("F", bound=Callable)
 
-StorePath = Annotated[Path, typer.Argument(help="A latent store folder (Zarr v3 group).")]
+StorePath = Annotated[
+    str, typer.Argument(help="A latent store: folder or fsspec URL (s3://bucket/train.zarr).")
+]
+StorageOptions = Annotated[
+    str | None,
+    typer.Option(
+        help="JSON object of fsspec options for a store URL, e.g. "
+        '\'{"endpoint_url": "http://127.0.0.1:9000"}\' [default: environment, ~/.aws, fsspec config].'
+    ),
+]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
@@ -59,13 +74,17 @@ def _configure(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for chatty in ("botocore", "aiobotocore", "s3fs"):  # object-store drivers log every connect
+        logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 @app.command()
 @user_errors
-def inspect(store: StorePath, as_json: JsonFlag = False) -> None:
+def inspect(
+    store: StorePath, as_json: JsonFlag = False, storage_options: StorageOptions = None
+) -> None:
     """Describe a store: samples, classes, size, VAE, quantization, statistics, completion."""
-    d = describe_store(store)
+    d = describe_store(open_store(store, storage_options=parse_storage_options(storage_options)))
     typer.echo(json.dumps(d, indent=2) if as_json else format_description(d))
 
 
@@ -89,11 +108,13 @@ def validate(
         str | None,
         typer.Option(help="VAE for --decode-check [default: the one recorded in the store]."),
     ] = None,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Check a store before training on it; exit 0 only when every check passes."""
-    checks = validate_store(store, max_clipped=max_clipped)
+    opened = open_store(store, storage_options=parse_storage_options(storage_options))
+    checks = validate_store(opened, max_clipped=max_clipped)
     ok = all(c.ok for c in checks)
-    decoded = _decode_check(store, decode_check, vae) if decode_check else None
+    decoded = _decode_check(opened, decode_check, vae) if decode_check else None
     if as_json:
         report = {"ok": ok, "checks": [c.to_dict() for c in checks]}
         typer.echo(json.dumps({**report, "decode_check": decoded} if decoded else report, indent=2))
@@ -118,7 +139,7 @@ from latent_store.schema import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE  # noqa: 
 from pipeline.preprocess import DEFAULT_MAX_PIXELS  # noqa: E402
 
 
-def _decode_check(store: Path, samples: int, vae: str | None) -> dict:
+def _decode_check(store, samples: int, vae: str | None) -> dict:
     """Run `validate --decode-check` on the GPU when there is one."""
     import torch
 
@@ -126,6 +147,15 @@ def _decode_check(store: Path, samples: int, vae: str | None) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return decode_check(store, DecodeCheckConfig(samples=samples, vae=vae, device=device))
+
+
+def _redacted(argv: list[str]) -> list[str]:
+    """The command line as recorded in a store: --storage-options may hold credentials."""
+    flag = "--storage-options"
+    return [
+        "'...'" if i and argv[i - 1] == flag else (f"{flag}=..." if a.startswith(flag + "=") else a)
+        for i, a in enumerate(argv)
+    ]
 
 
 class Posterior(str, Enum):
@@ -231,6 +261,7 @@ def encode(
     calibration_samples: Annotated[
         int, typer.Option(min=1, help="Images that set the quantization range.")
     ] = 512,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Encode image folders or webdataset tars into a latent store (resumable; torchrun scales)."""
     from pipeline.encode import EncodeConfig, parse_max_failures
@@ -239,6 +270,7 @@ def encode(
     cfg = EncodeConfig(
         source=source,
         out=out,
+        storage_options=storage_options,
         vae=vae,
         vae_revision=vae_revision,
         dtype=dtype.value,
@@ -260,7 +292,7 @@ def encode(
         shard_size=shard_size,
         chunk_size=chunk_size,
         calibration_samples=calibration_samples,
-        command=" ".join(["latentdit", *sys.argv[1:]]),
+        command=" ".join(["latentdit", *_redacted(sys.argv[1:])]),
     )
     summary = run_encode(cfg)
     if summary is not None:
@@ -353,8 +385,9 @@ def _train_option(name: str, *flags: str, **kw) -> typer.models.OptionInfo:
 @app.command(context_settings={"max_content_width": 100})
 @user_errors
 def train(
-    store: Annotated[Path | None, _train_option("store")] = None,
-    run: Annotated[Path | None, _train_option("run", "--run", "--run-dir")] = None,
+    store: Annotated[str | None, _train_option("store")] = None,
+    storage_options: Annotated[str | None, _train_option("storage_options")] = None,
+    run: Annotated[str | None, _train_option("run", "--run", "--run-dir")] = None,
     model: Annotated[str | None, _train_option("model")] = None,
     steps: Annotated[int | None, _train_option("steps")] = None,
     batch_size: Annotated[int | None, _train_option("batch_size")] = None,
@@ -456,9 +489,11 @@ def _solver_names() -> str:
 @user_errors
 def sample(
     checkpoint: Annotated[
-        Path, typer.Argument(help="A run dir (its latest checkpoint) or a checkpoint folder.")
+        str, typer.Argument(help="A run dir (its latest checkpoint) or a checkpoint folder.")
     ],
-    out: Annotated[Path, typer.Option(help="Output folder (PNGs, grid.png, .npz, resume state).")],
+    out: Annotated[
+        str, typer.Option(help="Local output folder (PNGs, grid.png, .npz, resume state).")
+    ],
     vae: Annotated[
         str | None, typer.Option(help="VAE folder or hub id; default: the checkpoint's VAE.")
     ] = None,

@@ -1,5 +1,6 @@
 """The latent store: the on-disk format (Zarr v3, uint8 latents + labels) and the only code that knows it."""
 
+from foundation.urls import is_url, parse_storage_options
 from latent_store.errors import (
     LatentditError,
     SchemaMismatchError,
@@ -8,6 +9,7 @@ from latent_store.errors import (
     StoreExistsError,
     StoreIncompleteError,
     StoreNotFoundError,
+    StoreReadError,
 )
 from latent_store.quantize import QuantParams, calibrate, dequantize, quantize
 from latent_store.reader import LatentArrays, iter_shards, load_latents, shard_order
@@ -44,6 +46,7 @@ __all__ = [
     "StoreExistsError",
     "StoreIncompleteError",
     "StoreNotFoundError",
+    "StoreReadError",
     "StoreSpec",
     "StoreWriter",
     "VaeInfo",
@@ -52,9 +55,11 @@ __all__ = [
     "dequantize",
     "describe_store",
     "finalize_store",
+    "is_url",
     "iter_shards",
     "load_latents",
     "open_store",
+    "parse_storage_options",
     "quantize",
     "shard_order",
     "validate_store",

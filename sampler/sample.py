@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from foundation.precision import NAMES as PRECISION_NAMES
 from foundation.precision import autocast, resolve_precision
+from foundation.urls import is_url
 from sampler import outputs
 from sampler.decoder import LatentDecoder
 from sampler.errors import SamplerError
@@ -89,6 +90,14 @@ class SampleConfig:
                 self.fid_samples is None or self.first_index == 0,
                 "--first-index does not apply with --fid-samples",
             ),
+            *[
+                (
+                    not is_url(path),
+                    f"{path}: {what} must be a local folder (or on a shared file system), not a "
+                    "URL; see docs/multinode.md",
+                )
+                for what, path in (("the checkpoint", self.checkpoint), ("--out", self.out))
+            ],
         ]
         for ok, message in checks:
             if not ok:

@@ -14,6 +14,7 @@ from foundation.config import option
 from foundation.config import resolve_config as resolve_options
 from foundation.errors import ConfigError
 from foundation.precision import AUTO, Precision
+from foundation.urls import is_url, parse_storage_options
 from trainer.model import DIT_PRESETS, POS_EMBEDS
 from trainer.normalization import LatentNormalization
 from trainer.objective import DDPM, OBJECTIVES, FlowMatching
@@ -30,9 +31,18 @@ class TrainConfig:
     """Everything `latentdit train` does is decided here; saved as RUN/config.json."""
 
     store: str = _opt(
-        "", "Latent store folder to train on (Zarr v3, written by `latentdit encode`)."
+        "",
+        "Latent store to train on: a folder or an fsspec URL (s3://...), from `latentdit encode`.",
     )
-    run: str = _opt("", "Run folder: config, log.jsonl and checkpoints; re-running resumes it.")
+    storage_options: str | None = _opt(
+        None,
+        'JSON object of fsspec options for a store URL, e.g. \'{"endpoint_url": "http://minio:9000"}\' '
+        "(saved in config.json: give secrets through the environment instead).",
+    )
+    run: str = _opt(
+        "",
+        "Run folder, local or shared by all nodes: config, log.jsonl, checkpoints; re-running resumes.",
+    )
     model: str = _opt("DiT-B/2", f"DiT preset: {', '.join(DIT_PRESETS)}.")
     hidden_size: int | None = _opt(
         None, "Override the preset's hidden size (e.g. tiny test models)."
@@ -88,6 +98,7 @@ class TrainConfig:
         checks = [
             (bool(self.store), "--store is required: the latent store to train on"),
             (bool(self.run), "--run is required: the run folder"),
+            (not is_url(self.run), f"--run {self.run}: run folders must be local or on a shared file system, not a URL (see docs/multinode.md)"),
             (self.model in DIT_PRESETS, f"unknown model preset {self.model!r}; choose one of {', '.join(DIT_PRESETS)}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -112,6 +123,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        parse_storage_options(self.storage_options)  # a one-line error now, not at the first read
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -123,6 +135,7 @@ FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is
 RESUMABLE_CHANGES = frozenset(
     {"steps", "data", "shuffle_shards", "compile", "device", "log_every", "ckpt_every"}
     | {"keep_last", "sample_every", "vae", "peak_tflops", "grad_checkpointing", "store", "run"}
+    | {"storage_options"}
 )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, store_contents, write_store
-from test_pipeline import JOB_ARGS, SUBPROCESS_ENV, job
+from test_pipeline import JOB_ARGS, job
 from typer.testing import CliRunner
 
 from cli import app
@@ -221,7 +221,7 @@ def test_a_read_that_keeps_failing_is_named(bucket, monkeypatch):
 
 def two_nodes(command: list[str], tmp_path: Path, timeout: float = 300) -> None:
     """Run `command` under two torchrun agents (2 nodes x 1 rank) meeting at a c10d rendezvous."""
-    port = free_port()
+    port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1"}  # AWS_* of the server
     procs = []
     for node in (0, 1):
         agent = [
@@ -231,9 +231,7 @@ def two_nodes(command: list[str], tmp_path: Path, timeout: float = 300) -> None:
         ]  # fmt: skip
         log = (tmp_path / f"node{node}.log").open("w")
         procs.append(
-            subprocess.Popen(
-                [*agent, *command], cwd=ROOT, env=SUBPROCESS_ENV, stdout=log, stderr=log
-            )
+            subprocess.Popen([*agent, *command], cwd=ROOT, env=env, stdout=log, stderr=log)
         )
     codes = [p.wait(timeout=timeout) for p in procs]
     logs = "\n".join((tmp_path / f"node{n}.log").read_text()[-1500:] for n in (0, 1))

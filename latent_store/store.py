@@ -117,6 +117,7 @@ class LatentStore:
     ) -> None:
         self.path = str(path)
         self.storage_options = storage_options
+        self._arrays: dict[str, zarr.Array] = {}
         self.group = _open_group(path, "r+" if mode != "r" else "r", storage_options)
         attrs = self.group.attrs.asdict()
         if ATTRS_KEY not in attrs:
@@ -125,10 +126,13 @@ class LatentStore:
         self.summary = attrs[ATTRS_KEY].get(SUMMARY_KEY)
 
     def array(self, name: str) -> zarr.Array:
-        try:
-            return self.group[name]
-        except KeyError:
-            raise SchemaMismatchError(f"{self.path}: array {name!r} is missing") from None
+        """An array of the store, opened once (on an object store each opening is a request)."""
+        if name not in self._arrays:
+            try:
+                self._arrays[name] = self.group[name]
+            except KeyError:
+                raise SchemaMismatchError(f"{self.path}: array {name!r} is missing") from None
+        return self._arrays[name]
 
     def reopen(self, mode: str) -> LatentStore:
         """The same store (same URL and storage options) opened again, e.g. for writing."""

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,25 +34,48 @@ def free_port() -> int:
 
 
 @contextmanager
-def s3_server() -> Iterator[str]:
-    """Run moto's S3 on a free port; yields its endpoint URL, set as AWS_ENDPOINT_URL meanwhile."""
-    from moto.server import ThreadedMotoServer
+def s3_server(*, own_process: bool = False) -> Iterator[str]:
+    """Run moto's S3 on a free port; yields its endpoint URL, set as AWS_ENDPOINT_URL meanwhile.
 
+    own_process: run the server as a separate process (`python -m moto.server`), so that it
+    does not share this process's GIL: what a benchmark wants. Default: a thread (quick start).
+    """
     port = free_port()
-    server = ThreadedMotoServer(ip_address=HOST, port=port, verbose=False)
-    server.start()
     endpoint = f"http://{HOST}:{port}"
+    if own_process:
+        command = [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)]
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(port, proc)
+        stop = proc.terminate
+    else:
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address=HOST, port=port, verbose=False)
+        server.start()
+        stop = server.stop
     saved = {k: os.environ.get(k) for k in [*ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update({**ENV, "AWS_ENDPOINT_URL": endpoint})
     try:
         yield endpoint
     finally:
-        server.stop()
+        stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"moto server on port {port} did not start (exit code {proc.poll()})")
 
 
 def s3fs_filesystem(**options):

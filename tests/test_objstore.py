@@ -88,6 +88,9 @@ def test_validate_and_inspect_read_s3(s3_store):
     assert described["path"] == s3_store
     assert described["samples_written"] == 18 and described["shards_complete"] == 6
     assert described["bytes_on_disk"] > 18 * 4 * 4 * 4  # listed through the object store
+    decoded = invoke("validate", s3_store, "--decode-check", "4", "--json")
+    assert decoded.exit_code == 0, decoded.output
+    assert json.loads(decoded.output)["decode_check"]["samples"] == 4
 
 
 def test_storage_options_json_replaces_the_environment(s3_store, monkeypatch):

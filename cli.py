@@ -135,6 +135,7 @@ def validate(
 import sys  # noqa: E402  (imports of this section live here to keep merges local)
 from enum import Enum  # noqa: E402
 
+from foundation.urls import redact_storage_options  # noqa: E402
 from latent_store.schema import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE  # noqa: E402
 from pipeline.preprocess import DEFAULT_MAX_PIXELS  # noqa: E402
 
@@ -147,15 +148,6 @@ def _decode_check(store, samples: int, vae: str | None) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return decode_check(store, DecodeCheckConfig(samples=samples, vae=vae, device=device))
-
-
-def _redacted(argv: list[str]) -> list[str]:
-    """The command line as recorded in a store: --storage-options may hold credentials."""
-    flag = "--storage-options"
-    return [
-        "'...'" if i and argv[i - 1] == flag else (f"{flag}=..." if a.startswith(flag + "=") else a)
-        for i, a in enumerate(argv)
-    ]
 
 
 class Posterior(str, Enum):
@@ -292,7 +284,7 @@ def encode(
         shard_size=shard_size,
         chunk_size=chunk_size,
         calibration_samples=calibration_samples,
-        command=" ".join(["latentdit", *_redacted(sys.argv[1:])]),
+        command=" ".join(["latentdit", *redact_storage_options(sys.argv[1:])]),
     )
     summary = run_encode(cfg)
     if summary is not None:

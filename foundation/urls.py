@@ -50,3 +50,12 @@ def check_options_apply(path: str | os.PathLike, storage_options: dict | None) -
             f"--storage-options are for store URLs (s3://...), but {path} is a local path; "
             "drop --storage-options"
         )
+
+
+def redact_storage_options(argv: list[str]) -> list[str]:
+    """A command line to record (in a store, a log): the value of --storage-options blanked."""
+    flag = "--storage-options"
+    return [
+        "'...'" if i and argv[i - 1] == flag else (f"{flag}=..." if a.startswith(flag + "=") else a)
+        for i, a in enumerate(argv)
+    ]

@@ -20,6 +20,7 @@ from test_pipeline import JOB_ARGS, job
 from typer.testing import CliRunner
 
 from cli import app
+from foundation.urls import redact_storage_options
 from latent_store import StoreReadError, load_latents, open_store, validate_store
 from latent_store import retry as retry_module
 from pipeline.encode import encode
@@ -102,6 +103,13 @@ def test_storage_options_json_replaces_the_environment(s3_store, monkeypatch):
         assert ok.exit_code == 0, ok.output
     finally:
         os.environ["AWS_ENDPOINT_URL"] = endpoint
+
+
+def test_the_recorded_command_hides_storage_options():
+    argv = ["encode", "src", "--storage-options", '{"secret": "s"}', '--storage-options={"key": 1}']
+    assert redact_storage_options(argv) == [
+        "encode", "src", "--storage-options", "'...'", "--storage-options=...",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -222,23 +230,25 @@ def test_a_read_that_keeps_failing_is_named(bucket, monkeypatch):
 # --- two nodes ----------------------------------------------------------------------------------
 
 
-def two_nodes(command: list[str], tmp_path: Path, timeout: float = 300) -> None:
-    """Run `command` under two torchrun agents (2 nodes x 1 rank) meeting at a c10d rendezvous."""
+def two_nodes(command: list[str], tmp_path: Path, *, cwds=(ROOT, ROOT), ok=True) -> str:
+    """Run `command` under two torchrun agents (2 nodes x 1 rank) meeting at a c10d rendezvous.
+
+    `cwds`: each node's working directory. Returns the end of both nodes' logs.
+    """
     port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1"}  # AWS_* of the server
     procs = []
-    for node in (0, 1):
+    for node, cwd in enumerate(cwds):
         agent = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
             "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-id", f"t{port}",
             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf", f"is_host={node == 0}".lower(),
         ]  # fmt: skip
         log = (tmp_path / f"node{node}.log").open("w")
-        procs.append(
-            subprocess.Popen([*agent, *command], cwd=ROOT, env=env, stdout=log, stderr=log)
-        )
-    codes = [p.wait(timeout=timeout) for p in procs]
-    logs = "\n".join((tmp_path / f"node{n}.log").read_text()[-1500:] for n in (0, 1))
-    assert codes == [0, 0], logs
+        procs.append(subprocess.Popen([*agent, *command], cwd=cwd, env=env, stdout=log, stderr=log))
+    codes = [p.wait(timeout=300) for p in procs]
+    logs = "\n".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in (0, 1))
+    assert (codes == [0, 0]) == ok, logs
+    return logs
 
 
 def test_two_nodes_encode_and_train_like_one_process(
@@ -258,3 +268,27 @@ def test_two_nodes_encode_and_train_like_one_process(
     train(resolve_config(None, {**options, "run": str(tmp_path / "one")}))
     two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert len(two) == 3 and two == pytest.approx(one, rel=1e-5)
+
+
+def test_nodes_that_see_different_checkpoints_stop_together(local_store, tmp_path):
+    """A run folder on node-local disk: one node has the checkpoint, the other does not.
+
+    Each node's `--run runs/x` resolves against its own working directory (its "local disk").
+    Without the check, one rank would resume at step 2 while the other starts at 0.
+    """
+    disks = [tmp_path / "node0-disk", tmp_path / "node1-disk"]
+    for disk in disks:
+        disk.mkdir()
+    options = {**TRAIN, "store": str(local_store), "steps": 2}
+    train(resolve_config(None, {**options, "run": str(disks[0] / "runs" / "x")}))
+    args = [
+        a for k, v in {**options, "steps": 4}.items() for a in (f"--{k.replace('_', '-')}", str(v))
+    ]
+    logs = two_nodes(
+        [str(ROOT / "cli.py"), "--", "train", *args, "--run", "runs/x"],
+        tmp_path,
+        cwds=disks,
+        ok=False,
+    )
+    assert "the ranks see different latest checkpoints (" in logs
+    assert "must be one folder that every node shares" in logs

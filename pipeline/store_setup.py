@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from foundation.urls import is_url
 from latent_store import (
     LatentditError,
     QuantParams,
@@ -22,7 +23,6 @@ from latent_store import (
     StoreSpec,
     calibrate,
     create_store,
-    is_url,
     open_store,
 )
 from pipeline.encode_config import EncodeConfig

@@ -1,1 +1,25 @@
-"""Test support shared by tests/ and bench/: tiny models, random stores, a local S3 server."""
+"""Tiny real components for tests and benchmarks (in the spirit of `zarr.testing`).
+
+    from testkit import make_tiny_vae, write_random_store, tiny_dit
+    store = write_random_store(tmp / "s.zarr", n=40)     # through the real writer
+    vae_dir = make_tiny_vae(tmp / "vae")                 # save_pretrained, load with from_pretrained
+
+`testkit.s3` (imported on its own: it needs moto) runs a local S3-compatible server.
+
+Everything is built by the real code paths (the store's writer, diffusers' AutoencoderKL, the
+trainer's DiT and checkpoint writer), only small.
+"""
+
+from testkit.models import TINY_DIT, make_checkpoint, make_tiny_vae, make_vae, tiny_dit
+from testkit.stores import make_spec, random_latents, write_random_store
+
+__all__ = [
+    "TINY_DIT",
+    "make_checkpoint",
+    "make_spec",
+    "make_tiny_vae",
+    "make_vae",
+    "random_latents",
+    "tiny_dit",
+    "write_random_store",
+]

@@ -23,7 +23,8 @@ from foundation.distributed import (
     setup_distributed,
 )
 from foundation.distributed import teardown_distributed as teardown
-from latent_store import LatentStore, open_store, parse_storage_options
+from foundation.urls import parse_storage_options
+from latent_store import LatentStore, open_store
 from trainer.checkpoint import (
     CheckpointMismatchError,
     capture_rng_state,

@@ -29,6 +29,7 @@ from trainer.checkpoint import (
     CheckpointMismatchError,
     capture_rng_state,
     checkpoint_meta,
+    init_weights,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
@@ -52,7 +53,7 @@ the end, e.g. to write an EMA sample grid under run_dir through the sampler's de
 
 def build_objective(cfg: TrainConfig) -> Objective:
     if cfg.objective == DDPM.KIND:
-        return DDPM(schedule=cfg.ddpm_schedule)
+        return DDPM(schedule=cfg.ddpm_schedule, learn_sigma=cfg.learn_sigma)
     return FlowMatching(timesteps=cfg.timesteps)
 
 
@@ -71,6 +72,7 @@ def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
             qk_norm=cfg.qk_norm,
             pos_embed=cfg.pos_embed,
             grad_checkpointing=cfg.grad_checkpointing,
+            learn_sigma=cfg.learn_sigma,
             **{k: v for k, v in sizes.items() if v is not None},
         )
     except ModelConfigError as e:
@@ -165,6 +167,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None) -> Path
     seed_everything(cfg.seed, dist.rank)
     model = build_model_for_store(cfg, store).to(dist.device)
     norm, objective = normalization_from_store(store, cfg.normalization), build_objective(cfg)
+    if cfg.init and latest_checkpoint(cfg.run) is None:
+        objective = init_weights(model, cfg.init, objective=objective, normalization=norm)
     layout = BatchLayout(
         batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,

@@ -22,40 +22,17 @@ import time
 
 import numpy as np
 
-from latent_store import (
-    ClassInfo,
-    StoreSpec,
-    StoreWriter,
-    VaeInfo,
-    calibrate,
-    create_store,
-    finalize_store,
-    load_latents,
-    open_store,
-)
+from latent_store import load_latents, open_store
+from testkit import write_random_store
 from testkit.s3 import make_bucket, s3_server, s3fs_filesystem
 
 LATENT = (4, 32, 32)
 
 
 def write(path: str, samples: int, shard_size: int) -> None:
-    """A store of random codes; the same bytes for every path (seeded)."""
-    rng = np.random.default_rng(0)
-    spec = StoreSpec(
-        num_samples=samples,
-        latent_shape=LATENT,
-        quant=calibrate(rng.standard_normal((64, *LATENT)).astype(np.float32)),
-        vae=VaeInfo(id="bench"),
-        classes=tuple(ClassInfo(index=i, id=str(i)) for i in range(1000)),
-        shard_size=shard_size,
-        chunk_size=min(1024, shard_size),
-    )
-    writer = StoreWriter(create_store(path, spec, [str(i) for i in range(samples)]))
-    for i in range(spec.num_shards):
-        a, b = spec.shard_bounds(i)
-        codes = rng.integers(0, 256, (b - a, 1, *LATENT), dtype=np.uint8)
-        writer.write_shard(i, codes, rng.integers(0, 1000, b - a).astype(np.int16))
-    finalize_store(writer.store)
+    """A store of random latents; the same bytes at every path (seeded)."""
+    chunk = min(1024, shard_size)
+    write_random_store(path, samples, size=LATENT[1], classes=1000, chunk=chunk, shard=shard_size)
 
 
 def best_load_s(path: str, threads: int, repeats: int) -> tuple[float, np.ndarray]:

@@ -112,7 +112,7 @@ def inspect_store(cfg: InspectConfig, as_json: bool) -> None:
     from latent_store import describe_store
     from latent_store.summary import format_description
 
-    d = describe_store(cfg.store)
+    d = describe_store(_open(cfg.store, cfg.storage_options))
     typer.echo(json.dumps(d, indent=2) if as_json else format_description(d))
 
 
@@ -121,9 +121,10 @@ def validate(cfg: ValidateConfig, as_json: bool) -> None:
     """Check a store before training on it; exit 0 only when every check passes."""
     from latent_store import validate_store
 
-    checks = validate_store(cfg.store, max_clipped=cfg.max_clipped)
+    store = _open(cfg.store, cfg.storage_options)
+    checks = validate_store(store, max_clipped=cfg.max_clipped)
     ok = all(c.ok for c in checks)
-    decoded = _decode_check(cfg) if cfg.decode_check else None
+    decoded = _decode_check(cfg, store) if cfg.decode_check else None
     if as_json:
         report = {"ok": ok, "checks": [c.to_dict() for c in checks]}
         typer.echo(json.dumps({**report, "decode_check": decoded} if decoded else report, indent=2))
@@ -140,7 +141,15 @@ def validate(cfg: ValidateConfig, as_json: bool) -> None:
     raise typer.Exit(0 if ok else 1)
 
 
-def _decode_check(cfg: ValidateConfig) -> dict:
+def _open(store: str, storage_options: str | None):
+    """The store at a path or URL (`latent_store.open_store`), with --storage-options."""
+    from foundation.urls import parse_storage_options
+    from latent_store import open_store
+
+    return open_store(store, storage_options=parse_storage_options(storage_options))
+
+
+def _decode_check(cfg: ValidateConfig, store) -> dict:
     """Run `validate --decode-check` on the GPU when there is one."""
     import torch
 
@@ -148,7 +157,7 @@ def _decode_check(cfg: ValidateConfig) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return decode_check(
-        Path(cfg.store), DecodeCheckConfig(samples=cfg.decode_check, vae=cfg.vae, device=device)
+        store, DecodeCheckConfig(samples=cfg.decode_check, vae=cfg.vae, device=device)
     )
 
 
@@ -158,9 +167,11 @@ def _decode_check(cfg: ValidateConfig) -> dict:
 @command(app, "encode", EncodeConfig)
 def encode(cfg: EncodeConfig) -> None:
     """Encode image folders or webdataset tars into a latent store (resumable; torchrun scales)."""
+    from foundation.urls import redact_storage_options
     from pipeline.encode import encode as run_encode
 
-    cfg = dataclasses.replace(cfg, command=" ".join(["latentdit", *sys.argv[1:]]))
+    argv = redact_storage_options(sys.argv[1:])  # --storage-options may hold credentials
+    cfg = dataclasses.replace(cfg, command=" ".join(["latentdit", *argv]))
     summary = run_encode(cfg)
     if summary is not None:
         typer.echo(

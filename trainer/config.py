@@ -14,6 +14,7 @@ from foundation.config import option
 from foundation.config import resolve_config as resolve_options
 from foundation.errors import ConfigError
 from foundation.precision import AUTO, Precision
+from foundation.urls import is_url, parse_storage_options
 from trainer.presets import DIT_PRESETS, POS_EMBEDS
 
 DATA_MODES = ("memory", "gpu", "stream")
@@ -27,8 +28,14 @@ class TrainConfig:
     store: str = option(
         help="Latent store to train on (Zarr v3 written by `latentdit encode`): a folder or URL."
     )
+    storage_options: str | None = option(
+        None,
+        'JSON object of fsspec options for a store URL, e.g. \'{"endpoint_url": "http://minio:9000"}\' '
+        "(saved in config.json: give secrets through the environment instead).",
+    )
     run: str = option(
-        help="Run folder: config, log.jsonl and checkpoints; `--run RUN` alone resumes it.",
+        help="Run folder, local or on a file system every node shares (not a URL): config, "
+        "log.jsonl and checkpoints; `--run RUN` alone resumes it.",
         flags=("--run", "--run-dir"),
     )
     model: str = option("DiT-B/2", f"DiT preset: {', '.join(DIT_PRESETS)}.")
@@ -116,6 +123,7 @@ class TrainConfig:
         checks = [
             (bool(self.store), "--store is required: the latent store to train on"),
             (bool(self.run), "--run is required: the run folder"),
+            (not is_url(self.run), f"--run {self.run}: run folders must be local or on a shared file system, not a URL (see docs/multinode.md)"),
             (self.model in DIT_PRESETS, f"unknown model preset {self.model!r}; choose one of {', '.join(DIT_PRESETS)}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -144,6 +152,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        parse_storage_options(self.storage_options)  # a one-line error now, not at the first read
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -154,6 +163,7 @@ RESUMABLE_CHANGES = frozenset(
     {"steps", "data", "shuffle_shards", "compile", "device", "log_every", "ckpt_every"}
     | {"keep_last", "sample_every", "vae", "peak_tflops", "grad_checkpointing", "store", "run"}
     | {"eval_every", "eval_samples", "eval_ref", "eval_inception"}
+    | {"storage_options"}
 )
 
 

@@ -15,9 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from foundation.distributed import DistInfo, barrier, seed_everything, setup_distributed
+from foundation.distributed import (
+    DistInfo,
+    all_gather_objects,
+    barrier,
+    seed_everything,
+    setup_distributed,
+)
 from foundation.distributed import teardown_distributed as teardown
-from latent_store import LatentStore
+from foundation.urls import parse_storage_options
+from latent_store import LatentStore, open_store
 from trainer.checkpoint import (
     CheckpointMismatchError,
     capture_rng_state,
@@ -97,8 +104,19 @@ def prepare_run(cfg: TrainConfig, dist: DistInfo) -> Path:
 
 
 def resume(run: Path, trainee: Trainee, meta: dict[str, Any]) -> int:
-    """Load the run's latest checkpoint into `trainee` (every rank) and return its step (0 if none)."""
-    if latest_checkpoint(run) is None:
+    """Load the run's latest checkpoint into `trainee` (every rank) and return its step (0 if none).
+
+    Every rank must see the same latest checkpoint: a node that does not (a run folder on
+    node-local disk) would start over while the others resume, so all ranks stop instead.
+    """
+    found = latest_checkpoint(run)
+    seen = all_gather_objects(found.name if found else None)
+    if len(set(seen)) > 1:
+        raise CheckpointMismatchError(
+            f"{run}: the ranks see different latest checkpoints ({seen}, by rank); the run "
+            "folder must be one folder that every node shares (see docs/multinode.md)"
+        )
+    if found is None:
         return 0
     ckpt = load_checkpoint(run)
     if ckpt.meta["store"]["fingerprint"] != meta["store"]["fingerprint"]:
@@ -152,7 +170,7 @@ def train(
 def _train(
     cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None, eval_fn: EvalFn | None = None
 ) -> Path:
-    store = LatentStore(cfg.store)
+    store = open_store(cfg.store, storage_options=parse_storage_options(cfg.storage_options))
     seed_everything(cfg.seed, dist.rank)
     model = build_model_for_store(cfg, store).to(dist.device)
     norm, objective = normalization_from_store(store, cfg.normalization), build_objective(cfg)

@@ -168,10 +168,18 @@ def encode(
     device: Annotated[
         Device | None, typer.Option(help="Where the VAE runs [default: cuda if available].")
     ] = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder.")] = False,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the encode graph.")
+    ] = False,
+    compile_cache: Annotated[
+        Path | None, typer.Option(help="torch.compile cache folder, reused on resume and by ranks.")
+    ] = None,
     image_size: Annotated[int, typer.Option(min=8, help="Side of the ADM center crop.")] = 256,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per VAE forward pass.")] = 64,
-    workers: Annotated[int, typer.Option(min=0, help="Decode+crop worker processes.")] = 4,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=0, help="Decode+crop worker processes [default: sized to the machine]."),
+    ] = None,
     flip: Annotated[
         bool, typer.Option(help="Also encode each crop's horizontal flip (2 variants).")
     ] = False,
@@ -244,6 +252,7 @@ def encode(
         dtype=dtype.value,
         device=device.value if device else None,
         compile=compile,
+        compile_cache=compile_cache,
         image_size=image_size,
         batch_size=batch_size,
         workers=workers,

@@ -48,7 +48,9 @@ def activation_bytes(vae, run) -> dict[str, float]:
         return count
 
     handles = [
-        m.register_forward_hook(hook("group_norm" if isinstance(m, nn.GroupNorm) else "elementwise"))
+        m.register_forward_hook(
+            hook("group_norm" if isinstance(m, nn.GroupNorm) else "elementwise")
+        )
         for m in vae.encoder.modules()
         if isinstance(m, (nn.GroupNorm, nn.SiLU))
     ]

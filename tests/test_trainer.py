@@ -364,7 +364,8 @@ def test_overfitting_a_tiny_store(tmp_path):
 
 
 def test_two_processes_match_one(tmp_path, python):
-    """torchrun, 2 ranks on gloo, batch 4 each = 1 rank with batch 8: the same losses.
+    """torchrun, 2 ranks on gloo, batch 4 each = 1 rank with batch 8: the same losses, also
+    with DDP's overlap options and prefetching on the two ranks only.
 
     Only the order of floating-point sums differs (DDP averages gradients across ranks), so the
     losses agree to rtol 1e-5 over a few steps (measured: ~6e-8), not bitwise.
@@ -373,8 +374,12 @@ def test_two_processes_match_one(tmp_path, python):
     options = tiny_options(store, tmp_path / "two", steps=4, ckpt_every=100)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    # the two ranks also take the overlap options: tiny gradient buckets (several all-reduces
+    # overlapped with backward), gradients as bucket views, the next batch prefetched
+    overlap = tmp_path / "overlap.toml"
+    overlap.write_text("ddp-bucket-mb = 0.002\ngrad-as-bucket-view = true\nprefetch = true\n")
     done = subprocess.run(
-        [*command, str(ROOT / "cli.py"), "--", "train", *cli_args(options)],
+        [*command, str(ROOT / "cli.py"), "--", "train", *cli_args(options), "--config", overlap],
         env=env,
         capture_output=True,
         text=True,
@@ -394,6 +399,51 @@ def test_two_processes_match_one(tmp_path, python):
     for a, b in zip(one, two, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def _run(tmp_path, store, name: str, **kw) -> list[dict]:
+    train(resolve_config(None, tiny_options(store, tmp_path / name, **kw)))
+    return read_log(tmp_path / name)
+
+
+def test_step_options_keep_the_losses(tmp_path):
+    """Prefetching, another SDPA backend and DDP's bucket options give the eager run's losses:
+    prefetching and the DDP options bit for bit, the math backend up to float rounding."""
+    store = write_store(tmp_path / "s.zarr", n=24, variants=2)
+    base = _run(tmp_path, store, "base", steps=4)
+    same = _run(
+        tmp_path,
+        store,
+        "same",
+        steps=4,
+        prefetch=True,
+        ddp_bucket_mb=0.001,
+        grad_as_bucket_view=True,
+    )
+    assert [r["loss"] for r in same] == [r["loss"] for r in base]
+    math_sdpa = _run(tmp_path, store, "math", steps=4, attention="math")
+    for a, b in zip(base, math_sdpa, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_compiled_step_matches_eager_and_resumes_exactly(tmp_path, scope):
+    """--compile (each block in place, or the DDP-wrapped model) on the CPU in fp32: the eager
+    losses within float rounding, checkpoints with the eager state-dict keys, and a resumed
+    compiled run equal bit for bit to an uninterrupted one."""
+    store = write_store(tmp_path / "s.zarr", n=24, variants=2)
+    eager = _run(tmp_path, store, "eager", steps=4, ckpt_every=2)
+    kw = dict(compile=True, compile_scope=scope, ckpt_every=2)
+    straight = _run(tmp_path, store, "straight", steps=4, **kw)
+    for a, b in zip(eager, straight, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    _run(tmp_path, store, "resumed", steps=2, **kw)
+    resumed = _run(tmp_path, store, "resumed", steps=4, **kw)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    ckpt = "checkpoints/0000004/model.safetensors"
+    assert (tmp_path / "resumed" / ckpt).read_bytes() == (tmp_path / "straight" / ckpt).read_bytes()
+    keys = load_checkpoint(tmp_path / "eager").model_state.keys()
+    assert load_checkpoint(tmp_path / "straight").model_state.keys() == keys
 
 
 def test_kill_and_resume_is_exact(tmp_path, python):

@@ -19,6 +19,8 @@ from trainer.normalization import LatentNormalization
 from trainer.objective import DDPM, OBJECTIVES, FlowMatching
 
 DATA_MODES = ("memory", "gpu", "stream")
+COMPILE_SCOPES = ("model", "blocks")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # torch SDPBackend names
 PRECISIONS = (AUTO, Precision.bf16.value, Precision.fp32.value)  # no fp16: it needs a loss scaler
 
 
@@ -71,6 +73,25 @@ class TrainConfig:
     seed: int = _opt(0, "Seed of data order, noise, label dropout and initialization.")
     precision: str = _opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32.")
     compile: bool = _opt(False, "torch.compile the model.")
+    compile_scope: str = _opt(
+        "model",
+        "What --compile compiles: model (the DDP-wrapped model, one graph split at DDP's bucket "
+        "boundaries) or blocks (each DiT block in place, fullgraph; DDP hooks as in eager).",
+    )
+    compile_cache: str | None = _opt(
+        None, "Folder for torch.compile's caches, reused by resumed runs and other ranks."
+    )
+    attention: str = _opt(
+        "auto",
+        f"SDPA backend of the attention: {', '.join(ATTENTION_BACKENDS)} (auto: PyTorch's pick).",
+    )
+    prefetch: bool = _opt(
+        False, "memory/gpu data: gather and dequantize the next step's batch while this one runs."
+    )
+    ddp_bucket_mb: float = _opt(25.0, "DDP gradient bucket size in MB (all-reduce granularity).")
+    grad_as_bucket_view: bool = _opt(
+        False, "DDP: gradients are views into the all-reduce buckets (no copy, less memory)."
+    )
     device: str | None = _opt(
         None, "Device (default: cuda:LOCAL_RANK when CUDA is there, else cpu)."
     )
@@ -103,6 +124,9 @@ class TrainConfig:
             (self.pos_embed in POS_EMBEDS, f"--pos-embed {self.pos_embed!r} is not one of {', '.join(POS_EMBEDS)}"),
             (self.data in DATA_MODES, f"--data {self.data!r} is not one of {', '.join(DATA_MODES)}"),
             (self.precision in PRECISIONS, f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"),
+            (self.compile_scope in COMPILE_SCOPES, f"--compile-scope {self.compile_scope!r} is not one of {', '.join(COMPILE_SCOPES)}"),
+            (self.attention in ATTENTION_BACKENDS, f"--attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}"),
+            (self.ddp_bucket_mb > 0, f"--ddp-bucket-mb must be > 0, got {self.ddp_bucket_mb}"),
             (self.shuffle_shards >= 1, f"--shuffle-shards must be >= 1, got {self.shuffle_shards}"),
             (self.log_every >= 1 and self.ckpt_every >= 1, "--log-every and --ckpt-every must be >= 1"),
             (self.keep_last is None or self.keep_last >= 1, "--keep-last must be >= 1 (or None)"),
@@ -123,6 +147,8 @@ FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is
 RESUMABLE_CHANGES = frozenset(
     {"steps", "data", "shuffle_shards", "compile", "device", "log_every", "ckpt_every"}
     | {"keep_last", "sample_every", "vae", "peak_tflops", "grad_checkpointing", "store", "run"}
+    | {"compile_scope", "compile_cache", "attention", "prefetch", "ddp_bucket_mb"}
+    | {"grad_as_bucket_view"}
 )
 
 

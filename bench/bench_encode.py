@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--sweep", default="", help="more batch sizes for the graph alone: 64,256")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=None, help="default: sized to the machine")
     ap.add_argument(
         "--channels", default="16,32,32,32", help="encoder widths (SD-VAE: 128,256,512,512)"
     )

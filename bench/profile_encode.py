@@ -26,7 +26,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_encode import make_vae
 from kernel_profile import flop_counts, profile_region, summarize
 
 from foundation.compile import compile_cache
@@ -35,6 +34,7 @@ from latent_store import calibrate
 from pipeline.encode import cudnn_benchmark
 from pipeline.encode_graph import EncodeGraph
 from pipeline.vae import encode_variants, load_vae
+from testkit import make_vae
 
 
 def activation_bytes(vae, run) -> dict[str, float]:
@@ -79,7 +79,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_vae(Path(tmp) / "vae", channels)
+        path = make_vae(Path(tmp) / "vae", channels, layers_per_block=2)  # the SD-VAE layout
         vae, _ = load_vae(VaeConfig(id=str(path), dtype=args.dtype, device=args.device))
     g = torch.Generator().manual_seed(0)
     size = (args.batch_size, args.image_size, args.image_size, 3)

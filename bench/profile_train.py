@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import write_random_store
+from bench_train import bench_store
 from kernel_profile import flop_counts, profile_region, summarize
 
 from foundation.compile import compile_cache
@@ -61,7 +61,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        store = LatentStore(write_random_store(Path(tmp) / "s.zarr", max(256, 4 * args.batch_size)))
+        store = LatentStore(bench_store(Path(tmp) / "s.zarr", max(256, 4 * args.batch_size)))
         cfg = resolve_config(
             None,
             {

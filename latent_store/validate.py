@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from latent_store.config import DEFAULT_MAX_CLIPPED
 from latent_store.errors import LatentditError
 from latent_store.quantize import QMAX
 from latent_store.schema import LABEL_FILL, ShardRecord
 from latent_store.store import LatentStore, _format_ranges, shard_checksum
 from latent_store.writer import summarize_records
 
-DEFAULT_MAX_CLIPPED = 1e-3  # clipped fraction of quantized values tolerated
 MAX_LISTED = 5  # problems listed per check before "..."
 
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from foundation.config import option
 from foundation.precision import NAMES as DTYPES
 from foundation.vae import VaeConfig
 from latent_store import VARIANTS, LatentditError
@@ -15,25 +16,26 @@ from pipeline.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig
 from pipeline.source import LABEL_KEY
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True, kw_only=True)
 class EncodeConfig:
     """One encode job: where the images are, how to encode them, where the store goes."""
 
-    source: Path
+    source: Path = option(argument=True)
     """An ImageNet-style class-folder tree, a flat val folder (with `val_labels`), or webdataset
     tars: a folder of them, a brace pattern, or a .txt file listing tar paths."""
-    out: str | Path
+    out: str
     """The store to create, or to resume when it exists: a folder or an fsspec URL (s3://...)."""
     vae: str = DEFAULT_VAE
     """Hub id or local folder of a diffusers AutoencoderKL."""
     vae_revision: str | None = None
     """Hub revision of the VAE."""
     dtype: str = "fp32"
-    """VAE compute dtype: fp32, fp16 or bf16."""
+    """VAE compute dtype: fp32, bf16 or fp16."""
     device: str | None = None
-    """cpu or cuda; None picks CUDA when available."""
+    """cpu, cuda or cuda:N; default: cuda when available."""
     compile: bool = False
     """torch.compile the encode graph (uint8 crops to uint8 codes: encoder, posterior and
     quantization in one graph, one static batch shape)."""
@@ -65,9 +67,9 @@ class EncodeConfig:
     """Webdataset tars: the json field holding each sample's class (a .cls member wins)."""
     include_unfinished: bool = False
     """Webdataset tars: also use tars that have no img2dataset `_stats.json` (unfinished)."""
-    max_failures: int | float = 0.01
-    """Undecodable images tolerated: a count (int) or a fraction of the source (float < 1).
-    Under torchrun each rank holds its own failures to this limit."""
+    max_failures: int | float | str = 0.01
+    """Undecodable images tolerated: a count (100), a fraction (0.01) or a percentage (1%) of the
+    source. Under torchrun each rank holds its own failures to this limit."""
     exif_transpose: bool = False
     """Apply EXIF orientation before cropping (off: ImageNet parity)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -78,10 +80,14 @@ class EncodeConfig:
     """Samples per Zarr chunk; divides shard_size."""
     calibration_samples: int = 512
     """Images, spread evenly over the source, that set the quantization range."""
-    command: str = ""
+    command: str = option("", cli=False)
     """The command line, recorded in the store."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_failures, str):
+            object.__setattr__(self, "max_failures", parse_max_failures(self.max_failures))
+        if self.device is not None and self.device.split(":")[0] not in DEVICES:
+            raise LatentditError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
         positive = ("image_size", "batch_size", "shard_size", "chunk_size", "calibration_samples")
         for name in positive:
             if getattr(self, name) < 1:

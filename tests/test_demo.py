@@ -170,7 +170,7 @@ def test_quick_demo_makes_every_artifact(tmp_path):
     out = cfg.out
     steps = [line.split("] $ ")[1].split()[:2] for line in shown if "] $ " in line]
     assert steps == [
-        ["python", "-m"],
+        ["latentdit", "demo-tools"],
         ["latentdit", "encode"],
         ["latentdit", "validate"],
         ["latentdit", "train"],

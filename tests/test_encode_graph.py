@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latent_store import calibrate, quantize
+from latent_store.quantize import calibrate, quantize
 from pipeline.encode_graph import BatchLauncher, EncodeGraph
 from pipeline.vae import VaeConfig, encode_variants, load_vae
 

@@ -108,13 +108,24 @@ def make_batches(items, source, batch_size: int, n: int) -> list:
 
 
 def forward_figures(
-    cfg, vae, spec, items, source, n: int, device: str, unfused: bool, repeats: int = 1
+    cfg,
+    vae,
+    spec,
+    items,
+    source,
+    n: int,
+    device: str,
+    unfused: bool,
+    repeats: int = 1,
+    unfused_images: int | None = None,
 ) -> dict:
-    """Graph alone (after a warm-up that compiles), and the unfused path alone, at cfg.batch_size;
-    with `repeats`, the two alternate and each keeps its best time (for noisy machines)."""
+    """Graph alone (after a warm-up that compiles), and the unfused path alone (on the first
+    `unfused_images`, its rate scaled), at cfg.batch_size; with `repeats`, the two alternate and
+    each keeps its best time (for noisy machines)."""
     batches = make_batches(items, source, cfg.batch_size, n)
     launcher = make_launcher(cfg, vae, spec)
     compile_s, _ = timed(lambda: run_graph(launcher, batches[:1]), device)
+    some = batches[: max(1, unfused_images // cfg.batch_size)] if unfused_images else batches
     if unfused:
         run_unfused(cfg, vae, spec.quant, batches[:1])  # warm-up
     graph_s = unfused_s = float("inf")
@@ -122,8 +133,8 @@ def forward_figures(
         t, codes = timed(lambda: run_graph(launcher, batches), device)
         graph_s = min(graph_s, t)
         if unfused:
-            t, want = timed(lambda: run_unfused(cfg, vae, spec.quant, batches), device)
-            unfused_s = min(unfused_s, t)
+            t, want = timed(lambda: run_unfused(cfg, vae, spec.quant, some), device)
+            unfused_s = min(unfused_s, t * len(batches) / len(some))
     figures = {
         "batch_size": cfg.batch_size,
         "repeats": repeats,
@@ -131,7 +142,7 @@ def forward_figures(
         "graph_images_per_s": rate(n, graph_s),
     }
     if unfused:
-        d = (torch.cat(codes).int() - torch.cat(want).int()).abs()
+        d = (torch.cat(codes[: len(want)]).int() - torch.cat(want).int()).abs()
         figures |= {
             "unfused_images_per_s": rate(n, unfused_s),
             "graph_over_unfused": round(unfused_s / graph_s, 3),
@@ -160,6 +171,9 @@ def main() -> None:
     ap.add_argument("--cudnn-benchmark", action="store_true")
     ap.add_argument("--no-unfused", action="store_true", help="skip timing the unfused path")
     ap.add_argument("--repeats", type=int, default=1, help="alternate graph/unfused, keep best")
+    ap.add_argument(
+        "--unfused-images", type=int, default=None, help="time the unfused path on this many only"
+    )
     ap.add_argument(
         "--distinct", type=int, default=1024, help="distinct images (decoded for forward-only)"
     )
@@ -223,7 +237,16 @@ def main() -> None:
                 figures = forward_figures(sized, vae, spec, items, source, n, device, False)
                 print(json.dumps({**context, "sweep": True, **figures}), flush=True)
             forward = forward_figures(
-                cfg, vae, spec, items, source, n, device, not args.no_unfused, args.repeats
+                cfg,
+                vae,
+                spec,
+                items,
+                source,
+                n,
+                device,
+                not args.no_unfused,
+                args.repeats,
+                args.unfused_images,
             )
             create_store(cfg.out, spec, [source.key(i) for i in range(len(source))])
             writer = StoreWriter(LatentStore(cfg.out))

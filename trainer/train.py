@@ -16,13 +16,21 @@ from pathlib import Path
 from typing import Any
 
 from foundation.compile import compile_cache
-from foundation.distributed import DistInfo, barrier, seed_everything, setup_distributed
+from foundation.distributed import (
+    DistInfo,
+    all_gather_objects,
+    barrier,
+    seed_everything,
+    setup_distributed,
+)
 from foundation.distributed import teardown_distributed as teardown
-from latent_store import LatentStore
+from foundation.urls import parse_storage_options
+from latent_store import LatentStore, open_store
 from trainer.checkpoint import (
     CheckpointMismatchError,
     capture_rng_state,
     checkpoint_meta,
+    init_weights,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
@@ -43,11 +51,14 @@ CONFIG_FILE = "config.json"
 SampleFn = Callable[[DiT, dict[str, Any], int, Path], None]
 """sample_fn(ema_model, meta, step, run_dir): called on rank 0 every `sample_every` steps and at
 the end, e.g. to write an EMA sample grid under run_dir through the sampler's decoder-only path."""
+EvalFn = Callable[[DiT, dict[str, Any], int, Path], dict[str, Any]]
+"""eval_fn(ema_model, meta, step, run_dir) -> metrics: called on rank 0 every `eval_every` steps and
+at the end (e.g. FID of EMA samples, `evaluation.training.fid_hook`); logged to log.jsonl."""
 
 
 def build_objective(cfg: TrainConfig) -> Objective:
     if cfg.objective == DDPM.KIND:
-        return DDPM(schedule=cfg.ddpm_schedule)
+        return DDPM(schedule=cfg.ddpm_schedule, learn_sigma=cfg.learn_sigma)
     return FlowMatching(timesteps=cfg.timesteps)
 
 
@@ -66,6 +77,7 @@ def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
             qk_norm=cfg.qk_norm,
             pos_embed=cfg.pos_embed,
             grad_checkpointing=cfg.grad_checkpointing,
+            learn_sigma=cfg.learn_sigma,
             **{k: v for k, v in sizes.items() if v is not None},
         )
     except ModelConfigError as e:
@@ -94,8 +106,19 @@ def prepare_run(cfg: TrainConfig, dist: DistInfo) -> Path:
 
 
 def resume(run: Path, trainee: Trainee, meta: dict[str, Any]) -> int:
-    """Load the run's latest checkpoint into `trainee` (every rank) and return its step (0 if none)."""
-    if latest_checkpoint(run) is None:
+    """Load the run's latest checkpoint into `trainee` (every rank) and return its step (0 if none).
+
+    Every rank must see the same latest checkpoint: a node that does not (a run folder on
+    node-local disk) would start over while the others resume, so all ranks stop instead.
+    """
+    found = latest_checkpoint(run)
+    seen = all_gather_objects(found.name if found else None)
+    if len(set(seen)) > 1:
+        raise CheckpointMismatchError(
+            f"{run}: the ranks see different latest checkpoints ({seen}, by rank); the run "
+            "folder must be one folder that every node shares (see docs/multinode.md)"
+        )
+    if found is None:
         return 0
     ckpt = load_checkpoint(run)
     if ckpt.meta["store"]["fingerprint"] != meta["store"]["fingerprint"]:
@@ -135,22 +158,28 @@ def save(
     barrier()
 
 
-def train(cfg: TrainConfig, *, sample_fn: SampleFn | None = None) -> Path:
+def train(
+    cfg: TrainConfig, *, sample_fn: SampleFn | None = None, eval_fn: EvalFn | None = None
+) -> Path:
     """Train (or resume) the run `cfg.run` on `cfg.store` up to `cfg.steps`; returns the run folder."""
     dist = setup_distributed(cfg.device)
     cache = Path(cfg.compile_cache) if cfg.compile and cfg.compile_cache else None
     try:
         with compile_cache(cache, save=dist.is_main):
-            return _train(cfg, dist, sample_fn)
+            return _train(cfg, dist, sample_fn, eval_fn)
     finally:
         teardown()
 
 
-def _train(cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None) -> Path:
-    store = LatentStore(cfg.store)
+def _train(
+    cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None, eval_fn: EvalFn | None = None
+) -> Path:
+    store = open_store(cfg.store, storage_options=parse_storage_options(cfg.storage_options))
     seed_everything(cfg.seed, dist.rank)
     model = build_model_for_store(cfg, store).to(dist.device)
     norm, objective = normalization_from_store(store, cfg.normalization), build_objective(cfg)
+    if cfg.init and latest_checkpoint(cfg.run) is None:
+        objective = init_weights(model, cfg.init, objective=objective, normalization=norm)
     layout = BatchLayout(
         batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,
@@ -212,6 +241,12 @@ def _train(cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None) -> Path
             and (done == cfg.steps or done % (cfg.sample_every or cfg.steps) == 0)
         ):
             sample_fn(trainee.ema, {**meta, "step": done}, done, run)
+        if (
+            eval_fn
+            and dist.is_main
+            and (done == cfg.steps or done % (cfg.eval_every or cfg.steps) == 0)
+        ):
+            logger.log_eval(done, eval_fn(trainee.ema, {**meta, "step": done}, done, run))
     logger.close()
     log.info("run %s at step %d of %d", run, max(start, cfg.steps), cfg.steps)
     return run

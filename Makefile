@@ -118,3 +118,7 @@ bench: bench-store bench-objstore bench-encode  ## every benchmark (JSON lines)
 bench-gpu: setup  ## on a CUDA machine: the GPU paths end to end, then throughput at real sizes (logs in OUT)
 	PY=$(PY) OUT=$${OUT:-gpu_check} bash bench/gpu_check.sh e2e
 	PY=$(PY) OUT=$${OUT:-gpu_check} bash bench/gpu_check.sh bench
+
+.PHONY: bench-gpu-perf
+bench-gpu-perf:  ## on a CUDA machine: encode + train sweeps and kernel-class profiles, < 8 min (JSON in OUT)
+	OUT=$${OUT:-gpu_perf} bash bench/gpu_perf.sh

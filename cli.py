@@ -33,6 +33,7 @@ from latent_store.config import InspectConfig, ValidateConfig
 from pipeline.download import DownloadConfig
 from pipeline.encode_config import EncodeConfig
 from sampler.config import SampleConfig
+from sampler.import_config import ImportConfig
 from trainer.config import TrainConfig
 
 STYLE = {"context_settings": {"max_content_width": 100, "help_option_names": ["-h", "--help"]}}
@@ -111,7 +112,7 @@ def inspect_store(cfg: InspectConfig, as_json: bool) -> None:
     from latent_store import describe_store
     from latent_store.summary import format_description
 
-    d = describe_store(cfg.store)
+    d = describe_store(_open(cfg.store, cfg.storage_options))
     typer.echo(json.dumps(d, indent=2) if as_json else format_description(d))
 
 
@@ -120,9 +121,10 @@ def validate(cfg: ValidateConfig, as_json: bool) -> None:
     """Check a store before training on it; exit 0 only when every check passes."""
     from latent_store import validate_store
 
-    checks = validate_store(cfg.store, max_clipped=cfg.max_clipped)
+    store = _open(cfg.store, cfg.storage_options)
+    checks = validate_store(store, max_clipped=cfg.max_clipped)
     ok = all(c.ok for c in checks)
-    decoded = _decode_check(cfg) if cfg.decode_check else None
+    decoded = _decode_check(cfg, store) if cfg.decode_check else None
     if as_json:
         report = {"ok": ok, "checks": [c.to_dict() for c in checks]}
         typer.echo(json.dumps({**report, "decode_check": decoded} if decoded else report, indent=2))
@@ -139,7 +141,15 @@ def validate(cfg: ValidateConfig, as_json: bool) -> None:
     raise typer.Exit(0 if ok else 1)
 
 
-def _decode_check(cfg: ValidateConfig) -> dict:
+def _open(store: str, storage_options: str | None):
+    """The store at a path or URL (`latent_store.open_store`), with --storage-options."""
+    from foundation.urls import parse_storage_options
+    from latent_store import open_store
+
+    return open_store(store, storage_options=parse_storage_options(storage_options))
+
+
+def _decode_check(cfg: ValidateConfig, store) -> dict:
     """Run `validate --decode-check` on the GPU when there is one."""
     import torch
 
@@ -147,7 +157,7 @@ def _decode_check(cfg: ValidateConfig) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return decode_check(
-        Path(cfg.store), DecodeCheckConfig(samples=cfg.decode_check, vae=cfg.vae, device=device)
+        store, DecodeCheckConfig(samples=cfg.decode_check, vae=cfg.vae, device=device)
     )
 
 
@@ -157,9 +167,11 @@ def _decode_check(cfg: ValidateConfig) -> dict:
 @command(app, "encode", EncodeConfig)
 def encode(cfg: EncodeConfig) -> None:
     """Encode image folders or webdataset tars into a latent store (resumable; torchrun scales)."""
+    from foundation.urls import redact_storage_options
     from pipeline.encode import encode as run_encode
 
-    cfg = dataclasses.replace(cfg, command=" ".join(["latentdit", *sys.argv[1:]]))
+    argv = redact_storage_options(sys.argv[1:])  # --storage-options may hold credentials
+    cfg = dataclasses.replace(cfg, command=" ".join(["latentdit", *argv]))
     summary = run_encode(cfg)
     if summary is not None:
         typer.echo(
@@ -219,8 +231,30 @@ def train(cfg: TrainConfig) -> None:
 # --- stage 3: sample -----------------------------------------------------------------------------
 
 
-@command(app, "sample", SampleConfig)
-def sample(cfg: SampleConfig) -> None:
+def option_param(name: str, *flags: str, help: str) -> inspect.Parameter:
+    """A text option of a command that is not a config field (e.g. a preset's name)."""
+    info = typer.Option(None, *flags, help=help, show_default=False, metavar="NAME")
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=str | None
+    )
+
+
+PROTOCOL = option_param(
+    "protocol", "--protocol",
+    help="A published sampling protocol: dit-fid or sit-fid (docs/reproduce.md); options given "
+    "beside it win.",
+)  # fmt: skip
+
+
+def _sample_protocol(values: dict[str, Any]) -> dict[str, Any] | None:
+    """The solver options of `--protocol NAME` (below --config and the command line)."""
+    from sampler.config import protocol_options
+
+    return {"solve": protocol_options(values["protocol"])} if values.get("protocol") else None
+
+
+@command(app, "sample", SampleConfig, extra=(PROTOCOL,), base=_sample_protocol)
+def sample(cfg: SampleConfig, protocol: str | None) -> None:
     """Sample images from a checkpoint with only the VAE decoder; re-run to resume."""
     from sampler.sample import sample as run_sample
 
@@ -229,6 +263,15 @@ def sample(cfg: SampleConfig) -> None:
         f"{result.out}: {result.total} images ({result.made} made now)"
         + (f", {result.npz}" if result.npz else "")
     )
+
+
+@command(app, "import", ImportConfig)
+def import_checkpoint(cfg: ImportConfig) -> None:
+    """Import an official DiT or SiT checkpoint into a run dir that `sample` and `train` read."""
+    from sampler.importer import import_checkpoint as run_import
+
+    folder = run_import(cfg)
+    typer.echo(f"{folder}: imported; next: latentdit sample {cfg.run} --out SAMPLES")
 
 
 # --- evaluate ------------------------------------------------------------------------------------

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from latent_store.schema import LABEL_FILL, StoreSpec
-from latent_store.store import LatentStore
+from latent_store.store import LatentStore, open_store
+
+LOAD_THREADS = 16  # shards fetched at once by load_latents (object stores: requests in flight)
+PREFETCH = 1  # shards iter_shards fetches ahead of the one it yields
 
 
 @dataclass(frozen=True)
@@ -65,14 +68,16 @@ def load_latents(
     *,
     shards: Sequence[int] | None = None,
     allow_incomplete: bool = False,
-    threads: int = 4,
+    threads: int = LOAD_THREADS,
 ) -> LatentArrays:
     """Load the written samples of a store (or of some shards) into RAM.
 
+    `threads` whole shards are fetched at once: on an object store each is one GET per array,
+    so the load runs at the store's aggregate bandwidth instead of one request's latency.
     Raises StoreIncompleteError naming the missing shards unless every requested shard is
     complete or `allow_incomplete` is set (incomplete shards are then skipped).
     """
-    store = path if isinstance(path, LatentStore) else LatentStore(path)
+    store = open_store(path)
     todo = store.require_complete(shards, allow_incomplete=allow_incomplete)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         parts = list(pool.map(lambda s: _shard_arrays(store, s), todo))
@@ -94,8 +99,17 @@ def iter_shards(
     world_size: int = 1,
     allow_incomplete: bool = False,
 ) -> Iterator[LatentArrays]:
-    """Yield this rank's complete shards, whole, in a seeded order that changes every epoch."""
-    store = path if isinstance(path, LatentStore) else LatentStore(path)
+    """Yield this rank's complete shards, whole, in a seeded order that changes every epoch.
+
+    The next shard is fetched while the consumer works on the current one.
+    """
+    store = open_store(path)
     complete = store.require_complete(allow_incomplete=allow_incomplete)
-    for i in shard_order(len(complete), seed=seed, epoch=epoch, rank=rank, world_size=world_size):
-        yield _shard_arrays(store, complete[i])
+    order = shard_order(len(complete), seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    with ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch") as pool:
+        ahead = [pool.submit(_shard_arrays, store, complete[i]) for i in order[:PREFETCH]]
+        for k in range(len(order)):
+            shard = ahead.pop(0).result()
+            if k + PREFETCH < len(order):
+                ahead.append(pool.submit(_shard_arrays, store, complete[order[k + PREFETCH]]))
+            yield shard

@@ -8,21 +8,21 @@ from dataclasses import asdict
 import numpy as np
 
 from latent_store.schema import LABEL_FILL
-from latent_store.store import LatentStore, _format_ranges
+from latent_store.store import LatentStore, _format_ranges, open_store
 from latent_store.writer import summarize_records
 
 FAILURES_SHOWN = 10
 
 
-def _bytes_on_disk(store: LatentStore) -> int | None:
+def _bytes_on_disk(store: LatentStore) -> int:
     if store.local_root is None:
-        return None
+        return store.nbytes()  # every object's size, listed through the store
     return sum(f.stat().st_size for f in store.local_root.rglob("*") if f.is_file())
 
 
-def describe_store(path: str | os.PathLike) -> dict:
-    """A JSON-ready description of a store."""
-    store = LatentStore(path)
+def describe_store(path: str | os.PathLike | LatentStore) -> dict:
+    """A JSON-ready description of a store (a path, URL or open store, see `open_store`)."""
+    store = open_store(path)
     spec = store.spec
     records = store.records()
     summary = summarize_records(store)

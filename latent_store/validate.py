@@ -17,7 +17,7 @@ from latent_store.config import DEFAULT_MAX_CLIPPED
 from latent_store.errors import LatentditError
 from latent_store.quantize import QMAX
 from latent_store.schema import LABEL_FILL, ShardRecord
-from latent_store.store import LatentStore, _format_ranges, shard_checksum
+from latent_store.store import LatentStore, _format_ranges, open_store, shard_checksum
 from latent_store.writer import summarize_records
 
 MAX_LISTED = 5  # problems listed per check before "..."
@@ -81,12 +81,12 @@ def check_completion(store: LatentStore, records: list[ShardRecord | None]) -> C
 
 def check_shards(store: LatentStore, records: list[ShardRecord | None]) -> tuple[Check, Check]:
     """Checksums and labels of every complete shard (one read of each shard)."""
-    spec, root = store.spec, store.local_root
+    spec = store.spec
     corrupt, bad_labels = [], []
     for shard, record in enumerate(records):
         if record is None:
             continue
-        lost = [k for k in store.shard_files(shard) if root is not None and not (root / k).exists()]
+        lost = [k for k in store.shard_files(shard) if not store.has_key(k)]
         if lost:
             corrupt.append(f"shard {shard}: data file missing ({', '.join(lost)})")
             continue
@@ -176,10 +176,13 @@ def check_statistics(store: LatentStore, summary: dict) -> Check:
 
 
 def validate_store(
-    path: str | os.PathLike, *, max_clipped: float = DEFAULT_MAX_CLIPPED
+    path: str | os.PathLike | LatentStore, *, max_clipped: float = DEFAULT_MAX_CLIPPED
 ) -> list[Check]:
-    """Run every check on a store. Opening errors (no store, unknown format) raise instead."""
-    store = LatentStore(path)
+    """Run every check on a store (a path, URL or open store, see `open_store`).
+
+    Opening errors (no store, unknown format) raise instead.
+    """
+    store = open_store(path)
     checks = [check_arrays(store)]
     if not checks[0].ok:  # reading shards through wrong shapes would only add noise
         return checks

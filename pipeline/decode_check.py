@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from foundation.vae import VaeConfig, decode_latents
-from latent_store import LABEL_FILL, LatentStore, SchemaMismatchError, dequantize
+from latent_store import LABEL_FILL, LatentStore, SchemaMismatchError, dequantize, open_store
 from pipeline.loader import collate, load_item
 from pipeline.preprocess import PreprocessConfig
 from pipeline.source import reopen_source
@@ -57,9 +57,12 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(PIXEL_MAX**2 / mse.clamp_min(1e-12))
 
 
-def decode_check(path: str | os.PathLike, cfg: DecodeCheckConfig) -> dict:
-    """Decode `cfg.samples` stored latents (image variant); PSNR against the source crops."""
-    store = LatentStore(path)
+def decode_check(path: str | os.PathLike | LatentStore, cfg: DecodeCheckConfig) -> dict:
+    """Decode `cfg.samples` stored latents (image variant); PSNR against the source crops.
+
+    `path`: a store folder, URL or open store (see `latent_store.open_store`).
+    """
+    store = open_store(path)
     spec = store.spec
     vae, info = load_vae(
         VaeConfig(

@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from foundation.urls import is_url
 from latent_store import (
     LatentditError,
-    LatentStore,
     QuantParams,
     SchemaMismatchError,
     StoreNotFoundError,
     StoreSpec,
     calibrate,
     create_store,
+    open_store,
 )
 from pipeline.encode_config import EncodeConfig
 from pipeline.loader import collate, load_item
@@ -33,7 +34,6 @@ from pipeline.vae import encode_variants
 log = logging.getLogger(__name__)
 
 CROP_METHOD = "adm-center"
-URL_SCHEME = "://"  # marks an fsspec URL, as opposed to a local path
 EXIF_TAG = "+exif-transpose"  # appended to the crop method when EXIF orientation is applied
 # fields of the store's spec that must match for a resume (the quantization is the store's own)
 RESUME_FIELDS = (
@@ -93,9 +93,9 @@ def _tool_version() -> str:
 def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfig) -> None:
     """Create the store (calibrating its quantization), or check an existing one matches."""
     wanted = store_spec(cfg, source, vae_info)
-    out = cfg.out
-    if _store_exists(out):
-        have = LatentStore(out).spec
+    out, options = cfg.out, cfg.store_options
+    if _store_exists(out, options):
+        have = open_store(out, storage_options=options).spec
         if diffs := have.differences(wanted, RESUME_FIELDS):
             raise SchemaMismatchError(
                 f"{out} holds a store made with another configuration: {'; '.join(diffs)}. "
@@ -105,15 +105,16 @@ def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfi
         return
     quant, logstd_quant = calibrate_quantization(cfg, source, vae, pre)
     spec = store_spec(cfg, source, vae_info, quant, logstd_quant)
-    create_store(out, spec, [source.key(i) for i in range(len(source))])
+    keys = [source.key(i) for i in range(len(source))]
+    create_store(out, spec, keys, storage_options=options)
 
 
-def _store_exists(out: str | Path) -> bool:
+def _store_exists(out: str | Path, storage_options: dict | None) -> bool:
     """Whether `out` holds something: a non-empty folder, or a store at an fsspec URL."""
-    if URL_SCHEME not in str(out):
+    if not is_url(out):
         return Path(out).exists() and any(Path(out).iterdir())
     try:
-        LatentStore(out)
+        open_store(out, storage_options=storage_options)
     except StoreNotFoundError:
         return False
     return True

@@ -4,6 +4,8 @@
     store = write_random_store(tmp / "s.zarr", n=40)     # through the real writer
     vae_dir = make_tiny_vae(tmp / "vae")                 # save_pretrained, load with from_pretrained
 
+`testkit.s3` (imported on its own: it needs moto) runs a local S3-compatible server.
+
 Everything is built by the real code paths (the store's writer, diffusers' AutoencoderKL, the
 trainer's DiT and checkpoint writer), only small.
 """

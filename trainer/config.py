@@ -14,6 +14,7 @@ from foundation.config import option
 from foundation.config import resolve_config as resolve_options
 from foundation.errors import ConfigError
 from foundation.precision import AUTO, Precision
+from foundation.urls import is_url, parse_storage_options
 from trainer.presets import DIT_PRESETS, POS_EMBEDS
 
 DATA_MODES = ("memory", "gpu", "stream")
@@ -27,8 +28,14 @@ class TrainConfig:
     store: str = option(
         help="Latent store to train on (Zarr v3 written by `latentdit encode`): a folder or URL."
     )
+    storage_options: str | None = option(
+        None,
+        'JSON object of fsspec options for a store URL, e.g. \'{"endpoint_url": "http://minio:9000"}\' '
+        "(saved in config.json: give secrets through the environment instead).",
+    )
     run: str = option(
-        help="Run folder: config, log.jsonl and checkpoints; `--run RUN` alone resumes it.",
+        help="Run folder, local or on a file system every node shares (not a URL): config, "
+        "log.jsonl and checkpoints; `--run RUN` alone resumes it.",
         flags=("--run", "--run-dir"),
     )
     model: str = option("DiT-B/2", f"DiT preset: {', '.join(DIT_PRESETS)}.")
@@ -55,6 +62,14 @@ class TrainConfig:
     objective: str = option("flow_matching", "Objective: flow_matching or ddpm.")
     timesteps: str = option("logit_normal", "Flow-matching times: logit_normal or uniform.")
     ddpm_schedule: str = option("linear", "DDPM beta schedule: linear or cosine.")
+    learn_sigma: bool = option(
+        False,
+        "DiT's recipe: learn the variance too (2C outputs, hybrid loss L_simple + L_vlb); DDPM only.",
+    )
+    init: str | None = option(
+        None,
+        "Start from the EMA weights of this run dir or checkpoint (e.g. `latentdit import`); fresh optimizer.",
+    )
     p_uncond: float = option(0.1, "Probability of dropping a label to the null class (for CFG).")
     normalization: str = option(
         "channel_stats", "Latent normalization: channel_stats or vae_scaling."
@@ -108,6 +123,7 @@ class TrainConfig:
         checks = [
             (bool(self.store), "--store is required: the latent store to train on"),
             (bool(self.run), "--run is required: the run folder"),
+            (not is_url(self.run), f"--run {self.run}: run folders must be local or on a shared file system, not a URL (see docs/multinode.md)"),
             (self.model in DIT_PRESETS, f"unknown model preset {self.model!r}; choose one of {', '.join(DIT_PRESETS)}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -118,6 +134,7 @@ class TrainConfig:
             (0 <= self.p_uncond < 1, f"--p-uncond must be in [0, 1), got {self.p_uncond}"),
             (self.objective in OBJECTIVES, f"--objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}"),
             (self.timesteps in FlowMatching.TIMESTEPS, f"--timesteps {self.timesteps!r} is not one of {', '.join(FlowMatching.TIMESTEPS)}"),
+            (not self.learn_sigma or self.objective == DDPM.KIND, "--learn-sigma needs --objective ddpm (the variance is a DDPM's)"),
             (self.ddpm_schedule in DDPM.SCHEDULES, f"--ddpm-schedule {self.ddpm_schedule!r} is not one of {', '.join(DDPM.SCHEDULES)}"),
             (self.normalization in LatentNormalization.KINDS, f"--normalization {self.normalization!r} is not one of {', '.join(LatentNormalization.KINDS)}"),
             (self.pos_embed in POS_EMBEDS, f"--pos-embed {self.pos_embed!r} is not one of {', '.join(POS_EMBEDS)}"),
@@ -135,6 +152,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        parse_storage_options(self.storage_options)  # a one-line error now, not at the first read
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -145,6 +163,7 @@ RESUMABLE_CHANGES = frozenset(
     {"steps", "data", "shuffle_shards", "compile", "device", "log_every", "ckpt_every"}
     | {"keep_last", "sample_every", "vae", "peak_tflops", "grad_checkpointing", "store", "run"}
     | {"eval_every", "eval_samples", "eval_ref", "eval_inception"}
+    | {"storage_options"}
 )
 
 

@@ -15,13 +15,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from foundation.distributed import DistInfo, barrier, seed_everything, setup_distributed
+from foundation.distributed import (
+    DistInfo,
+    all_gather_objects,
+    barrier,
+    seed_everything,
+    setup_distributed,
+)
 from foundation.distributed import teardown_distributed as teardown
-from latent_store import LatentStore
+from foundation.urls import parse_storage_options
+from latent_store import LatentStore, open_store
 from trainer.checkpoint import (
     CheckpointMismatchError,
     capture_rng_state,
     checkpoint_meta,
+    init_weights,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
@@ -48,7 +56,7 @@ at the end (e.g. FID of EMA samples, `evaluation.training.fid_hook`); logged to 
 
 def build_objective(cfg: TrainConfig) -> Objective:
     if cfg.objective == DDPM.KIND:
-        return DDPM(schedule=cfg.ddpm_schedule)
+        return DDPM(schedule=cfg.ddpm_schedule, learn_sigma=cfg.learn_sigma)
     return FlowMatching(timesteps=cfg.timesteps)
 
 
@@ -67,6 +75,7 @@ def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
             qk_norm=cfg.qk_norm,
             pos_embed=cfg.pos_embed,
             grad_checkpointing=cfg.grad_checkpointing,
+            learn_sigma=cfg.learn_sigma,
             **{k: v for k, v in sizes.items() if v is not None},
         )
     except ModelConfigError as e:
@@ -95,8 +104,19 @@ def prepare_run(cfg: TrainConfig, dist: DistInfo) -> Path:
 
 
 def resume(run: Path, trainee: Trainee, meta: dict[str, Any]) -> int:
-    """Load the run's latest checkpoint into `trainee` (every rank) and return its step (0 if none)."""
-    if latest_checkpoint(run) is None:
+    """Load the run's latest checkpoint into `trainee` (every rank) and return its step (0 if none).
+
+    Every rank must see the same latest checkpoint: a node that does not (a run folder on
+    node-local disk) would start over while the others resume, so all ranks stop instead.
+    """
+    found = latest_checkpoint(run)
+    seen = all_gather_objects(found.name if found else None)
+    if len(set(seen)) > 1:
+        raise CheckpointMismatchError(
+            f"{run}: the ranks see different latest checkpoints ({seen}, by rank); the run "
+            "folder must be one folder that every node shares (see docs/multinode.md)"
+        )
+    if found is None:
         return 0
     ckpt = load_checkpoint(run)
     if ckpt.meta["store"]["fingerprint"] != meta["store"]["fingerprint"]:
@@ -150,10 +170,12 @@ def train(
 def _train(
     cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None, eval_fn: EvalFn | None = None
 ) -> Path:
-    store = LatentStore(cfg.store)
+    store = open_store(cfg.store, storage_options=parse_storage_options(cfg.storage_options))
     seed_everything(cfg.seed, dist.rank)
     model = build_model_for_store(cfg, store).to(dist.device)
     norm, objective = normalization_from_store(store, cfg.normalization), build_objective(cfg)
+    if cfg.init and latest_checkpoint(cfg.run) is None:
+        objective = init_weights(model, cfg.init, objective=objective, normalization=norm)
     layout = BatchLayout(
         batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,

@@ -387,6 +387,7 @@ def train(
     grad_checkpointing: Annotated[bool | None, _train_option("grad_checkpointing")] = None,
     data: Annotated[str | None, _train_option("data")] = None,
     shuffle_shards: Annotated[int | None, _train_option("shuffle_shards")] = None,
+    verify: Annotated[bool | None, _train_option("verify", "--verify/--no-verify")] = None,
     seed: Annotated[int | None, _train_option("seed")] = None,
     precision: Annotated[str | None, _train_option("precision")] = None,
     compile: Annotated[bool | None, _train_option("compile")] = None,
@@ -402,18 +403,20 @@ def train(
     options = {k: v for k, v in locals().items() if k not in ("config", "no_grad_clip", "keep_all")}
     import dataclasses
 
-    from trainer.config import resolve_config
+    from trainer.run_dir import resolve_run_config
     from trainer.train import train as train_run
 
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
-    cfg = resolve_config(config, options)
+    cfg = resolve_run_config(config, options)
     if no_grad_clip or keep_all:
         cfg = dataclasses.replace(
             cfg,
             grad_clip=None if no_grad_clip else cfg.grad_clip,
             keep_last=None if keep_all else cfg.keep_last,
         )
-    train_run(cfg, sample_fn=_sample_hook(cfg))
+    summary = train_run(cfg, sample_fn=_sample_hook(cfg))
+    if summary.rank == 0:
+        typer.echo(summary.format())
 
 
 def _sample_hook(cfg):

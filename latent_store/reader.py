@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from latent_store.schema import LABEL_FILL, StoreSpec
+from latent_store.schema import LABEL_FILL, ShardRecord, StoreSpec
 from latent_store.store import LatentStore
+from latent_store.verify import verify_shard, verify_store
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,9 @@ class LatentArrays:
         return len(self.labels)
 
 
-def _shard_arrays(store: LatentStore, shard: int) -> LatentArrays:
-    data = store.read_shard(shard)
+def _shard_arrays(store: LatentStore, shard: int, record: ShardRecord | None) -> LatentArrays:
+    """A shard's written samples; checked against `record` first unless it is None (no verify)."""
+    data = store.read_shard(shard) if record is None else verify_shard(store, shard, record)
     keep = data["labels"] != LABEL_FILL
     start, _ = store.spec.shard_bounds(shard)
     return LatentArrays(
@@ -66,16 +68,20 @@ def load_latents(
     shards: Sequence[int] | None = None,
     allow_incomplete: bool = False,
     threads: int = 4,
+    verify: bool = True,
 ) -> LatentArrays:
     """Load the written samples of a store (or of some shards) into RAM.
 
     Raises StoreIncompleteError naming the missing shards unless every requested shard is
-    complete or `allow_incomplete` is set (incomplete shards are then skipped).
+    complete or `allow_incomplete` is set (incomplete shards are then skipped). With `verify`,
+    the store's seal and every shard's record are checked (`latent_store.verify`); each shard is
+    hashed in the thread that read it, so verifying overlaps the reads of other shards.
     """
     store = path if isinstance(path, LatentStore) else LatentStore(path)
+    records = _verified_records(store, verify)
     todo = store.require_complete(shards, allow_incomplete=allow_incomplete)
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        parts = list(pool.map(lambda s: _shard_arrays(store, s), todo))
+        parts = list(pool.map(lambda s: _shard_arrays(store, s, records[s]), todo))
     return _concat(parts, store.spec)
 
 
@@ -93,9 +99,22 @@ def iter_shards(
     rank: int = 0,
     world_size: int = 1,
     allow_incomplete: bool = False,
+    verify: bool = True,
 ) -> Iterator[LatentArrays]:
-    """Yield this rank's complete shards, whole, in a seeded order that changes every epoch."""
+    """Yield this rank's complete shards, whole, in a seeded order that changes every epoch.
+
+    With `verify`, the store's seal is checked first and each shard as it arrives.
+    """
     store = path if isinstance(path, LatentStore) else LatentStore(path)
+    records = _verified_records(store, verify)
     complete = store.require_complete(allow_incomplete=allow_incomplete)
     for i in shard_order(len(complete), seed=seed, epoch=epoch, rank=rank, world_size=world_size):
-        yield _shard_arrays(store, complete[i])
+        yield _shard_arrays(store, complete[i], records[complete[i]])
+
+
+def _verified_records(store: LatentStore, verify: bool) -> list[ShardRecord | None]:
+    """The records to check shards against after the store-wide checks (all None: no verify)."""
+    if not verify:
+        return [None] * store.spec.num_shards
+    verify_store(store)
+    return store.records()

@@ -16,16 +16,28 @@ from zarr.storage import LocalStore
 
 from latent_store.errors import (
     SchemaMismatchError,
+    StoreCorruptError,
     StoreExistsError,
     StoreIncompleteError,
     StoreNotFoundError,
 )
+from latent_store.provenance import PROVENANCE_KEY, seal
 from latent_store.schema import ATTRS_KEY, LABEL_FILL, ShardRecord, StoreSpec
 
 log = logging.getLogger(__name__)
 
 DATA_ARRAYS = ("latents", "logstd", "labels")  # arrays written shard by shard
 SUMMARY_KEY = "summary"
+# what zarr raises on a truncated, empty or hand-edited zarr.json (json errors are ValueErrors)
+MALFORMED = (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError)
+
+
+def _malformed(what: str, error: Exception) -> StoreCorruptError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return StoreCorruptError(
+        f"{what} is malformed ({reason}): truncated or edited? Restore it from a copy, or "
+        "re-encode the store with the same command and a new --out"
+    )
 
 
 def _open_group(path: str | os.PathLike, mode: str) -> zarr.Group:
@@ -35,6 +47,12 @@ def _open_group(path: str | os.PathLike, mode: str) -> zarr.Group:
         raise StoreNotFoundError(
             f"{path}: no latent store here; create one with `latentdit encode SOURCE --out {path}`"
         ) from None
+    except NotADirectoryError:
+        raise StoreNotFoundError(
+            f"{path}: a file, not a latent store (a store is a folder or an fsspec URL)"
+        ) from None
+    except MALFORMED as e:
+        raise _malformed(f"{path}/zarr.json (the store's metadata)", e) from None
 
 
 def create_store(path: str | os.PathLike, spec: StoreSpec, keys: Sequence[str]) -> LatentStore:
@@ -47,7 +65,9 @@ def create_store(path: str | os.PathLike, spec: StoreSpec, keys: Sequence[str]) 
         raise SchemaMismatchError(f"{len(keys)} keys for {spec.num_samples} samples")
     if Path(str(path)).exists() and any(Path(str(path)).iterdir()):
         raise StoreExistsError(f"{path} already exists and is not empty; choose another --out")
-    group = zarr.create_group(str(path), zarr_format=3, attributes={ATTRS_KEY: spec.to_attrs()})
+    attrs = spec.to_attrs()
+    attrs[PROVENANCE_KEY] = seal(attrs, np.asarray(keys, dtype=object).astype(str))
+    group = zarr.create_group(str(path), zarr_format=3, attributes={ATTRS_KEY: attrs})
     sample = spec.sample_shape
     latent_arrays = ["latents"] + (["logstd"] if spec.posterior == "moments" else [])
     for name in latent_arrays:
@@ -84,14 +104,19 @@ class LatentStore:
         attrs = self.group.attrs.asdict()
         if ATTRS_KEY not in attrs:
             raise SchemaMismatchError(f"{path}: a Zarr group, but without latentdit metadata")
-        self.spec = StoreSpec.from_attrs(attrs[ATTRS_KEY])
-        self.summary = attrs[ATTRS_KEY].get(SUMMARY_KEY)
+        if not isinstance(attrs[ATTRS_KEY], dict):
+            raise _malformed(f"{path}/zarr.json: attribute {ATTRS_KEY!r}", TypeError("not a table"))
+        self.attrs: dict = attrs[ATTRS_KEY]
+        self.spec = StoreSpec.from_attrs(self.attrs)
+        self.summary = self.attrs.get(SUMMARY_KEY)
 
     def array(self, name: str) -> zarr.Array:
         try:
             return self.group[name]
         except KeyError:
             raise SchemaMismatchError(f"{self.path}: array {name!r} is missing") from None
+        except MALFORMED as e:
+            raise _malformed(f"{self.path}/{name}/zarr.json", e) from None
 
     @cached_property
     def local_root(self) -> Path | None:
@@ -112,8 +137,15 @@ class LatentStore:
         return keys
 
     def records(self) -> list[ShardRecord | None]:
-        """The completion record of every shard (None where the shard is not complete)."""
-        raw = self.array("shard_records")[:]
+        """The completion record of every shard (None where the shard is not complete).
+
+        A record that cannot be read (a torn chunk) counts as missing, like an unparsable one.
+        """
+        arr = self.array("shard_records")
+        try:
+            raw = arr[:].tolist()
+        except Exception:  # zarr/numcodecs raise what their codecs raise; find the torn ones
+            raw = [_read_record(arr, i) for i in range(arr.shape[0])]
         return [ShardRecord.from_json(str(t)) for t in raw]
 
     def missing_shards(self) -> list[int]:
@@ -140,6 +172,16 @@ class LatentStore:
         """Read one shard's data arrays (latents, labels and logstd if present) into RAM."""
         start, stop = self.spec.shard_bounds(shard)
         return {name: self.array(name)[start:stop] for name in self.data_arrays}
+
+
+def _read_record(arr: zarr.Array, shard: int) -> str:
+    try:
+        return str(arr[shard])
+    except Exception:
+        log.warning(
+            "shard %d: its completion record cannot be read; counted as not complete", shard
+        )
+        return ""
 
 
 def shard_checksum(data: dict[str, np.ndarray]) -> str:

@@ -14,6 +14,16 @@ from pipeline.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig
 from pipeline.source import LABEL_KEY
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+# The default --max-failures: a handful of bad files is normal in a small folder (2 of 135 is
+# not a broken dataset), 1% is normal at scale, and more than a tenth of a source failing means
+# the wrong folder, a truncated download or a decoder problem.
+FAILURES_TOLERATED = 10
+FAILURE_FRACTION = 0.01
+FAILURE_SHARE_MAX = 0.10
+FAILURE_RULE = (
+    f"max({FAILURES_TOLERATED}, {FAILURE_FRACTION:.0%} of the images), "
+    f"never more than {FAILURE_SHARE_MAX:.0%}"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,9 +65,10 @@ class EncodeConfig:
     """Webdataset tars: the json field holding each sample's class (a .cls member wins)."""
     include_unfinished: bool = False
     """Webdataset tars: also use tars that have no img2dataset `_stats.json` (unfinished)."""
-    max_failures: int | float = 0.01
-    """Undecodable images tolerated: a count (int) or a fraction of the source (float < 1).
-    Under torchrun each rank holds its own failures to this limit."""
+    max_failures: int | float | None = None
+    """Undecodable images tolerated: a count (int) or a fraction of the source (float < 1);
+    None: the default rule, FAILURE_RULE. Under torchrun each rank holds its own failures to
+    this limit."""
     exif_transpose: bool = False
     """Apply EXIF orientation before cropping (off: ImageNet parity)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -86,8 +97,9 @@ class EncodeConfig:
             raise LatentditError(f"--posterior {self.posterior!r}: use one of {POSTERIOR_MODES}")
         if self.dtype not in DTYPES:
             raise LatentditError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
-        if self.max_failures < 0 or (
-            isinstance(self.max_failures, float) and self.max_failures >= 1
+        if self.max_failures is not None and (
+            self.max_failures < 0
+            or (isinstance(self.max_failures, float) and self.max_failures >= 1)
         ):
             raise LatentditError(
                 f"--max-failures {self.max_failures}: a count >= 0 or a fraction in [0, 1)"
@@ -117,6 +129,9 @@ class EncodeConfig:
 
     def failure_limit(self, num_samples: int) -> int:
         """The most failures allowed for a source of `num_samples` images."""
+        if self.max_failures is None:
+            share = math.floor(FAILURE_SHARE_MAX * num_samples)
+            return min(max(FAILURES_TOLERATED, math.floor(FAILURE_FRACTION * num_samples)), share)
         if isinstance(self.max_failures, float):
             return math.floor(self.max_failures * num_samples)
         return self.max_failures

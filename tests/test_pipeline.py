@@ -422,7 +422,11 @@ def test_cli_encode_and_bad_input(image_tree, tiny_vae_dir, tmp_path, monkeypatc
 
 
 def test_validate_decode_check_reports_psnr(reference):
-    result = _invoke("validate", str(reference), "--decode-check", "5", "--json")
+    # the tiny random VAE decodes at ~10 dB: below the default floor, above --min-psnr 0
+    low = _invoke("validate", str(reference), "--decode-check", "5")
+    assert low.exit_code == 1 and "below --min-psnr 20 dB" in low.output, low.output
+    assert "INVALID" in low.output
+    result = _invoke("validate", str(reference), "--decode-check", "5", "--min-psnr", "0", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["ok"] and report["decode_check"]["samples"] == 5

@@ -123,6 +123,9 @@ def array_problems(store: LatentStore) -> list[str]:
     for name, (dtype, shape, chunks) in want.items():
         try:
             arr = store.array(name)
+        except StoreCorruptError:
+            problems.append(f"{name}/zarr.json is malformed (truncated or edited?)")
+            continue
         except LatentditError as e:
             problems.append(str(e).removeprefix(f"{store.path}: "))
             continue

@@ -19,6 +19,7 @@ from latent_store import (
     LatentStore,
     QuantParams,
     SchemaMismatchError,
+    StoreExistsError,
     StoreNotFoundError,
     StoreSpec,
     calibrate,
@@ -95,7 +96,13 @@ def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfi
     wanted = store_spec(cfg, source, vae_info)
     out = cfg.out
     if _store_exists(out):
-        have = LatentStore(out).spec
+        try:
+            have = LatentStore(out).spec
+        except StoreNotFoundError:
+            raise StoreExistsError(
+                f"--out {out}: a folder that holds something other than a latent store; choose "
+                "a new or empty folder"
+            ) from None
         if diffs := have.differences(wanted, RESUME_FIELDS):
             raise SchemaMismatchError(
                 f"{out} holds a store made with another configuration: {'; '.join(diffs)}. "
@@ -111,6 +118,8 @@ def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfi
 def _store_exists(out: str | Path) -> bool:
     """Whether `out` holds something: a non-empty folder, or a store at an fsspec URL."""
     if URL_SCHEME not in str(out):
+        if Path(out).exists() and not Path(out).is_dir():
+            raise StoreExistsError(f"--out {out}: a file, not a store folder; choose another --out")
         return Path(out).exists() and any(Path(out).iterdir())
     try:
         LatentStore(out)

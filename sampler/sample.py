@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from foundation.distributed import resolve_device
 from foundation.precision import NAMES as PRECISION_NAMES
 from foundation.precision import autocast, resolve_precision
 from sampler import outputs
@@ -107,7 +108,7 @@ class SampleResult:
 
 
 def _device(cfg: SampleConfig) -> torch.device:
-    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return resolve_device(cfg.device)
 
 
 def _settings(
@@ -168,6 +169,11 @@ def _load(cfg: SampleConfig, device: torch.device):
 
 def sample(cfg: SampleConfig) -> SampleResult:
     """Make the configured images; resumes when OUT holds an interrupted run of the same settings."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SamplerError(
+            f"--out {out}: a file, not a folder; choose a new or earlier --out folder"
+        )
     device = _device(cfg)
     precision = resolve_precision(cfg.precision, device)
     folder, model, meta, objective, decoder = _load(cfg, device)
@@ -176,7 +182,6 @@ def sample(cfg: SampleConfig) -> SampleResult:
         classes=classes, requested=cfg.classes, n=cfg.n, fid_samples=cfg.fid_samples, seed=cfg.seed
     )
     sampler_name = pick_solver(cfg.solve, objective)[0]
-    out = Path(cfg.out)
     outputs.check_manifest(out, _settings(cfg, sampler_name, folder, meta, labels))
     image_shape = (*(d * decoder.downsampling for d in latent_shape[1:]), 3)
     npz = outputs.npz_path(out, len(labels), image_shape) if cfg.npz else None

@@ -55,7 +55,6 @@ def _configure(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
 ) -> None:
     logging.basicConfig(
-        force=True,  # bind to this invocation's stderr (CliRunner swaps it per call)
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",

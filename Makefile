@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.latentdit-setup
 
-.PHONY: help setup test lint format bench bench-store
+.PHONY: help setup test lint format bench bench-store bench-verify
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -32,6 +32,9 @@ format: setup  ## apply ruff fixes and formatting
 
 bench-store: setup  ## store write / load / random-batch throughput (JSON)
 	$(PY) bench/bench_store.py
+
+bench-verify: setup  ## cost of verifying a 1.28M-sample store while loading it (JSON)
+	$(PY) bench/bench_verify.py
 
 # --- encode ---
 .PHONY: encode bench-encode
@@ -89,7 +92,7 @@ demo: setup  ## every stage on generated images, offline, a few minutes on a CPU
 	HF_HUB_OFFLINE=1 $(PY) -m cli demo --out demo_out
 
 
-bench: bench-store bench-encode  ## every benchmark (JSON lines)
+bench: bench-store bench-verify bench-encode  ## every benchmark (JSON lines)
 
 .PHONY: bench-gpu
 bench-gpu: setup  ## on a CUDA machine: the GPU paths end to end, then throughput at real sizes (logs in OUT)

@@ -34,6 +34,7 @@ from pipeline.loader import collate, load_item, shard_batches
 from pipeline.source import open_source
 from pipeline.store_setup import calibrate_quantization, store_spec
 from pipeline.vae import encode_posterior, load_vae
+from testkit import make_vae
 
 IMAGENET_SIZE = (500, 375)  # the most common ImageNet train resolution
 
@@ -53,21 +54,6 @@ def make_tree(root: Path, images: int, classes: int = 4, distinct: int = 1024) -
             img.save(buf, format="JPEG", quality=90)
             made.append(buf.getvalue())
         (folder / f"img_{i:05d}.JPEG").write_bytes(made[i % len(made)])
-
-
-def make_vae(path: Path, channels: tuple[int, ...]) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * len(channels),
-        up_block_types=("UpDecoderBlock2D",) * len(channels),
-        block_out_channels=channels,
-        layers_per_block=2,  # as in the SD-VAE
-        latent_channels=4,
-        norm_num_groups=min(32, min(channels)),
-    ).save_pretrained(path)
-    return path
 
 
 def rate(count: int, seconds: float) -> float:
@@ -102,7 +88,7 @@ def main() -> None:
         cfg = EncodeConfig(
             source=tmp / "train",
             out=tmp / "store.zarr",
-            vae=str(make_vae(tmp / "vae", channels)),
+            vae=str(make_vae(tmp / "vae", channels, layers_per_block=2)),  # as in the SD-VAE
             dtype=args.dtype,
             device=args.device,
             image_size=args.image_size,

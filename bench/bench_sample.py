@@ -19,30 +19,19 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 
+from sampler.config import SolveConfig
 from sampler.decoder import LatentDecoder
-from sampler.latents import SolveConfig, make_latents
+from sampler.latents import make_latents
 from sampler.plan import ImageNoise
 from sampler.solvers import SOLVERS
+from testkit import make_vae
 from trainer.model import build_model
 from trainer.objective import FlowMatching
 
 CLASSES = 1000
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
 SMALL_VAE = {"block_out_channels": (32, 64, 64, 64), "layers_per_block": 1, "norm_num_groups": 16}
-
-
-def save_vae(folder: Path, sizes: dict) -> Path:
-    """An AutoencoderKL with SD-VAE's layout (4 latent channels, 8x) and the given widths."""
-    blocks = len(sizes["block_out_channels"])
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks,
-        latent_channels=4,
-        **sizes,
-    ).save_pretrained(folder)
-    return folder
 
 
 def meta_for(latent_size: int) -> dict:
@@ -104,7 +93,7 @@ def main() -> None:
     model = build_model(args.model, input_size=args.latent_size, in_channels=4, num_classes=CLASSES)
     model = model.to(args.device).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        vae_dir = save_vae(Path(tmp) / "vae", SD_VAE if args.sd_vae else SMALL_VAE)
+        vae_dir = make_vae(Path(tmp) / "vae", **(SD_VAE if args.sd_vae else SMALL_VAE))
         decoder = LatentDecoder.load(str(vae_dir), meta_for(args.latent_size), device=args.device)
         rows = []
         for spec in args.rows.split(","):

@@ -22,21 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
 
-from latent_store import (
-    ClassInfo,
-    StoreSpec,
-    StoreWriter,
-    VaeInfo,
-    calibrate,
-    create_store,
-    finalize_store,
-    quantize,
-)
+from testkit import write_random_store
 from trainer.config import DATA_MODES, PRECISIONS, resolve_config
 from trainer.metrics import peak_flops
 from trainer.model import DIT_PRESETS, build_model, forward_flops
@@ -45,28 +35,6 @@ from trainer.train import train
 LATENT = (4, 32, 32)
 CLASSES = 1000
 GEMM_SIZE = 2048
-
-
-def write_random_store(path: Path, samples: int) -> Path:
-    """A complete store of random latents with both variants, through the real writer."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((samples, 2, *LATENT)).astype(np.float32)
-    spec = StoreSpec(
-        num_samples=samples,
-        latent_shape=LATENT,
-        quant=calibrate(x),
-        vae=VaeInfo(id="bench/random", scaling_factor=0.18215),
-        classes=tuple(ClassInfo(index=i, id=f"c{i}") for i in range(CLASSES)),
-        variants=("image", "hflip"),
-        chunk_size=64,
-        shard_size=samples,
-    )
-    store = create_store(path, spec, [f"k{i}" for i in range(samples)])
-    codes, clipped = quantize(x, spec.quant)
-    labels = (np.arange(samples) % CLASSES).astype(np.int16)
-    StoreWriter(store).write_shard(0, codes.numpy(), labels, clipped=clipped)
-    finalize_store(store)
-    return path
 
 
 def gemm_flops(device: torch.device, repeats: int = 5) -> float:
@@ -162,7 +130,16 @@ def main() -> None:
     }
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        store = write_random_store(Path(tmp) / "store.zarr", args.samples)
+        store = write_random_store(
+            Path(tmp) / "store.zarr",
+            args.samples,
+            size=LATENT[-1],
+            channels=LATENT[0],
+            variants=2,
+            classes=CLASSES,
+            chunk=64,
+            shard=args.samples,
+        )
         for i, model in enumerate(args.models):
             result = {**bench_model(model, store, Path(tmp) / f"run{i}", args, peak), **context}
             print(json.dumps(result), flush=True)

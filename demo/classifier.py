@@ -1,6 +1,6 @@
 """The verdict classifier: a small CNN that names the demo class of a 32-px image.
 
-It is trained once on generated demo images (`python -m demo.train_classifier`) and
+It is trained once on generated demo images (`latentdit demo-tools train-classifier`) and
 shipped in `demo/assets/classifier/` (model.safetensors + config.json). Its
 penultimate layer is the feature space of the demo's Fréchet distance.
 """
@@ -91,7 +91,7 @@ def load_classifier(folder: Path = CLASSIFIER_DIR) -> Classifier:
     if not config_path.is_file():
         raise FileNotFoundError(
             f"no classifier at {folder}: retrain it with "
-            f"`python -m demo.train_classifier --out {folder}`"
+            f"`latentdit demo-tools train-classifier --out {folder}`"
         )
     cfg = json.loads(config_path.read_text())
     model = Classifier(

@@ -1,6 +1,6 @@
 """The demo's image set: ten generated classes of shapes and textures in the ImageNet layout.
 
-    python -m demo.data --out demo_out/data
+    latentdit demo-tools data --out demo_out/data
 
 Writes `train/<wnid>/<wnid>_<i>.JPEG`, a held-out `val/<wnid>/` split in the same class-folder
 layout, and `LOC_synset_mapping.txt` ("<wnid> <name>" per line, as in the Kaggle ImageNet set).
@@ -11,7 +11,6 @@ Every image is a pure function of (seed, split, class, index): the same seed giv
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import logging
 import math
@@ -20,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
+
+from demo.config import DemoDataConfig
 
 log = logging.getLogger(__name__)
 
@@ -204,30 +204,6 @@ def render(class_index: int, *, size: int, seed: int, split: str, index: int) ->
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
-@dataclass(frozen=True, kw_only=True)
-class DemoDataConfig:
-    """What `make_demo_data` generates."""
-
-    out: Path
-    """Folder to create: gets train/, val/ and LOC_synset_mapping.txt."""
-    image_size: int = 32
-    """Side of every (square) image, in pixels."""
-    train_per_class: int = 300
-    """Training images per class."""
-    val_per_class: int = 100
-    """Held-out images per class (the verdict splits them in two halves)."""
-    seed: int = 0
-    """Seed of every random choice; the same seed gives byte-identical files."""
-    quality: int = 90
-    """JPEG quality."""
-
-    def __post_init__(self) -> None:
-        if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
-        if self.train_per_class < 1 or self.val_per_class < 2:
-            raise ValueError("train_per_class must be >= 1 and val_per_class >= 2")
-
-
 def image_path(root: Path, split: str, class_index: int, index: int) -> Path:
     wnid = CLASSES[class_index].id
     return root / split / wnid / f"{wnid}_{index}.JPEG"
@@ -279,30 +255,8 @@ def generate_arrays(config: DemoDataConfig) -> dict[str, tuple[np.ndarray, np.nd
     return {split: load_split(config.out, split) for split in SPLITS}
 
 
-def as_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 images (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1], the VAE's input range."""
+def as_tensor(images: np.ndarray):
+    """uint8 images (N, H, W, 3) -> float32 torch (N, 3, H, W) in [-1, 1], the VAE's input range."""
+    import torch
+
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--image-size", type=int, default=DemoDataConfig.image_size)
-    p.add_argument("--train-per-class", type=int, default=DemoDataConfig.train_per_class)
-    p.add_argument("--val-per-class", type=int, default=DemoDataConfig.val_per_class)
-    p.add_argument("--seed", type=int, default=DemoDataConfig.seed)
-    a = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    make_demo_data(
-        DemoDataConfig(
-            out=a.out,
-            image_size=a.image_size,
-            train_per_class=a.train_per_class,
-            val_per_class=a.val_per_class,
-            seed=a.seed,
-        )
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from demo import CLASSIFIER_DIR, VAE_DIR
+from demo.config import GRID_COLUMNS, DemoConfig
 from demo.data import CLASSES, SYNSET_FILE
 from demo.verdict import REPORT_FILE
 from latent_store import LatentditError
@@ -36,80 +36,10 @@ PROGRAM = "latentdit"
 CODE_ROOT = (
     Path(__file__).resolve().parents[1]
 )  # holds cli.py, demo/, pipeline/, trainer/, sampler/
-GRID_COLUMNS = len(CLASSES)  # samples per row of the class grid: a square grid
 
 
 class DemoError(LatentditError):
     """A demo step failed; the message names the step and its command."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class DemoConfig:
-    """Sizes of the demo; the defaults are the full demo (5.5 minutes on the 2-core dev VM)."""
-
-    out: Path = Path("demo_out")
-    """Folder for everything: data/, store.zarr, run/, samples/, report.json."""
-    train_per_class: int = 500
-    """Generated training images per class."""
-    val_per_class: int = 100
-    """Generated held-out images per class (the verdict's real sets)."""
-    image_size: int = 32
-    """Image side in pixels (the shipped VAE and classifier were trained at 32)."""
-    model: str = "DiT-S/2"
-    """DiT preset; its width and depth are overridden by hidden_size / depth / num_heads."""
-    hidden_size: int = 128
-    """DiT width."""
-    depth: int = 4
-    """DiT blocks."""
-    num_heads: int = 4
-    """Attention heads."""
-    train_steps: int = 4000
-    """DiT optimizer steps."""
-    batch_size: int = 64
-    """DiT batch."""
-    lr: float = 2e-3
-    """Peak learning rate (a DiT this small trains well far above DiT-XL's 1e-4)."""
-    warmup_steps: int = 50
-    """Linear learning-rate warmup steps."""
-    ema_decay: float = 0.99
-    """EMA decay: the sampler uses the EMA weights, so it must follow a short run closely."""
-    samples_per_class: int = 50
-    """Samples per class for the verdict (the grid shows the first GRID_COLUMNS of them)."""
-    sample_steps: int = 20
-    """Solver steps (Heun, the sampler's default for flow matching: 2 model calls a step)."""
-    decode_check: int = 64
-    """Stored latents that `validate --decode-check` decodes (PSNR against the source images)."""
-    cfg_scale: float = 2.0
-    """Classifier-free guidance scale (4.0 saturates colors: FD 54.6 against 10.1 at 2.0)."""
-    seed: int = 0
-    """Seed of the data, training and sampling."""
-    vae: Path = VAE_DIR
-    """The VAE (diffusers folder); by default the shipped demo VAE."""
-    classifier: Path = CLASSIFIER_DIR
-    """The verdict classifier; by default the shipped one."""
-
-    def __post_init__(self) -> None:
-        if self.samples_per_class < GRID_COLUMNS:
-            raise ValueError(
-                f"samples_per_class must be >= {GRID_COLUMNS}: the grid shows that many per class"
-            )
-
-    @classmethod
-    def quick(cls, out: Path) -> DemoConfig:
-        """A shortened demo through the same steps (for CI): few images, few steps."""
-        return cls(
-            out=out,
-            train_per_class=8,
-            val_per_class=8,
-            hidden_size=32,
-            depth=1,
-            num_heads=2,
-            train_steps=4,
-            batch_size=16,
-            samples_per_class=GRID_COLUMNS,
-            sample_steps=2,
-            decode_check=8,
-        )
 
 
 @dataclass(frozen=True)
@@ -186,7 +116,7 @@ def commands(cfg: DemoConfig, at: Layout) -> list[tuple[str, list[str]]]:
     ld = latentdit_command()
     n_train = cfg.train_per_class * len(CLASSES)
     return [
-        ("data", [sys.executable, "-m", "demo.data", "--out", at.data,
+        ("data", [*ld, "demo-tools", "data", "--out", at.data,
                   "--train-per-class", cfg.train_per_class, "--val-per-class", cfg.val_per_class,
                   "--image-size", cfg.image_size, "--seed", cfg.seed]),
         ("encode", [*ld, "encode", at.data / "train", "--out", at.store, "--vae", cfg.vae,

@@ -1,6 +1,6 @@
 """Train the verdict classifier on generated demo images and save it beside the demo VAE.
 
-    python -m demo.train_classifier --out demo/assets/classifier
+    latentdit demo-tools train-classifier --out demo/assets/classifier
 
 Trained on real (generated, JPEG) demo images from a data seed other than the demo's, with a
 random blur as augmentation so that a slightly soft image (as a VAE decodes it) is still judged
@@ -9,53 +9,24 @@ by its shape. The held-out accuracy goes into config.json with the recipe.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from demo import CLASSIFIER_DIR
 from demo.classifier import Classifier
-from demo.data import CLASSES, DemoDataConfig, as_tensor, generate_arrays
+from demo.config import ClassifierTrainConfig, DemoDataConfig
+from demo.data import CLASSES, as_tensor, generate_arrays
 
 log = logging.getLogger(__name__)
 
 LOG_EVERY = 100  # steps between progress lines
 MAX_BLUR_SIGMA = 1.2  # pixels; the augmentation blurs half the images by sigma ~ U(0, this)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClassifierTrainConfig:
-    """How the verdict classifier is trained."""
-
-    out: Path = CLASSIFIER_DIR
-    """Folder for model.safetensors and config.json."""
-    image_size: int = 32
-    """Image side in pixels (the demo's)."""
-    steps: int = 800
-    """Optimizer steps."""
-    batch_size: int = 32
-    """Images per step."""
-    lr: float = 2e-3
-    """Peak AdamW learning rate (cosine decay to zero)."""
-    train_per_class: int = 600
-    """Generated training images per class."""
-    val_per_class: int = 100
-    """Generated held-out images per class (for the reported accuracy)."""
-    data_seed: int = 2
-    """Seed of the generated images (the demo uses 0, the VAE 1)."""
-    seed: int = 0
-    """Seed of the initialization, batch order and augmentation."""
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
 
 
 def random_blur(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -113,19 +84,3 @@ def train_classifier(config: ClassifierTrainConfig) -> dict:
     )
     log.info("saved %s: %s", config.out, metrics)
     return metrics
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=ClassifierTrainConfig.out)
-    p.add_argument("--steps", type=int, default=ClassifierTrainConfig.steps)
-    p.add_argument("--train-per-class", type=int, default=ClassifierTrainConfig.train_per_class)
-    a = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    train_classifier(
-        ClassifierTrainConfig(out=a.out, steps=a.steps, train_per_class=a.train_per_class)
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Train the demo's small AutoencoderKL on generated demo images and save it with save_pretrained.
 
-    python -m demo.train_vae --out demo/assets/vae
+    latentdit demo-tools train-vae --out demo/assets/vae
 
 The VAE has the SD-VAE interface (4 latent channels, inputs in [-1, 1]; 4x downsampling of
 32-px images to 8x8 latents, where SD has 8x of 256 px to 32x32) and
@@ -15,62 +15,24 @@ on the held-out split. Metrics and the recipe go to `training.json` beside the w
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
-from demo import VAE_DIR
-from demo.data import DemoDataConfig, as_tensor, generate_arrays
+from demo.config import DemoDataConfig, VaeTrainConfig
+from demo.data import as_tensor, generate_arrays
 
 log = logging.getLogger(__name__)
 
 LOG_EVERY = 100  # steps between progress lines
 WARMUP_STEPS = 100  # linear learning-rate warmup, then cosine decay to zero
-
-
-@dataclass(frozen=True, kw_only=True)
-class VaeTrainConfig:
-    """How the demo VAE is built and trained."""
-
-    out: Path = VAE_DIR
-    """Folder to save_pretrained into (config.json, diffusion_pytorch_model.safetensors, training.json)."""
-    image_size: int = 32
-    """Training image side in pixels; latents are image_size / 2**(levels - 1) on a side."""
-    block_out_channels: tuple[int, ...] = (16, 32, 64)
-    """Channels per resolution level; len - 1 downsamplings (3 levels = 4x: 32 px -> 8x8)."""
-    latent_channels: int = 4
-    """Latent channels, as in the SD VAE."""
-    steps: int = 3000
-    """Optimizer steps."""
-    batch_size: int = 16
-    """Images per step."""
-    lr: float = 1e-3
-    """Peak AdamW learning rate."""
-    kl_weight: float = 1e-4
-    """Weight of the KL term (per latent element) against the L1 term (per pixel)."""
-    train_per_class: int = 1000
-    """Generated training images per class."""
-    val_per_class: int = 50
-    """Generated held-out images per class (for the PSNR)."""
-    data_seed: int = 1
-    """Seed of the generated images (the demo itself uses seed 0)."""
-    seed: int = 0
-    """Seed of the initialization and the batch order."""
-
-    def __post_init__(self) -> None:
-        factor = 2 ** (len(self.block_out_channels) - 1)
-        if self.image_size % factor:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of {factor}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
 
 
 def build_vae(config: VaeTrainConfig) -> AutoencoderKL:
@@ -173,22 +135,3 @@ def train_vae(config: VaeTrainConfig) -> dict:
     )
     log.info("saved %s: %s", config.out, metrics)
     return metrics
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=VaeTrainConfig.out)
-    p.add_argument("--steps", type=int, default=VaeTrainConfig.steps)
-    p.add_argument("--batch-size", type=int, default=VaeTrainConfig.batch_size)
-    p.add_argument("--train-per-class", type=int, default=VaeTrainConfig.train_per_class)
-    a = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    train_vae(
-        VaeTrainConfig(
-            out=a.out, steps=a.steps, batch_size=a.batch_size, train_per_class=a.train_per_class
-        )
-    )
-
-
-if __name__ == "__main__":
-    main()

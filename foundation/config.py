@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from dataclasses import MISSING, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,16 @@ from foundation.errors import ConfigError
 
 C = TypeVar("C")
 SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+
+
+class _Null:
+    """An option explicitly set to None (e.g. `--no-grad-clip`), unlike None: 'not given'."""
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+NULL = _Null()
 
 
 def option(default: Any = MISSING, help: str = "", **cli: Any) -> Any:
@@ -70,6 +81,17 @@ def _parse(p: Path) -> Any:
         raise ConfigError(f"--config {p}: cannot parse: {str(e).splitlines()[0]}") from None
 
 
+def _field_names(cls: type) -> set[str]:
+    """Field names of a config, with those of its nested config dataclasses (flattened)."""
+    hints = typing.get_type_hints(cls)
+    names = set()
+    for f in fields(cls):
+        names.add(f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            names |= _field_names(hints[f.name])
+    return names
+
+
 def read_config_file(path: str | os.PathLike, cls: type, command: str) -> dict[str, Any]:
     """Options for `cls` from a .toml, .yaml/.yml or .json file ('-' may stand for '_' in keys)."""
     p = Path(path)
@@ -81,12 +103,49 @@ def read_config_file(path: str | os.PathLike, cls: type, command: str) -> dict[s
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {p}: expected a table of options at the top level")
     options = {k.replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(options) - {f.name for f in fields(cls)})
+    unknown = sorted(set(options) - _field_names(cls))
     if unknown:
         raise ConfigError(
             f"--config {p}: unknown options {unknown}; see `latentdit {command} --help`"
         )
     return options
+
+
+def _coerce(annotation: Any, value: Any) -> Any:
+    """A value read from a file as its field's type: str to Path, list to tuple."""
+    types = {a for a in typing.get_args(annotation) if a is not type(None)} or {annotation}
+    if isinstance(value, str) and Path in types and str not in types:
+        return Path(value)
+    if isinstance(value, list) and any(typing.get_origin(t) is tuple for t in types):
+        return tuple(value)
+    return value
+
+
+def _build(cls: type[C], options: dict[str, Any], command: str) -> C:
+    """`cls(**options)`, nested config dataclasses built from their own (flattened) options."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        sub = hints[f.name]
+        if dataclasses.is_dataclass(sub) and not isinstance(options.get(f.name), sub):
+            given = options.pop(f.name, None) or {}
+            mine = {n.name: options.pop(n.name) for n in fields(sub) if n.name in options}
+            kwargs[f.name] = _build(sub, {**given, **mine}, command)
+    kwargs.update({k: None if v is NULL else _coerce(hints.get(k), v) for k, v in options.items()})
+    missing = [
+        f.name.upper()
+        if f.metadata.get("cli", {}).get("argument")
+        else "--" + f.name.replace("_", "-")
+        for f in fields(cls)
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in kwargs
+    ]
+    if missing:
+        flags = ", ".join(missing)
+        raise ConfigError(f"latentdit {command}: missing {flags} (give it, or put it in --config)")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"bad {command} options: {e}") from None
 
 
 def resolve_config(
@@ -95,22 +154,25 @@ def resolve_config(
     overrides: dict[str, Any] | None = None,
     *,
     command: str = "COMMAND",
+    base: dict[str, Any] | None = None,
 ) -> C:
-    """Defaults, then the file's options, then `overrides` (None values mean 'not given')."""
-    options = read_config_file(config_file, cls, command) if config_file else {}
-    options.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    missing = [
-        f.name
-        for f in fields(cls)
-        if f.default is MISSING and f.default_factory is MISSING and f.name not in options
-    ]
-    if missing:
-        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
-        raise ConfigError(f"latentdit {command}: missing {flags} (give it, or put it in --config)")
-    try:
-        return cls(**options)
-    except TypeError as e:
-        raise ConfigError(f"bad {command} options: {e}") from None
+    """Defaults < `base` (a preset, or a run's saved config) < the file's options < `overrides`.
+
+    None values in `overrides` mean 'not given'. Nested config dataclasses take their options
+    flattened (`steps` for a sample's `solve.steps`) or as a table under their field's name.
+    """
+    options = dict(base or {})
+    from_file = read_config_file(config_file, cls, command) if config_file else {}
+    # in a file, null sets an option to None; on the command line, None means "not given"
+    for layer in ({k: NULL if v is None else v for k, v in from_file.items()}, overrides):
+        for key, value in (layer or {}).items():
+            if value is None:
+                continue
+            if isinstance(value, dict) and isinstance(options.get(key), dict):
+                options[key] = {**options[key], **value}
+            else:
+                options[key] = value
+    return _build(cls, options, command)
 
 
 def replace(cfg: C, **changes: Any) -> C:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 from enum import Enum
-
-import torch
+from typing import TYPE_CHECKING
 
 from foundation.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a dtype is needed, so configs import this cheaply
+    import torch
 
 AUTO = "auto"
 
@@ -32,13 +34,15 @@ class Precision(str, Enum):
     @property
     def dtype(self) -> torch.dtype:
         """The torch dtype of this precision."""
-        return TORCH_DTYPES[self]
+        import torch
+
+        return getattr(torch, TORCH_DTYPE_NAMES[self])
 
 
-TORCH_DTYPES = {
-    Precision.fp32: torch.float32,
-    Precision.bf16: torch.bfloat16,
-    Precision.fp16: torch.float16,
+TORCH_DTYPE_NAMES = {
+    Precision.fp32: "float32",
+    Precision.bf16: "bfloat16",
+    Precision.fp16: "float16",
 }
 NAMES = tuple(p.value for p in Precision)
 
@@ -54,7 +58,7 @@ def parse_precision(value: str | Precision, option: str = "--precision") -> Prec
 def resolve_precision(value: str | Precision | None, device: torch.device | str) -> Precision:
     """`auto` or None: bf16 on CUDA, fp32 elsewhere; any other value is parsed as is."""
     if value is None or value == AUTO:
-        return Precision.bf16 if torch.device(device).type == "cuda" else Precision.fp32
+        return Precision.bf16 if _device_type(device) == "cuda" else Precision.fp32
     return parse_precision(value)
 
 
@@ -67,7 +71,13 @@ def autocast(
     device: torch.device | str, precision: str | Precision
 ) -> contextlib.AbstractContextManager:
     """Autocast to `precision` on `device`; fp32 runs as is (no autocast)."""
+    import torch
+
     p = parse_precision(precision)
     if p is Precision.fp32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=p.dtype)
+    return torch.autocast(device_type=_device_type(device), dtype=p.dtype)
+
+
+def _device_type(device: torch.device | str) -> str:
+    return device.type if hasattr(device, "type") else str(device).split(":")[0]

@@ -17,12 +17,14 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from foundation.errors import VaeLoadError
 from foundation.precision import NAMES as PRECISION_NAMES
 from foundation.precision import torch_dtype
+
+if TYPE_CHECKING:  # torch loads with the first model, so VaeConfig imports cheaply
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,8 @@ def _from_pretrained(cfg: VaeConfig, path: str, subfolder: str | None):
 
 def load_autoencoder(cfg: VaeConfig):
     """The whole AutoencoderKL in eval mode on cfg.device (channels_last, compiled as asked)."""
+    import torch
+
     path, subfolder = resolve_vae_id(cfg.id)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*local_dir_use_symlinks", category=UserWarning)
@@ -179,6 +183,7 @@ def load_vae_decoder(
     The model is built on the meta device and only the `decoder.*` and `post_quant_conv.*`
     tensors are read from the safetensors file: the encoder's weights never reach memory.
     """
+    import torch
     from diffusers import AutoencoderKL
     from safetensors import safe_open
 
@@ -209,8 +214,10 @@ def downsampling(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-@torch.inference_mode()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Decode raw latents (B, C, h, w) to uint8 (B, H, W, 3) images on the CPU."""
-    x = vae.decode(latents.to(vae.device, vae.dtype)).sample.float()
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    import torch
+
+    with torch.inference_mode():
+        x = vae.decode(latents.to(vae.device, vae.dtype)).sample.float()
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -1,61 +1,58 @@
-"""The latent store: the on-disk format (Zarr v3, uint8 latents + labels) and the only code that knows it."""
+"""The latent store: the on-disk format (Zarr v3, uint8 latents + labels) and the only code that knows it.
 
-from latent_store.errors import (
-    LatentditError,
-    SchemaMismatchError,
-    StoreCorruptError,
-    StoreError,
-    StoreExistsError,
-    StoreIncompleteError,
-    StoreNotFoundError,
-)
-from latent_store.quantize import QuantParams, calibrate, dequantize, quantize
-from latent_store.reader import LatentArrays, iter_shards, load_latents, shard_order
-from latent_store.schema import (
-    FORMAT_VERSION,
-    LABEL_FILL,
-    VARIANTS,
-    ClassInfo,
-    Failure,
-    ShardRecord,
-    StoreSpec,
-    VaeInfo,
-)
-from latent_store.store import LatentStore, create_store, open_store
-from latent_store.summary import describe_store
-from latent_store.validate import Check, validate_store
-from latent_store.writer import StoreWriter, finalize_store
+Names are imported on first use (PEP 562), so a light module of the store (its config, its
+schema constants) can be imported without loading zarr. The codec's functions are imported from
+their module (`from latent_store.quantize import quantize`): the name `quantize` is the module.
+"""
 
-__all__ = [
-    "FORMAT_VERSION",
-    "LABEL_FILL",
-    "VARIANTS",
-    "Check",
-    "ClassInfo",
-    "Failure",
-    "LatentArrays",
-    "LatentStore",
-    "LatentditError",
-    "QuantParams",
-    "SchemaMismatchError",
-    "ShardRecord",
-    "StoreCorruptError",
-    "StoreError",
-    "StoreExistsError",
-    "StoreIncompleteError",
-    "StoreNotFoundError",
-    "StoreSpec",
-    "StoreWriter",
-    "VaeInfo",
-    "calibrate",
-    "create_store",
-    "dequantize",
-    "describe_store",
-    "finalize_store",
-    "iter_shards",
-    "load_latents",
-    "open_store",
-    "quantize",
-    "shard_order",
-    "validate_store",
-]
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {
+    "Check": "validate",
+    "ClassInfo": "schema",
+    "FORMAT_VERSION": "schema",
+    "Failure": "schema",
+    "LABEL_FILL": "schema",
+    "LatentArrays": "reader",
+    "LatentStore": "store",
+    "LatentditError": "errors",
+    "QuantParams": "quantize",
+    "SchemaMismatchError": "errors",
+    "ShardRecord": "schema",
+    "StoreCorruptError": "errors",
+    "StoreError": "errors",
+    "StoreExistsError": "errors",
+    "StoreIncompleteError": "errors",
+    "StoreNotFoundError": "errors",
+    "StoreSpec": "schema",
+    "StoreWriter": "writer",
+    "VARIANTS": "schema",
+    "VaeInfo": "schema",
+    "calibrate": "quantize",
+    "create_store": "store",
+    "dequantize": "quantize",
+    "describe_store": "summary",
+    "finalize_store": "writer",
+    "iter_shards": "reader",
+    "load_latents": "reader",
+    "open_store": "store",
+    "shard_order": "reader",
+    "validate_store": "validate",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    """Import `name` from its submodule on first use."""
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f"latent_store.{_HOMES[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'latent_store' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from latent_store.errors import SchemaMismatchError
-from latent_store.quantize import QuantParams
+from latent_store.quant_params import QuantParams
 
 FORMAT_NAME = "latentdit.latent_store"
 FORMAT_VERSION = 1

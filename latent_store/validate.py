@@ -11,6 +11,7 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+from latent_store.config import DEFAULT_MAX_CLIPPED
 from latent_store.provenance import provenance_problems
 from latent_store.quantize import QMAX
 from latent_store.schema import ShardRecord
@@ -23,12 +24,6 @@ from latent_store.verify import (
 )
 from latent_store.writer import summarize_records
 
-DEFAULT_MAX_CLIPPED = 1e-3  # clipped fraction of quantized values tolerated
-# The floor of the mean PSNR (dB) from stored latents. sd-vae-ft-ema reconstructs COCO 2017 at
-# 256 px with 23.8 +/- 3.9 dB per image (its model card); over 16 samples the mean spreads ~1 dB,
-# so a sound store sits ~4 dB above 20, while a store decoded with the wrong VAE, scale or
-# quantization lands near 10 dB. The demo's VAE: 26.4 dB held out.
-DEFAULT_MIN_PSNR = 20.0  # validate --decode-check (pipeline/decode_check.py)
 MAX_LISTED = 5  # problems listed per check before "..."
 
 

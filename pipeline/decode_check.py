@@ -19,7 +19,7 @@ import torch
 
 from foundation.vae import VaeConfig, decode_latents
 from latent_store import LatentditError, LatentStore, SchemaMismatchError, dequantize
-from latent_store.validate import DEFAULT_MIN_PSNR
+from latent_store.config import DEFAULT_MIN_PSNR
 from latent_store.verify import verify_shard, verify_store
 from pipeline.loader import collate, load_item
 from pipeline.preprocess import PreprocessConfig

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from foundation.config import option
 from latent_store import ClassInfo, LatentditError
 from pipeline.imagenet import read_class_file
 
@@ -44,7 +45,7 @@ class DownloadError(LatentditError):
 class DownloadConfig:
     """What `download` fetches, where to, and how hard it works."""
 
-    url_list: Path
+    url_list: Path = option(argument=True, exists=True, dir_okay=False)
     """csv, tsv or parquet file with a URL column and a label column."""
     out: Path
     """Folder for the tars; re-running into it finishes only the shards not yet finished."""
@@ -58,15 +59,17 @@ class DownloadConfig:
     """img2dataset worker processes, one shard at a time each."""
     threads: int = 32
     """Download threads per process."""
-    samples_per_shard: int = 10_000
+    samples_per_shard: int = option(
+        10_000, flags=("--number-sample-per-shard", "--samples-per-shard")
+    )
     """URLs per tar (successes plus failures)."""
     timeout: int = 10
     """Seconds before one HTTP request is abandoned."""
     retries: int = 0
     """Extra attempts for a URL whose download failed."""
     reencode: bool = True
-    """Let img2dataset decode each image and re-encode non-JPEGs (PNG, RGBA...) as JPEG; with
-    False the bytes are stored exactly as served and only `encode` finds undecodable files."""
+    """Let img2dataset check every image decodes and re-encode non-JPEGs as JPEG; --no-reencode
+    stores the bytes exactly as served (and only `encode` finds undecodable files)."""
 
     def __post_init__(self) -> None:
         for name in ("processes", "threads", "samples_per_shard", "timeout"):
@@ -157,11 +160,11 @@ def read_url_list(config: DownloadConfig, classes: Sequence[ClassInfo] | None):
             table = pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter))
     except (OSError, pa.ArrowException) as e:
         raise DownloadError(f"cannot read URL list {path}: {e}") from None
-    for option, col in (("--url-col", config.url_col), ("--label-col", config.label_col)):
+    for flag, col in (("--url-col", config.url_col), ("--label-col", config.label_col)):
         if col not in table.column_names:
             raise DownloadError(
                 f"URL list {path} has no column {col!r} (columns: {', '.join(table.column_names)}); "
-                f"name the right one with {option}"
+                f"name the right one with {flag}"
             )
     urls = table.column(config.url_col).to_pylist()
     labels = _class_indices(table.column(config.label_col).to_pylist(), classes, config)

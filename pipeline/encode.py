@@ -31,8 +31,8 @@ from latent_store import (
     StoreSpec,
     StoreWriter,
     finalize_store,
-    quantize,
 )
+from latent_store.quantize import quantize
 from pipeline.encode_config import FAILURE_RULE, EncodeConfig, parse_max_failures
 from pipeline.loader import Batch, crop_loader, shard_batches
 from pipeline.source import open_source

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from foundation.config import option
 from foundation.precision import NAMES as DTYPES
 from foundation.vae import VaeConfig
 from latent_store import VARIANTS, LatentditError
@@ -24,25 +25,26 @@ FAILURE_RULE = (
     f"max({FAILURES_TOLERATED}, {FAILURE_FRACTION:.0%} of the images), "
     f"never more than {FAILURE_SHARE_MAX:.0%}"
 )
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True, kw_only=True)
 class EncodeConfig:
     """One encode job: where the images are, how to encode them, where the store goes."""
 
-    source: Path
+    source: Path = option(argument=True)
     """An ImageNet-style class-folder tree, a flat val folder (with `val_labels`), or webdataset
     tars: a folder of them, a brace pattern, or a .txt file listing tar paths."""
-    out: str | Path
+    out: str
     """The store to create, or to resume when it exists: a folder or an fsspec URL (s3://...)."""
     vae: str = DEFAULT_VAE
     """Hub id or local folder of a diffusers AutoencoderKL."""
     vae_revision: str | None = None
     """Hub revision of the VAE."""
     dtype: str = "fp32"
-    """VAE compute dtype: fp32, fp16 or bf16."""
+    """VAE compute dtype: fp32, bf16 or fp16."""
     device: str | None = None
-    """cpu or cuda; None picks CUDA when available."""
+    """cpu, cuda or cuda:N; default: cuda when available."""
     compile: bool = False
     """torch.compile the VAE encoder."""
     image_size: int = 256
@@ -65,10 +67,10 @@ class EncodeConfig:
     """Webdataset tars: the json field holding each sample's class (a .cls member wins)."""
     include_unfinished: bool = False
     """Webdataset tars: also use tars that have no img2dataset `_stats.json` (unfinished)."""
-    max_failures: int | float | None = None
-    """Undecodable images tolerated: a count (int) or a fraction of the source (float < 1);
-    None: the default rule, FAILURE_RULE. Under torchrun each rank holds its own failures to
-    this limit."""
+    max_failures: int | float | str | None = None
+    """Undecodable images tolerated: a count (100), a fraction (0.01) or a percentage (1%) of the
+    source; default: max(10, 1% of the images), never more than 10%. Under torchrun each rank
+    holds its own failures to this limit."""
     exif_transpose: bool = False
     """Apply EXIF orientation before cropping (off: ImageNet parity)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -79,16 +81,21 @@ class EncodeConfig:
     """Samples per Zarr chunk; divides shard_size."""
     calibration_samples: int = 512
     """Images, spread evenly over the source, that set the quantization range."""
-    command: str = ""
+    command: str = option("", cli=False)
     """The command line, recorded in the store."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_failures, str):
+            object.__setattr__(self, "max_failures", parse_max_failures(self.max_failures))
+        if self.device is not None and self.device.split(":")[0] not in DEVICES:
+            raise LatentditError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
         positive = ("image_size", "batch_size", "shard_size", "chunk_size", "calibration_samples")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                flag = "--" + name.replace("_", "-")
+                raise LatentditError(f"{flag} must be at least 1, got {getattr(self, name)}")
         if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+            raise LatentditError(f"--workers must be >= 0, got {self.workers}")
         if self.shard_size % self.chunk_size:
             raise LatentditError(
                 f"--shard-size {self.shard_size} must be a multiple of --chunk-size {self.chunk_size}"

@@ -8,56 +8,19 @@ The one path that `latentdit sample`, the training grid hook and the benchmark a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from foundation.precision import autocast
+from sampler.config import SolveConfig
 from sampler.errors import SamplerError
 from sampler.guidance import guided
 from sampler.plan import ImageNoise
 from sampler.solvers import DEFAULT_SOLVER, SOLVERS, Solver, solvers_for
 from trainer.model import DiT
 from trainer.objective import DDPM, FlowMatching, Objective
-
-
-@dataclass(frozen=True, kw_only=True)
-class SolveConfig:
-    """How latents are made from noise."""
-
-    sampler: str | None = None
-    """Solver name (see `SOLVERS`); None: heun for flow matching, dpm++2m for DDPM."""
-    steps: int = 50
-    """Solver steps (Heun makes two model calls per step)."""
-    cfg: float = 1.0
-    """Guidance scale: uncond + cfg (cond - uncond) on all channels; 1 means no guidance."""
-    cfg_interval: tuple[float, float] | None = None
-    """Guide only for t in [lo, hi] (t in [0, 1], 1 = noise; DDPM: step / T); None: always."""
-    shift: float = 1.0
-    """SD3 timestep shift for flow solvers (1 = none)."""
-    eta: float = 0.0
-    """DDIM's eta (0 = deterministic)."""
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
-            (self.shift > 0, f"--shift must be > 0, got {self.shift}"),
-            (self.cfg >= 0, f"--cfg must be >= 0, got {self.cfg}"),
-            (
-                self.sampler is None or self.sampler in SOLVERS,
-                f"--sampler {self.sampler!r} is not one of {', '.join(SOLVERS)}",
-            ),
-        ]
-        if self.cfg_interval is not None:
-            lo, hi = self.cfg_interval
-            checks.append(
-                (0 <= lo <= hi <= 1, f"--cfg-interval needs 0 <= lo <= hi <= 1, got {lo} {hi}")
-            )
-        for ok, message in checks:
-            if not ok:
-                raise SamplerError(message)
 
 
 def pick_solver(cfg: SolveConfig, objective: Objective) -> tuple[str, Solver, dict[str, Any]]:

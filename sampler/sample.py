@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,81 +19,17 @@ import torch
 from tqdm.auto import tqdm
 
 from foundation.distributed import resolve_device
-from foundation.precision import NAMES as PRECISION_NAMES
 from foundation.precision import autocast, resolve_precision
 from sampler import outputs
+from sampler.config import SampleConfig
 from sampler.decoder import LatentDecoder
 from sampler.errors import SamplerError
-from sampler.latents import SolveConfig, make_latents, pick_solver
+from sampler.latents import make_latents, pick_solver
 from sampler.plan import ImageNoise, plan_labels
 from trainer.checkpoint import load_for_inference, resolve_checkpoint
 from trainer.objective import objective_from_meta
 
 log = logging.getLogger(__name__)
-
-WEIGHTS = ("ema", "model")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SampleConfig:
-    """What to sample, how, and where to write it."""
-
-    checkpoint: Path
-    """A run dir (its latest checkpoint) or a checkpoint folder RUN/checkpoints/0005000."""
-    out: Path
-    """Output folder: images/, grid.png, the .npz and sample.json (resume state)."""
-    vae: str | None = None
-    """VAE folder or hub id to decode with; None: the one recorded in the checkpoint."""
-    weights: str = "ema"
-    """Which weights to sample: "ema" or "model"."""
-    classes: tuple[str, ...] = ()
-    """Classes by index, id (wnid) or name; empty: random classes (or all, with fid_samples)."""
-    n: int = 8
-    """Images per requested class; with no class, images of random classes in total."""
-    fid_samples: int | None = None
-    """Class-balanced FID set: exactly fid_samples / num_classes images of every class."""
-    first_index: int = 0
-    """Global index of the first image: regenerate image i alone with first_index=i, n=1."""
-    solve: SolveConfig = field(default_factory=SolveConfig)
-    """Solver, steps, guidance: how latents are made from noise."""
-    seed: int = 0
-    """Run seed; image i's noise comes from its own generator seeded by (seed, i)."""
-    batch_size: int = 16
-    """Images per batch (guided batches run 2x rows through the model)."""
-    png: bool = True
-    """Write one PNG per image."""
-    grid: bool = True
-    """Write grid.png with the first images."""
-    npz: bool = False
-    """Write the ADM evaluator's .npz (uint8 NHWC under arr_0), resumable."""
-    device: str | None = None
-    """Torch device; None: cuda when available, else cpu."""
-    precision: str | None = None
-    """Autocast dtype for the model and decoder: fp32, bf16 or fp16; None: bf16 on cuda, fp32 on cpu."""
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.n >= 1, f"--n must be >= 1, got {self.n}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
-            (self.first_index >= 0, f"--first-index must be >= 0, got {self.first_index}"),
-            (self.weights in WEIGHTS, f"--weights must be one of {WEIGHTS}, got {self.weights!r}"),
-            (
-                self.precision is None or self.precision in PRECISION_NAMES,
-                f"--precision {self.precision!r} is not one of {', '.join(PRECISION_NAMES)}",
-            ),
-            (
-                self.fid_samples is None or (self.fid_samples >= 1 and not self.classes),
-                "--fid-samples makes every class; give it without --class, and >= 1",
-            ),
-            (
-                self.fid_samples is None or self.first_index == 0,
-                "--first-index does not apply with --fid-samples",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SamplerError(message)
 
 
 @dataclass(frozen=True)

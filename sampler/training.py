@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from sampler import outputs
+from sampler.config import SolveConfig
 from sampler.decoder import LatentDecoder
-from sampler.latents import SolveConfig, make_latents
+from sampler.latents import make_latents
 from sampler.plan import ImageNoise
 from trainer.checkpoint import step_name
 from trainer.model import DiT

@@ -8,73 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latent_store import (
-    ClassInfo,
-    StoreSpec,
-    StoreWriter,
-    VaeInfo,
-    calibrate,
-    create_store,
-    finalize_store,
-    quantize,
+from testkit import (  # noqa: F401  (re-exported: tests import these from conftest)
+    TINY_DIT,
+    make_checkpoint,
+    make_spec,
+    make_tiny_vae,
+    random_latents,
 )
+from testkit import write_random_store as write_store
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def random_latents(n: int, channels: int = 4, size: int = 8, variants: int = 1, seed: int = 0):
-    """Float latents (n, V, C, H, W) with a different mean and std per channel."""
-    rng = np.random.default_rng(seed)
-    mean = np.linspace(-1, 1, channels).reshape(1, 1, channels, 1, 1)
-    std = np.linspace(0.5, 2, channels).reshape(1, 1, channels, 1, 1)
-    x = rng.standard_normal((n, variants, channels, size, size)) * std + mean
-    return x.astype(np.float32)
-
-
-def make_spec(n: int, *, channels=4, size=8, variants=1, classes=3, chunk=4, shard=16, quant=None):
-    return StoreSpec(
-        num_samples=n,
-        latent_shape=(channels, size, size),
-        quant=quant or calibrate(random_latents(64, channels, size, variants, seed=99)),
-        vae=VaeInfo(id="tests/tiny-vae", scaling_factor=0.5, latent_channels=channels),
-        classes=tuple(
-            ClassInfo(index=i, id=f"n{i:08d}", name=f"class {i}") for i in range(classes)
-        ),
-        variants=("image", "hflip")[:variants],
-        chunk_size=chunk,
-        shard_size=shard,
-        source={"kind": "test"},
-    )
-
-
-def write_store(path: Path, n: int = 40, *, failures=(), seed: int = 0, **spec_kw) -> Path:
-    """Create a store and write all its shards; `failures` are sample indices left unwritten."""
-    from latent_store import Failure
-
-    spec = make_spec(n, **spec_kw)
-    store = create_store(
-        path, spec, [f"train/n{i % spec.num_classes:08d}/{i}.JPEG" for i in range(n)]
-    )
-    x = random_latents(n, spec.latent_shape[0], spec.latent_shape[1], len(spec.variants), seed)
-    labels = (np.arange(n) % spec.num_classes).astype(np.int16)
-    labels[list(failures)] = -1
-    writer = StoreWriter(store)
-    for shard in range(spec.num_shards):
-        a, b = spec.shard_bounds(shard)
-        fails = [
-            Failure(index=i, key=f"k{i}", reason="decode: broken") for i in failures if a <= i < b
-        ]
-        q, clipped = quantize(x[a:b], spec.quant)
-        writer.write_shard(
-            shard,
-            q.numpy(),
-            labels[a:b],
-            failures=fails,
-            image_modes={"RGB": b - a},
-            clipped=clipped,
-        )
-    finalize_store(store)
-    return path
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -96,28 +39,6 @@ def store_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
-
-
-def make_tiny_vae(path: Path, *, latent_channels: int = 4, blocks: int = 4, seed: int = 0) -> Path:
-    """Build a tiny diffusers AutoencoderKL (downsampling 2**(blocks-1)), save_pretrained to `path`."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks,
-        block_out_channels=(8,) * blocks,
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=32,
-        scaling_factor=0.5,
-    )
-    vae.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -296,9 +217,6 @@ def image_server(tmp_path_factory):
 # --- fixtures: trainer --------------------------------------------------------------------------
 
 
-TINY_DIT = {"model": "DiT-S/2", "hidden_size": 32, "depth": 2, "num_heads": 2}
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A run folder whose latest checkpoint is a tiny DiT (hidden 32, depth 2) trained 2 steps
@@ -314,47 +232,6 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 # --- fixtures: sampler --------------------------------------------------------------------------
-
-
-def make_checkpoint(
-    run: Path, vae_dir: Path, *, objective: str = "flow_matching", size: int = 4, seed: int = 0
-) -> Path:
-    """A tiny DiT checkpoint written by the trainer's `save_checkpoint`, for a tiny store's latents.
-
-    The weights are random (not adaLN-Zero's zeros) so outputs depend on x, t and the label; the
-    meta records `vae_dir` as the VAE, so `latentdit sample RUN` finds its decoder.
-    """
-    import torch
-
-    from latent_store import LatentStore
-    from trainer.checkpoint import checkpoint_meta, save_checkpoint
-    from trainer.model import build_model
-    from trainer.normalization import normalization_from_store
-    from trainer.objective import DDPM, FlowMatching
-
-    store = LatentStore(write_store(run.parent / f"{run.name}-store.zarr", n=16, size=size))
-    torch.manual_seed(seed)
-    model = build_model(
-        "DiT-S/2",
-        input_size=size,
-        in_channels=4,
-        num_classes=3,
-        hidden_size=32,
-        depth=2,
-        num_heads=2,
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    meta = checkpoint_meta(
-        preset="DiT-S/2",
-        model=model,
-        objective=DDPM() if objective == "ddpm" else FlowMatching(),
-        normalization=normalization_from_store(store, "channel_stats"),
-        store=store,
-    )
-    meta["vae"]["id"] = str(vae_dir)
-    return save_checkpoint(run, step=2, model=model, ema=model, train_state={}, meta=meta)
 
 
 # --- fixtures: demo -----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from demo.data import (
 )
 from demo.frechet import frechet_distance
 from demo.verdict import REPORT_FILE, VerdictConfig, judge, split_halves, verdict
+from foundation.errors import ConfigError
 
 # --- data ----------------------------------------------------------------------------------------
 
@@ -51,9 +52,9 @@ def test_load_split_returns_images_and_labels(demo_data):
 
 
 def test_data_config_rejects_bad_sizes(tmp_path):
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ConfigError, match="image_size"):
         DemoDataConfig(out=tmp_path, image_size=4)
-    with pytest.raises(ValueError, match="val_per_class"):
+    with pytest.raises(ConfigError, match="val_per_class"):
         DemoDataConfig(out=tmp_path, val_per_class=1)
 
 
@@ -170,7 +171,7 @@ def test_quick_demo_makes_every_artifact(tmp_path):
     out = cfg.out
     steps = [line.split("] $ ")[1].split()[:2] for line in shown if "] $ " in line]
     assert steps == [
-        ["python", "-m"],
+        ["latentdit", "demo-tools"],
         ["latentdit", "encode"],
         ["latentdit", "validate"],
         ["latentdit", "train"],

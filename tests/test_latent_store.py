@@ -26,10 +26,10 @@ from latent_store import (
     dequantize,
     iter_shards,
     load_latents,
-    quantize,
     shard_order,
     validate_store,
 )
+from latent_store.quantize import quantize
 
 
 def test_quantize_round_trip_within_half_step():

@@ -13,8 +13,9 @@ from conftest import TINY_DIT, write_store
 from typer.testing import CliRunner
 
 from cli import app
+from foundation.config import resolve_config as resolve_options
 from trainer.config import TrainConfig
-from trainer.run_dir import resolve_run_config
+from trainer.run_dir import saved_config
 from trainer.train import train
 
 runner = CliRunner()
@@ -73,9 +74,15 @@ def test_resume_on_other_data_changes_nothing(trained, tmp_path):
     assert _files(run) == before
 
 
+def _resolve(config_file, overrides: dict) -> TrainConfig:
+    """What `latentdit train` resolves: defaults < the run's config.json < --config < options."""
+    base = saved_config(overrides["run"])
+    return resolve_options(TrainConfig, config_file, overrides, command="train", base=base)
+
+
 def test_safe_changes_and_the_runs_own_config(trained, tmp_path):
     _, run = trained
-    cfg = resolve_run_config(None, {"run": str(run), "steps": 9, "log_every": 3, "data": "stream"})
+    cfg = _resolve(None, {"run": str(run), "steps": 9, "log_every": 3, "data": "stream"})
     assert (cfg.steps, cfg.log_every, cfg.data, cfg.lr, cfg.grad_clip) == (
         9,
         3,
@@ -83,12 +90,14 @@ def test_safe_changes_and_the_runs_own_config(trained, tmp_path):
         2e-3,
         None,
     )
-    own = resolve_run_config(run / "config.json", {})
-    assert own == resolve_run_config(None, {"run": str(run)})
+    own = _resolve(run / "config.json", {"run": str(run)})
+    assert own == _resolve(None, {"run": str(run)})
     copy = tmp_path / "copy.json"  # a saved config starts a new run elsewhere
     copy.write_text((run / "config.json").read_text())
-    fresh = resolve_run_config(copy, {"run": str(tmp_path / "new")})
+    fresh = _resolve(copy, {"run": str(tmp_path / "new")})
     assert fresh.lr == 2e-3 and fresh.run == str(tmp_path / "new")
+    result = runner.invoke(app, ["train", "--config", str(run / "config.json"), "--steps", "4"])
+    assert result.exit_code == 0 and "step 4" in result.output, result.output
 
 
 def test_bare_resume_trains_further_with_the_saved_options(trained, tmp_path):

@@ -7,88 +7,97 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from foundation.config import option
 from foundation.config import resolve_config as resolve_options
 from foundation.errors import ConfigError
 from foundation.precision import AUTO, Precision
-from trainer.model import DIT_PRESETS, POS_EMBEDS
-from trainer.normalization import LatentNormalization
-from trainer.objective import DDPM, OBJECTIVES, FlowMatching
+from trainer.presets import DIT_PRESETS, POS_EMBEDS
 
 DATA_MODES = ("memory", "gpu", "stream")
 PRECISIONS = (AUTO, Precision.bf16.value, Precision.fp32.value)  # no fp16: it needs a loss scaler
-
-
-_opt = option
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything `latentdit train` does is decided here; saved as RUN/config.json."""
 
-    store: str = _opt(
-        "", "Latent store folder to train on (Zarr v3, written by `latentdit encode`)."
+    store: str = option(
+        help="Latent store to train on (Zarr v3 written by `latentdit encode`): a folder or URL."
     )
-    run: str = _opt("", "Run folder: config, log.jsonl and checkpoints; re-running resumes it.")
-    model: str = _opt("DiT-B/2", f"DiT preset: {', '.join(DIT_PRESETS)}.")
-    hidden_size: int | None = _opt(
+    run: str = option(
+        help="Run folder: config, log.jsonl and checkpoints; `--run RUN` alone resumes it.",
+        flags=("--run", "--run-dir"),
+    )
+    model: str = option("DiT-B/2", f"DiT preset: {', '.join(DIT_PRESETS)}.")
+    hidden_size: int | None = option(
         None, "Override the preset's hidden size (e.g. tiny test models)."
     )
-    depth: int | None = _opt(None, "Override the preset's number of blocks.")
-    num_heads: int | None = _opt(None, "Override the preset's number of attention heads.")
-    steps: int = _opt(400_000, "Optimizer steps in total (resuming continues up to this step).")
-    batch_size: int = _opt(256, "Global batch: samples per optimizer step over all ranks.")
-    grad_accum: int = _opt(1, "Micro-batches accumulated per optimizer step on each rank.")
-    lr: float = _opt(1e-4, "Peak learning rate of AdamW (DiT: 1e-4 at batch 256).")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (DiT: 0).")
-    adam_betas: tuple[float, float] = _opt((0.9, 0.999), "AdamW betas.")
-    warmup_steps: int = _opt(1000, "Steps of linear warmup from 0 to --lr.")
-    cosine_decay: bool = _opt(False, "After warmup, decay the LR along a cosine to --min-lr.")
-    min_lr: float = _opt(0.0, "Final LR of the cosine decay.")
-    grad_clip: float | None = _opt(
-        1.0, "Clip the global gradient norm to this (None or --no-grad-clip: no clip)."
+    depth: int | None = option(None, "Override the preset's number of blocks.")
+    num_heads: int | None = option(None, "Override the preset's number of attention heads.")
+    steps: int = option(400_000, "Optimizer steps in total (resuming continues up to this step).")
+    batch_size: int = option(256, "Global batch: samples per optimizer step over all ranks.")
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step on each rank.")
+    lr: float = option(1e-4, "Peak learning rate of AdamW (DiT: 1e-4 at batch 256).")
+    weight_decay: float = option(0.0, "AdamW weight decay (DiT: 0).")
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas.")
+    warmup_steps: int = option(1000, "Steps of linear warmup from 0 to --lr.")
+    cosine_decay: bool = option(False, "After warmup, decay the LR along a cosine to --min-lr.")
+    min_lr: float = option(0.0, "Final LR of the cosine decay.")
+    grad_clip: float | None = option(
+        1.0,
+        "Clip the global gradient norm to this (None or --no-grad-clip: no clip).",
+        none_flag=("--no-grad-clip", "Do not clip gradients."),
     )
-    ema_decay: float = _opt(0.9999, "Decay of the exponential moving average of the weights.")
-    objective: str = _opt(FlowMatching.KIND, f"Objective: {', '.join(OBJECTIVES)}.")
-    timesteps: str = _opt("logit_normal", "Flow-matching times: logit_normal or uniform.")
-    ddpm_schedule: str = _opt("linear", "DDPM beta schedule: linear or cosine.")
-    p_uncond: float = _opt(0.1, "Probability of dropping a label to the null class (for CFG).")
-    normalization: str = _opt(
+    ema_decay: float = option(0.9999, "Decay of the exponential moving average of the weights.")
+    objective: str = option("flow_matching", "Objective: flow_matching or ddpm.")
+    timesteps: str = option("logit_normal", "Flow-matching times: logit_normal or uniform.")
+    ddpm_schedule: str = option("linear", "DDPM beta schedule: linear or cosine.")
+    p_uncond: float = option(0.1, "Probability of dropping a label to the null class (for CFG).")
+    normalization: str = option(
         "channel_stats", "Latent normalization: channel_stats or vae_scaling."
     )
-    qk_norm: bool = _opt(False, "LayerNorm on queries and keys in attention.")
-    pos_embed: str = _opt("sincos", "Positions: sincos (2-D sin-cos) or rope (2-D RoPE).")
-    grad_checkpointing: bool = _opt(
+    qk_norm: bool = option(False, "LayerNorm on queries and keys in attention.")
+    pos_embed: str = option("sincos", "Positions: sincos (2-D sin-cos) or rope (2-D RoPE).")
+    grad_checkpointing: bool = option(
         False, "Recompute block activations in backward (saves memory)."
     )
-    data: str = _opt(
+    data: str = option(
         "memory", "Data mode: memory (host RAM), gpu (on the device), stream (shards)."
     )
-    shuffle_shards: int = _opt(4, "Stream mode: shards held in the shuffle buffer.")
-    verify: bool = _opt(
+    shuffle_shards: int = option(4, "Stream mode: shards held in the shuffle buffer.")
+    verify: bool = option(
         True,
         "Verify the store's seal and every shard against its checksum and record as it loads "
         "(--no-verify: skip, for a store you have just validated).",
     )
-    seed: int = _opt(0, "Seed of data order, noise, label dropout and initialization.")
-    precision: str = _opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32.")
-    compile: bool = _opt(False, "torch.compile the model.")
-    device: str | None = _opt(
+    seed: int = option(0, "Seed of data order, noise, label dropout and initialization.")
+    precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32.")
+    compile: bool = option(False, "torch.compile the model.")
+    device: str | None = option(
         None, "Device (default: cuda:LOCAL_RANK when CUDA is there, else cpu)."
     )
-    log_every: int = _opt(100, "Steps between log.jsonl records.")
-    ckpt_every: int = _opt(5000, "Steps between checkpoints (one is always written at the end).")
-    keep_last: int | None = _opt(3, "Checkpoints kept (None or --keep-all: keep all).")
-    sample_every: int | None = _opt(
+    log_every: int = option(100, "Steps between log.jsonl records.")
+    ckpt_every: int = option(5000, "Steps between checkpoints (one is always written at the end).")
+    keep_last: int | None = option(
+        3,
+        "Checkpoints kept (None or --keep-all: keep all).",
+        none_flag=("--keep-all", "Keep every checkpoint."),
+    )
+    sample_every: int | None = option(
         10_000, "Steps between EMA sample grids (needs --vae; None: at the end only)."
     )
-    vae: str | None = _opt(None, "VAE id or folder; enables sample grids through the sampler.")
-    peak_tflops: float | None = _opt(None, "Peak TFLOP/s per device for MFU (default: known GPUs).")
+    vae: str | None = option(None, "VAE id or folder; enables sample grids through the sampler.")
+    peak_tflops: float | None = option(
+        None, "Peak TFLOP/s per device for MFU (default: known GPUs)."
+    )
 
     def __post_init__(self) -> None:
+        from trainer.normalization import LatentNormalization
+        from trainer.objective import DDPM, OBJECTIVES, FlowMatching
+
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
         checks = [
             (bool(self.store), "--store is required: the latent store to train on"),
@@ -122,8 +131,6 @@ class TrainConfig:
         return json.dumps(asdict(self), indent=2)
 
 
-FIELD_HELP = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
-FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 # Options that may change between a run and its resumption without changing what is learned.
 RESUMABLE_CHANGES = frozenset(
     {"steps", "data", "shuffle_shards", "compile", "device", "log_every", "ckpt_every", "verify"}

@@ -20,22 +20,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from foundation.errors import LatentditError
+from trainer.presets import DIT_PRESETS, PATCH_SIZES, POS_EMBEDS
 
-POS_EMBEDS = ("sincos", "rope")
 FREQ_EMBED_DIM = 256  # sinusoidal timestep features fed to the timestep MLP (DiT)
 MAX_PERIOD = 10_000  # of the sinusoidal timestep and position features (Vaswani et al. 2017)
 ROPE_THETA = 10_000.0
 NORM_EPS = 1e-6
 INIT_STD = 0.02  # label and timestep embeddings (DiT's initialize_weights)
-
-# DiT paper Table 1: (hidden size, depth, heads) per model size.
-MODEL_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
-PATCH_SIZES = (2, 4, 8)
-DIT_PRESETS: dict[str, dict[str, int]] = {
-    f"DiT-{name}/{p}": {"hidden_size": d, "depth": n, "num_heads": h, "patch_size": p}
-    for name, (d, n, h) in MODEL_SIZES.items()
-    for p in PATCH_SIZES
-}
 
 
 class ModelConfigError(LatentditError):

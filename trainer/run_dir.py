@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from trainer.checkpoint import (
     latest_checkpoint,
     read_meta,
 )
-from trainer.config import FIELD_DEFAULTS, RESUMABLE_CHANGES, TrainConfig, resolve_config
+from trainer.config import RESUMABLE_CHANGES, TrainConfig
 from trainer.metrics import LOG_FILE
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,12 @@ def _check_run_path(run: str) -> None:
 
 
 def saved_config(run: str | os.PathLike) -> dict[str, Any] | None:
-    """The options a run folder was started with (RUN/config.json), or None for a new run."""
+    """The options a run folder was started with (RUN/config.json), or None for a new run.
+
+    `latentdit train` puts them below --config and the command line (`--run RUN` alone resumes);
+    `check_resume` then refuses what a resume must not change.
+    """
+    _check_run_path(str(run))
     path = Path(run) / CONFIG_FILE
     if not path.is_file():
         return None
@@ -54,38 +59,11 @@ def saved_config(run: str | os.PathLike) -> dict[str, Any] | None:
         ) from None
 
 
-def resolve_run_config(
-    config_file: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
-) -> TrainConfig:
-    """The config of `train`: for a run folder with a config.json, its saved options, then
-    --config's, then the command line's; otherwise `resolve_config` (defaults < file < CLI).
-
-    Refuses (ConfigError) changes a resume must not make; see `resume_changes`.
-    """
-    given = read_config_file(config_file, TrainConfig, "train") if config_file else {}
-    given.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    run = str(given.get("run") or "")
-    _check_run_path(run)
-    saved = saved_config(run) if run else None
-    if saved is None:
-        return resolve_config(None, given)
-    try:  # saved None values (--no-grad-clip, --keep-all) are values here, not "not given"
-        cfg = TrainConfig(**{**saved, **given, "run": run})
-    except TypeError as e:
-        raise ConfigError(f"bad train options: {e}") from None
-    if latest_checkpoint(run) is not None and (changes := resume_changes(saved, cfg)):
-        raise ConfigError(
-            f"{run} was trained with other options ({'; '.join(changes)}); a resume may change "
-            f"only {', '.join(sorted('--' + k.replace('_', '-') for k in RESUMABLE_CHANGES))}; "
-            "drop the others or use a new --run"
-        )
-    return cfg
-
-
 def resume_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """'--lr: 0.0001 (run) vs 0.0002 (now)' for each option that a resume must not change."""
     now = json.loads(cfg.to_json())
-    old = {k: saved.get(k, FIELD_DEFAULTS.get(k)) for k in now}
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    old = {k: saved.get(k, defaults.get(k)) for k in now}
     return [
         f"--{k.replace('_', '-')}: {old[k]!r} (run) vs {now[k]!r} (now)"
         for k in now
@@ -106,7 +84,11 @@ def check_resume(cfg: TrainConfig, meta: dict[str, Any]) -> int:
         return 0
     saved = saved_config(run)
     if saved is not None and (changes := resume_changes(saved, cfg)):
-        raise ConfigError(f"{run} was trained with other options ({'; '.join(changes)})")
+        safe = ", ".join(sorted("--" + k.replace("_", "-") for k in RESUMABLE_CHANGES))
+        raise ConfigError(
+            f"{run} was trained with other options ({'; '.join(changes)}); a resume may change "
+            f"only {safe}: drop the others or use a new --run"
+        )
     ckpt = read_meta(latest)
     try:
         step, fingerprint = int(ckpt["step"]), ckpt["store"]["fingerprint"]

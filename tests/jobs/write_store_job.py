@@ -14,7 +14,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_spec, random_latents
 
-from latent_store import LatentStore, StoreWriter, create_store, finalize_store, quantize
+from latent_store import LatentStore, StoreWriter, create_store, finalize_store
+from latent_store.quantize import quantize
 
 
 class PausingWriter(StoreWriter):

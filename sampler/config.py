@@ -1,0 +1,118 @@
+"""What `latentdit sample` does, as frozen configs (importable without torch: the CLI reads them).
+
+SampleConfig(checkpoint=Path("runs/x"), out=Path("samples/x"), solve=SolveConfig(steps=50))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from foundation.config import option
+from foundation.precision import NAMES as PRECISION_NAMES
+from sampler.errors import SamplerError
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolveConfig:
+    """How latents are made from noise."""
+
+    sampler: str | None = None
+    """Solver: euler, heun, euler-maruyama (flow matching); ddpm, ddim, dpm++2m (DDPM). Default:
+    heun for flow matching, dpm++2m for DDPM."""
+    steps: int = 50
+    """Solver steps (Heun makes two model calls per step)."""
+    cfg: float = 1.0
+    """Guidance scale: uncond + cfg (cond - uncond) on all channels; 1 means no guidance."""
+    cfg_interval: tuple[float, float] | None = None
+    """Guide only for t in [lo, hi] (t in [0, 1], 1 = noise; DDPM: step / T); None: always."""
+    shift: float = 1.0
+    """SD3 timestep shift for flow solvers (1 = none)."""
+    eta: float = 0.0
+    """DDIM's eta (0 = deterministic)."""
+
+    def __post_init__(self) -> None:
+        from sampler.solvers import SOLVERS
+
+        checks = [
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.shift > 0, f"--shift must be > 0, got {self.shift}"),
+            (self.cfg >= 0, f"--cfg must be >= 0, got {self.cfg}"),
+            (
+                self.sampler is None or self.sampler in SOLVERS,
+                f"--sampler {self.sampler!r} is not one of {', '.join(SOLVERS)}",
+            ),
+        ]
+        if self.cfg_interval is not None:
+            lo, hi = self.cfg_interval
+            checks.append(
+                (0 <= lo <= hi <= 1, f"--cfg-interval needs 0 <= lo <= hi <= 1, got {lo} {hi}")
+            )
+        for ok, message in checks:
+            if not ok:
+                raise SamplerError(message)
+
+
+WEIGHTS = ("ema", "model")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """What to sample, how, and where to write it."""
+
+    checkpoint: Path = option(argument=True)
+    """A run dir (its latest checkpoint) or a checkpoint folder RUN/checkpoints/0005000."""
+    out: Path = option(help="")
+    """Output folder: images/, grid.png, the .npz and sample.json (resume state)."""
+    vae: str | None = None
+    """VAE folder or hub id to decode with; None: the one recorded in the checkpoint."""
+    weights: str = "ema"
+    """Which weights to sample: "ema" or "model"."""
+    classes: tuple[str, ...] = option((), flags=("--class",))
+    """Classes by index, id (wnid) or name; empty: random classes (or all, with fid_samples)."""
+    n: int = 8
+    """Images per requested class; with no class, images of random classes in total."""
+    fid_samples: int | None = None
+    """Class-balanced FID set: exactly fid_samples / num_classes images of every class."""
+    first_index: int = 0
+    """Global index of the first image: regenerate image i alone with first_index=i, n=1."""
+    solve: SolveConfig = field(default_factory=SolveConfig)
+    """Solver, steps, guidance: how latents are made from noise."""
+    seed: int = 0
+    """Run seed; image i's noise comes from its own generator seeded by (seed, i)."""
+    batch_size: int = 16
+    """Images per batch (guided batches run 2x rows through the model)."""
+    png: bool = True
+    """Write one PNG per image."""
+    grid: bool = True
+    """Write grid.png with the first images."""
+    npz: bool = option(False, flags=("--npz",))
+    """Write the ADM evaluator's .npz (uint8 NHWC under arr_0), resumable."""
+    device: str | None = None
+    """Torch device; None: cuda when available, else cpu."""
+    precision: str | None = None
+    """Autocast dtype for the model and decoder: fp32, bf16 or fp16; None: bf16 on cuda, fp32 on cpu."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.n >= 1, f"--n must be >= 1, got {self.n}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+            (self.first_index >= 0, f"--first-index must be >= 0, got {self.first_index}"),
+            (self.weights in WEIGHTS, f"--weights must be one of {WEIGHTS}, got {self.weights!r}"),
+            (
+                self.precision is None or self.precision in PRECISION_NAMES,
+                f"--precision {self.precision!r} is not one of {', '.join(PRECISION_NAMES)}",
+            ),
+            (
+                self.fid_samples is None or (self.fid_samples >= 1 and not self.classes),
+                "--fid-samples makes every class; give it without --class, and >= 1",
+            ),
+            (
+                self.fid_samples is None or self.first_index == 0,
+                "--first-index does not apply with --fid-samples",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SamplerError(message)

@@ -1,0 +1,23 @@
+"""Tiny real components for tests and benchmarks (in the spirit of `zarr.testing`).
+
+    from testkit import make_tiny_vae, write_random_store, tiny_dit
+    store = write_random_store(tmp / "s.zarr", n=40)     # through the real writer
+    vae_dir = make_tiny_vae(tmp / "vae")                 # save_pretrained, load with from_pretrained
+
+Everything is built by the real code paths (the store's writer, diffusers' AutoencoderKL, the
+trainer's DiT and checkpoint writer), only small.
+"""
+
+from testkit.models import TINY_DIT, make_checkpoint, make_tiny_vae, make_vae, tiny_dit
+from testkit.stores import make_spec, random_latents, write_random_store
+
+__all__ = [
+    "TINY_DIT",
+    "make_checkpoint",
+    "make_spec",
+    "make_tiny_vae",
+    "make_vae",
+    "random_latents",
+    "tiny_dit",
+    "write_random_store",
+]

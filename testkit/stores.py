@@ -1,0 +1,93 @@
+"""Stores of random latents written by the real writer: tests' fixtures and benchmarks' inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from latent_store import (
+    ClassInfo,
+    Failure,
+    StoreSpec,
+    StoreWriter,
+    VaeInfo,
+    calibrate,
+    create_store,
+    finalize_store,
+)
+from latent_store.quantize import quantize
+
+
+def random_latents(n: int, channels: int = 4, size: int = 8, variants: int = 1, seed: int = 0):
+    """Float latents (n, V, C, H, W) with a different mean and std per channel."""
+    rng = np.random.default_rng(seed)
+    mean = np.linspace(-1, 1, channels).reshape(1, 1, channels, 1, 1)
+    std = np.linspace(0.5, 2, channels).reshape(1, 1, channels, 1, 1)
+    x = rng.standard_normal((n, variants, channels, size, size)) * std + mean
+    return x.astype(np.float32)
+
+
+def make_spec(
+    n: int,
+    *,
+    channels: int = 4,
+    size: int = 8,
+    variants: int = 1,
+    classes: int = 3,
+    chunk: int = 4,
+    shard: int = 16,
+    quant=None,
+    vae_id: str = "tests/tiny-vae",
+    scaling_factor: float = 0.5,
+) -> StoreSpec:
+    """The spec of a small store: `classes` classes n00000000.., quantization calibrated once."""
+    return StoreSpec(
+        num_samples=n,
+        latent_shape=(channels, size, size),
+        quant=quant or calibrate(random_latents(64, channels, size, variants, seed=99)),
+        vae=VaeInfo(id=vae_id, scaling_factor=scaling_factor, latent_channels=channels),
+        classes=tuple(
+            ClassInfo(index=i, id=f"n{i:08d}", name=f"class {i}") for i in range(classes)
+        ),
+        variants=("image", "hflip")[:variants],
+        chunk_size=chunk,
+        shard_size=shard,
+        source={"kind": "test"},
+    )
+
+
+def write_random_store(
+    path: str | Path, n: int = 40, *, failures: Iterable[int] = (), seed: int = 0, **spec_kw
+) -> Path:
+    """Create a store and write all its shards; `failures` are sample indices left unwritten.
+
+    Labels cycle through the classes (sample i has class i % classes); keys look like ImageNet
+    paths. `spec_kw` goes to `make_spec` (channels, size, variants, classes, chunk, shard, ...).
+    """
+    failures = list(failures)
+    spec = make_spec(n, **spec_kw)
+    store = create_store(
+        path, spec, [f"train/n{i % spec.num_classes:08d}/{i}.JPEG" for i in range(n)]
+    )
+    x = random_latents(n, spec.latent_shape[0], spec.latent_shape[1], len(spec.variants), seed)
+    labels = (np.arange(n) % spec.num_classes).astype(np.int16)
+    labels[failures] = -1
+    writer = StoreWriter(store)
+    for shard in range(spec.num_shards):
+        a, b = spec.shard_bounds(shard)
+        fails = [
+            Failure(index=i, key=f"k{i}", reason="decode: broken") for i in failures if a <= i < b
+        ]
+        q, clipped = quantize(x[a:b], spec.quant)
+        writer.write_shard(
+            shard,
+            q.numpy(),
+            labels[a:b],
+            failures=fails,
+            image_modes={"RGB": b - a},
+            clipped=clipped,
+        )
+    finalize_store(store)
+    return Path(path)

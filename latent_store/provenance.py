@@ -49,7 +49,7 @@ def _canonical(value: Any) -> bytes:
 
 def keys_digest(keys: np.ndarray) -> str:
     """Digest of the sample keys, in order (NUL-separated: keys are paths and never hold NUL)."""
-    return _digest("\0".join(str(k) for k in np.asarray(keys).tolist()).encode())
+    return _digest("\0".join(map(str, np.asarray(keys).tolist())).encode())
 
 
 def seal(attrs: Mapping[str, Any], keys: np.ndarray) -> dict[str, Any]:

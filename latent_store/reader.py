@@ -75,13 +75,17 @@ def load_latents(
     Raises StoreIncompleteError naming the missing shards unless every requested shard is
     complete or `allow_incomplete` is set (incomplete shards are then skipped). With `verify`,
     the store's seal and every shard's record are checked (`latent_store.verify`); each shard is
-    hashed in the thread that read it, so verifying overlaps the reads of other shards.
+    hashed in the thread that read it, and the seal checked in another, so verifying overlaps
+    the reads.
     """
     store = path if isinstance(path, LatentStore) else LatentStore(path)
-    records = _verified_records(store, verify)
+    records = store.records() if verify else [None] * store.spec.num_shards
     todo = store.require_complete(shards, allow_incomplete=allow_incomplete)
     with ThreadPoolExecutor(max(1, threads)) as pool:
+        sealed = pool.submit(verify_store, store) if verify else None  # overlaps the shard reads
         parts = list(pool.map(lambda s: _shard_arrays(store, s, records[s]), todo))
+        if sealed is not None:
+            sealed.result()
     return _concat(parts, store.spec)
 
 

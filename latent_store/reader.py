@@ -83,9 +83,11 @@ def load_latents(
     todo = store.require_complete(shards, allow_incomplete=allow_incomplete)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         sealed = pool.submit(verify_store, store) if verify else None  # overlaps the shard reads
-        parts = list(pool.map(lambda s: _shard_arrays(store, s, records[s]), todo))
-        if sealed is not None:
-            sealed.result()
+        try:
+            parts = list(pool.map(lambda s: _shard_arrays(store, s, records[s]), todo))
+        finally:  # a broken seal explains shard problems: it is reported first
+            if sealed is not None:
+                sealed.result()
     return _concat(parts, store.spec)
 
 

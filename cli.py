@@ -32,6 +32,7 @@ from latent_store.config import InspectConfig, ValidateConfig
 from pipeline.download import DownloadConfig
 from pipeline.encode_config import EncodeConfig
 from sampler.config import SampleConfig
+from sampler.import_config import ImportConfig
 from trainer.config import TrainConfig
 
 STYLE = {"context_settings": {"max_content_width": 100, "help_option_names": ["-h", "--help"]}}
@@ -214,8 +215,30 @@ def train(cfg: TrainConfig) -> None:
 # --- stage 3: sample -----------------------------------------------------------------------------
 
 
-@command(app, "sample", SampleConfig)
-def sample(cfg: SampleConfig) -> None:
+def option_param(name: str, *flags: str, help: str) -> inspect.Parameter:
+    """A text option of a command that is not a config field (e.g. a preset's name)."""
+    info = typer.Option(None, *flags, help=help, show_default=False, metavar="NAME")
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=str | None
+    )
+
+
+PROTOCOL = option_param(
+    "protocol", "--protocol",
+    help="A published sampling protocol: dit-fid or sit-fid (docs/reproduce.md); options given "
+    "beside it win.",
+)  # fmt: skip
+
+
+def _sample_protocol(values: dict[str, Any]) -> dict[str, Any] | None:
+    """The solver options of `--protocol NAME` (below --config and the command line)."""
+    from sampler.config import protocol_options
+
+    return {"solve": protocol_options(values["protocol"])} if values.get("protocol") else None
+
+
+@command(app, "sample", SampleConfig, extra=(PROTOCOL,), base=_sample_protocol)
+def sample(cfg: SampleConfig, protocol: str | None) -> None:
     """Sample images from a checkpoint with only the VAE decoder; re-run to resume."""
     from sampler.sample import sample as run_sample
 
@@ -224,6 +247,15 @@ def sample(cfg: SampleConfig) -> None:
         f"{result.out}: {result.total} images ({result.made} made now)"
         + (f", {result.npz}" if result.npz else "")
     )
+
+
+@command(app, "import", ImportConfig)
+def import_checkpoint(cfg: ImportConfig) -> None:
+    """Import an official DiT or SiT checkpoint into a run dir that `sample` and `train` read."""
+    from sampler.importer import import_checkpoint as run_import
+
+    folder = run_import(cfg)
+    typer.echo(f"{folder}: imported; next: latentdit sample {cfg.run} --out SAMPLES")
 
 
 # --- the demo ------------------------------------------------------------------------------------

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from foundation.config import option
 from foundation.precision import NAMES as PRECISION_NAMES
 from sampler.errors import SamplerError
+
+SPACINGS = ("trailing", "official")
+VARIANCES = ("fixed-small", "fixed-large", "learned")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,12 +28,23 @@ class SolveConfig:
     """Solver steps (Heun makes two model calls per step)."""
     cfg: float = 1.0
     """Guidance scale: uncond + cfg (cond - uncond) on all channels; 1 means no guidance."""
+    cfg_channels: int | None = option(None, min=1)
+    """Guide only the first N latent channels (3 reproduces the published DiT/SiT numbers); None: all."""
     cfg_interval: tuple[float, float] | None = None
     """Guide only for t in [lo, hi] (t in [0, 1], 1 = noise; DDPM: step / T); None: always."""
     shift: float = 1.0
     """SD3 timestep shift for flow solvers (1 = none)."""
     eta: float = 0.0
     """DDIM's eta (0 = deterministic)."""
+    variance: str | None = None
+    """DDPM sampler variance: fixed-small, fixed-large or learned; None: learned for learn_sigma
+    models, else fixed-small."""
+    spacing: str = "trailing"
+    """DDPM/DDIM timesteps: trailing (ours) or official (DiT's space_timesteps: "N", "ddimN")."""
+    diffusion: float = 1.0
+    """Euler-Maruyama diffusion w(t) = diffusion * t (SiT's sigma form with norm n: 2 n)."""
+    last_step: float | None = None
+    """Euler-Maruyama: a last, noise-free step of this size to t = 0 (SiT: 0.04); None: uniform."""
 
     def __post_init__(self) -> None:
         from sampler.solvers import SOLVERS
@@ -42,7 +57,15 @@ class SolveConfig:
                 self.sampler is None or self.sampler in SOLVERS,
                 f"--sampler {self.sampler!r} is not one of {', '.join(SOLVERS)}",
             ),
-        ]
+            (
+                self.variance is None or self.variance in VARIANCES,
+                f"--variance {self.variance!r} is not one of {', '.join(VARIANCES)}",
+            ),
+            (self.spacing in SPACINGS, f"--spacing {self.spacing!r} is not one of {', '.join(SPACINGS)}"),
+            (self.cfg_channels is None or self.cfg_channels >= 1, f"--cfg-channels must be >= 1, got {self.cfg_channels}"),
+            (self.diffusion >= 0, f"--diffusion must be >= 0, got {self.diffusion}"),
+            (self.last_step is None or 0 < self.last_step < 1, f"--last-step must be in (0, 1), got {self.last_step}"),
+        ]  # fmt: skip
         if self.cfg_interval is not None:
             lo, hi = self.cfg_interval
             checks.append(
@@ -51,6 +74,44 @@ class SolveConfig:
         for ok, message in checks:
             if not ok:
                 raise SamplerError(message)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A published sampling protocol: the SolveConfig values it sets, and where they come from."""
+
+    solve: dict[str, Any]
+    source: str
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "dit-fid": Protocol(
+        {"sampler": "ddpm", "steps": 250, "cfg": 1.5, "cfg_channels": 3, "variance": "learned",
+         "spacing": "official"},
+        "DiT-XL/2 256px, FID-50K 2.27 (Peebles & Xie 2023, Table 4): facebookresearch/DiT "
+        "sample_ddp.py defaults (250 DDPM steps of create_diffusion('250'), learned sigma, "
+        "--cfg-scale 1.5, sd-vae-ft-ema) and models.py forward_with_cfg (guidance on 3 channels)",
+    ),
+    "sit-fid": Protocol(
+        {"sampler": "euler-maruyama", "steps": 250, "cfg": 1.5, "cfg_channels": 3,
+         "diffusion": 2.0, "last_step": 0.04},
+        "SiT-XL/2 256px, FID-50K 2.06 (Ma et al. 2024; willisma/SiT README): sample_ddp.py SDE "
+        "defaults (Euler, --diffusion-form sigma, --diffusion-norm 1 = our diffusion 2, "
+        "--last-step Mean of size 0.04, 250 steps), --cfg-scale 1.5, guidance on 3 channels",
+    ),
+}  # fmt: skip
+
+
+def protocol_solve(name: str, given: dict[str, Any] | None = None) -> SolveConfig:
+    """The SolveConfig of a protocol; `given` (options set explicitly) win over it."""
+    return SolveConfig(**{**protocol_options(name), **(given or {})})
+
+
+def protocol_options(name: str) -> dict[str, Any]:
+    """The SolveConfig options a protocol sets (what `sample --protocol NAME` starts from)."""
+    if name not in PROTOCOLS:
+        raise SamplerError(f"--protocol {name!r} is not one of {', '.join(PROTOCOLS)}")
+    return dict(PROTOCOLS[name].solve)
 
 
 WEIGHTS = ("ema", "model")
@@ -92,6 +153,10 @@ class SampleConfig:
     """Torch device; None: cuda when available, else cpu."""
     precision: str | None = None
     """Autocast dtype for the model and decoder: fp32, bf16 or fp16; None: bf16 on cuda, fp32 on cpu."""
+    noise: Path | None = option(None, exists=True, dir_okay=False)
+    """A .npy of starting noise (N, C, H, W), row j for image first_index + j (side-by-side runs)."""
+    save_latents: bool = option(False, flags=("--save-latents",))
+    """Also write OUT/latents.npy: the final latents as the VAE decoder takes them (denormalized)."""
 
     def __post_init__(self) -> None:
         checks = [

@@ -9,3 +9,7 @@ class SamplerError(LatentditError):
 
 class VaeMismatchError(SamplerError):
     """The checkpoint's latents do not fit the VAE chosen to decode them."""
+
+
+class CheckpointImportError(LatentditError):
+    """A file that cannot be imported as an official DiT/SiT checkpoint, or flags that contradict it."""

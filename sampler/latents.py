@@ -19,12 +19,18 @@ from sampler.errors import SamplerError
 from sampler.guidance import guided
 from sampler.plan import ImageNoise
 from sampler.solvers import DEFAULT_SOLVER, SOLVERS, Solver, solvers_for
+from sampler.solvers import ddpm_timesteps as solver_times
 from trainer.model import DiT
 from trainer.objective import DDPM, FlowMatching, Objective
 
 
-def pick_solver(cfg: SolveConfig, objective: Objective) -> tuple[str, Solver, dict[str, Any]]:
-    """(name, solver, keyword arguments) for the checkpoint's objective; refuses misfits."""
+def pick_solver(
+    cfg: SolveConfig, objective: Objective, *, learn_sigma: bool = False
+) -> tuple[str, Solver, dict[str, Any]]:
+    """(name, solver, keyword arguments) for the checkpoint's objective; refuses misfits.
+
+    `learn_sigma`: the model outputs a variance too (what "learned" variance needs).
+    """
     name = cfg.sampler or DEFAULT_SOLVER[objective.KIND]
     solver = SOLVERS[name]
     if solver.kind != objective.KIND:
@@ -33,24 +39,46 @@ def pick_solver(cfg: SolveConfig, objective: Objective) -> tuple[str, Solver, di
             f"{objective.KIND}: use one of {', '.join(solvers_for(objective.KIND))}"
         )
     if isinstance(objective, FlowMatching):
-        return name, solver, {"shift": cfg.shift}
+        if name != "euler-maruyama" and (cfg.diffusion != 1.0 or cfg.last_step is not None):
+            raise SamplerError(
+                "--diffusion and --last-step apply to euler-maruyama only; drop them"
+            )
+        if cfg.variance is not None or cfg.spacing != "trailing":
+            raise SamplerError("--variance and --spacing apply to DDPM samplers only; drop them")
+        kwargs = {"shift": cfg.shift}
+        if name == "euler-maruyama":
+            kwargs.update(diffusion=cfg.diffusion, last_step=cfg.last_step)
+        return name, solver, kwargs
     if cfg.shift != 1.0:
         raise SamplerError("--shift applies to flow-matching samplers only; drop it")
+    if cfg.diffusion != 1.0 or cfg.last_step is not None:
+        raise SamplerError("--diffusion and --last-step apply to euler-maruyama only; drop them")
     if cfg.steps > objective.num_steps:
         raise SamplerError(
             f"--steps {cfg.steps}: this DDPM has {objective.num_steps} steps; use at most that"
         )
-    kwargs: dict[str, Any] = {"alphas_cumprod": objective.alphas_cumprod}
+    kwargs: dict[str, Any] = {"alphas_cumprod": objective.alphas_cumprod, "spacing": cfg.spacing}
     if name == "ddim":
         kwargs["eta"] = cfg.eta
+    if name == "ddpm":
+        kwargs["variance"] = cfg.variance or ("learned" if learn_sigma else "fixed-small")
+        if kwargs["variance"] == "learned" and not learn_sigma:
+            raise SamplerError(
+                "--variance learned needs a model with learn_sigma (a variance output); this one "
+                "has none: use fixed-small or fixed-large"
+            )
+    elif cfg.variance is not None:
+        raise SamplerError(f"--variance applies to the ddpm sampler only, not {name}; drop it")
+    try:
+        solver_times(objective.num_steps, cfg.steps, cfg.spacing, ddim=name == "ddim")
+    except ValueError as e:
+        raise SamplerError(f"--steps {cfg.steps} --spacing {cfg.spacing}: {e}") from None
     return name, solver, kwargs
 
 
-def _time_units(objective: Objective) -> tuple[float, float]:
-    """(model time per unit of solver time, solver time per unit of t in [0, 1])."""
-    if isinstance(objective, DDPM):
-        return 1.0, float(objective.num_steps)
-    return objective.time_scale, 1.0
+def _per_t(objective: Objective) -> float:
+    """Solver time per unit of t in [0, 1] (1 = noise)."""
+    return float(objective.num_steps) if isinstance(objective, DDPM) else 1.0
 
 
 def make_latents(
@@ -64,18 +92,28 @@ def make_latents(
     device: torch.device,
     precision: str,
 ) -> Tensor:
-    """Solve from each image's own noise to normalized latents (B, C, H, W), float32."""
-    _, solver, kwargs = pick_solver(cfg, objective)
-    to_model_time, per_t = _time_units(objective)
+    """Solve from each image's own noise to normalized latents (B, C, H, W), float32.
+
+    A learn_sigma model's variance output reaches only the ddpm sampler with learned variance
+    (and is never guided); every other solver sees the prediction alone.
+    """
+    learn_sigma = bool(model.config.get("learn_sigma"))
+    _, solver, kwargs = pick_solver(cfg, objective, learn_sigma=learn_sigma)
+    keep_sigma = learn_sigma and kwargs.get("variance") == "learned"
+    channels = model.config["in_channels"]
+    sign = objective.velocity_sign if isinstance(objective, FlowMatching) else 1.0
 
     def net_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         with autocast(device, precision):
-            return model(x, t * to_model_time, y).float()
+            out = model(x, objective.model_time(t), y).float()
+        return sign * (out if keep_sigma else out[:, :channels])
 
+    per_t = _per_t(objective)
     interval = None if cfg.cfg_interval is None else tuple(v * per_t for v in cfg.cfg_interval)
     model_fn = guided(
-        net_fn, labels.to(device), scale=cfg.cfg, null_class=model.null_class, interval=interval
-    )
+        net_fn, labels.to(device), scale=cfg.cfg, null_class=model.null_class, interval=interval,
+        channels=min(cfg.cfg_channels or channels, channels),
+    )  # fmt: skip
     if solver.takes_noise:
         kwargs["noise"] = noise
     x = noise.initial(latent_shape, device)

@@ -5,6 +5,8 @@
     OUT/grid.png                            the first images in a grid
     OUT/npz_parts/0000000-0000256.npy       uint8 (n, H, W, 3) per finished batch (with --npz)
     OUT/samples_50000x256x256x3.npz         the ADM evaluator's format: uint8 NHWC under arr_0
+    OUT/latent_parts/0000000-0000256.npy    float32 (n, C, h, w) latents per batch (--save-latents)
+    OUT/latents.npy                         all of them in index order, as the VAE decoder takes them
 
 Every file is written under a temporary name and renamed. A part file is the completion marker of
 its images; the final `.npz` is streamed from the parts in index order with a fixed zip timestamp,
@@ -33,6 +35,7 @@ from sampler.errors import SamplerError
 MANIFEST = "sample.json"
 IMAGES = "images"
 PARTS = "npz_parts"
+LATENT_PARTS, LATENTS = "latent_parts", "latents.npy"
 GRID = "grid.png"
 GRID_MAX = 64  # images in the grid
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed zip entry time: same bytes on every run
@@ -104,29 +107,53 @@ def npz_path(out: Path, count: int, image_shape: tuple[int, int, int]) -> Path:
     return out / f"samples_{count}x{'x'.join(map(str, image_shape))}.npz"
 
 
-def done_parts(out: Path) -> list[tuple[int, int]]:
+def done_parts(out: Path, parts: str = PARTS) -> list[tuple[int, int]]:
     """[start, stop) index ranges of the finished parts, sorted."""
-    folder = out / PARTS
+    folder = out / parts
     if not folder.is_dir():
         return []
     found = (PART_RE.fullmatch(p.name) for p in folder.iterdir())
     return sorted((int(m[1]), int(m[2])) for m in found if m)
 
 
-def write_part(out: Path, start: int, images: np.ndarray) -> None:
-    """Save the uint8 images of indices [start, start + len) as one part, atomically."""
-    folder = out / PARTS
+def write_part(out: Path, start: int, images: np.ndarray, parts: str = PARTS) -> None:
+    """Save images (uint8) or latents (float32) of indices [start, start + len) as one part."""
+    folder = out / parts
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{start:07d}-{start + len(images):07d}.npy"
     tmp = folder / f".{final.name}.tmp"
     with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(images, dtype=np.uint8))
+        np.save(f, np.ascontiguousarray(images, dtype=np.uint8 if parts == PARTS else np.float32))
     os.replace(tmp, final)
 
 
-def read_parts(out: Path) -> Iterable[tuple[int, np.ndarray]]:
-    for start, stop in done_parts(out):
-        yield start, np.load(out / PARTS / f"{start:07d}-{stop:07d}.npy", mmap_mode="r")
+def read_parts(out: Path, parts: str = PARTS) -> Iterable[tuple[int, np.ndarray]]:
+    for start, stop in done_parts(out, parts):
+        yield start, np.load(out / parts / f"{start:07d}-{stop:07d}.npy", mmap_mode="r")
+
+
+def _check_covered(out: Path, parts: str, first: int, count: int) -> None:
+    """Refuse unless the finished parts cover exactly [first, first + count)."""
+    expected = first
+    for start, stop in done_parts(out, parts):
+        if start != expected:
+            raise SamplerError(f"{out / parts}: images {expected}..{start - 1} are missing")
+        expected = stop
+    if expected != first + count:
+        raise SamplerError(f"{out / parts}: images {expected}..{first + count - 1} are missing")
+
+
+def assemble_latents(out: Path, first: int, count: int) -> Path:
+    """Join the latent parts covering [first, first + count) into OUT/latents.npy; remove them."""
+    _check_covered(out, LATENT_PARTS, first, count)
+    parts = [np.asarray(a) for _, a in read_parts(out, LATENT_PARTS)]
+    final = out / LATENTS
+    tmp = final.with_name(f".{final.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, np.concatenate(parts))
+    os.replace(tmp, final)
+    shutil.rmtree(out / LATENT_PARTS)
+    return final
 
 
 def assemble_npz(out: Path, first: int, count: int, image_shape: tuple[int, int, int]) -> Path:
@@ -135,14 +162,7 @@ def assemble_npz(out: Path, first: int, count: int, image_shape: tuple[int, int,
     The zip entry `arr_0.npy` is written like `np.savez` writes it, without holding all images in
     memory (50k images at 256 px are 9.8 GB).
     """
-    ranges = done_parts(out)
-    expected = first
-    for start, stop in ranges:
-        if start != expected:
-            raise SamplerError(f"{out / PARTS}: images {expected}..{start - 1} are missing")
-        expected = stop
-    if expected != first + count:
-        raise SamplerError(f"{out / PARTS}: images {expected}..{first + count - 1} are missing")
+    _check_covered(out, PARTS, first, count)
     final = npz_path(out, count, image_shape)
     tmp = final.with_name(f".{final.name}.tmp")
     header = {"descr": "|u1", "fortran_order": False, "shape": (count, *image_shape)}

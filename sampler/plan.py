@@ -95,3 +95,22 @@ class ImageNoise:
     def initial(self, shape: Sequence[int], device: torch.device | str) -> Tensor:
         """The starting latents (B, *shape), float32."""
         return self(torch.empty(len(self.generators), *shape, device=device))
+
+
+class FileNoise(ImageNoise):
+    """ImageNoise whose starting latents are given rows of an array (`--noise FILE.npy`).
+
+    For side-by-side runs with another implementation: image i starts from row i - first of the
+    file; noise drawn during sampling still comes from each image's own generator.
+    """
+
+    def __init__(self, rows: np.ndarray, seed: int, indices: Sequence[int]) -> None:
+        super().__init__(seed, indices)
+        self.rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+
+    def initial(self, shape: Sequence[int], device: torch.device | str) -> Tensor:
+        if tuple(self.rows.shape[1:]) != tuple(shape):
+            raise SamplerError(
+                f"--noise rows are {tuple(self.rows.shape[1:])}, the model's latents {tuple(shape)}"
+            )
+        return self.rows.to(device)

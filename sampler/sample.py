@@ -25,7 +25,7 @@ from sampler.config import SampleConfig
 from sampler.decoder import LatentDecoder
 from sampler.errors import SamplerError
 from sampler.latents import make_latents, pick_solver
-from sampler.plan import ImageNoise, plan_labels
+from sampler.plan import FileNoise, ImageNoise, plan_labels
 from trainer.checkpoint import load_for_inference, resolve_checkpoint
 from trainer.objective import objective_from_meta
 
@@ -64,7 +64,42 @@ def _settings(
         "vae": cfg.vae or meta["vae"]["id"],
         "count": len(labels),
         "labels_blake2b": hashlib.blake2b(labels.tobytes(), digest_size=16).hexdigest(),
+        **_import_settings(cfg),
     }
+
+
+def _import_settings(cfg: SampleConfig) -> dict:
+    """The settings of the official protocols (only when set: older manifests stay valid)."""
+    solve = cfg.solve
+    found = {
+        "cfg_channels": solve.cfg_channels,
+        "variance": solve.variance,
+        "spacing": None if solve.spacing == "trailing" else solve.spacing,
+        "diffusion": None if solve.diffusion == 1.0 else solve.diffusion,
+        "last_step": solve.last_step,
+        "noise_blake2b": _file_digest(cfg.noise) if cfg.noise else None,
+        "save_latents": cfg.save_latents or None,
+    }
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+
+
+def _read_noise(cfg: SampleConfig, count: int, latent_shape: tuple[int, ...]) -> np.ndarray | None:
+    """The --noise array, checked to hold one (C, H, W) row per image."""
+    if cfg.noise is None:
+        return None
+    try:
+        rows = np.load(cfg.noise)
+    except (OSError, ValueError) as e:
+        raise SamplerError(f"--noise {cfg.noise}: not a .npy array ({e})") from None
+    if rows.shape != (count, *latent_shape):
+        raise SamplerError(
+            f"--noise {cfg.noise}: shape {rows.shape}, need {(count, *latent_shape)} (one row per image)"
+        )
+    return rows
 
 
 def _todo(cfg: SampleConfig, out: Path, indices: range, class_ids: dict[int, str]) -> list[int]:
@@ -95,7 +130,8 @@ def _load(cfg: SampleConfig, device: torch.device):
     folder = resolve_checkpoint(cfg.checkpoint)
     model, meta = load_for_inference(folder, weights=cfg.weights, device=device)
     objective = objective_from_meta(meta["objective"])
-    pick_solver(cfg.solve, objective)  # refuse a solver of the other kind before loading the VAE
+    learn_sigma = bool(model.config.get("learn_sigma"))
+    pick_solver(cfg.solve, objective, learn_sigma=learn_sigma)  # refuse misfits before the VAE
     revision = meta["vae"].get("revision") if cfg.vae is None else None
     decoder = LatentDecoder.load(
         cfg.vae or meta["vae"]["id"], meta, revision=revision, device=device
@@ -117,7 +153,8 @@ def sample(cfg: SampleConfig) -> SampleResult:
     labels = plan_labels(
         classes=classes, requested=cfg.classes, n=cfg.n, fid_samples=cfg.fid_samples, seed=cfg.seed
     )
-    sampler_name = pick_solver(cfg.solve, objective)[0]
+    sampler_name = pick_solver(cfg.solve, objective, learn_sigma=model.config.get("learn_sigma"))[0]
+    noise_rows = _read_noise(cfg, len(labels), latent_shape)
     outputs.check_manifest(out, _settings(cfg, sampler_name, folder, meta, labels))
     image_shape = (*(d * decoder.downsampling for d in latent_shape[1:]), 3)
     npz = outputs.npz_path(out, len(labels), image_shape) if cfg.npz else None
@@ -136,10 +173,16 @@ def sample(cfg: SampleConfig) -> SampleResult:
     bar = tqdm(total=len(todo), unit="img", desc="sample")
     for batch in _batches(todo, cfg.batch_size):
         y = torch.tensor([class_of[i] for i in batch])
+        noise = ImageNoise(cfg.seed, batch) if noise_rows is None else FileNoise(
+            noise_rows[[i - cfg.first_index for i in batch]], cfg.seed, batch
+        )  # fmt: skip
         z = make_latents(
-            model, objective, y, ImageNoise(cfg.seed, batch), cfg.solve,
+            model, objective, y, noise, cfg.solve,
             latent_shape=latent_shape, device=device, precision=precision,
         )  # fmt: skip
+        if cfg.save_latents:
+            raw = decoder.normalization.denormalize(z.float()).cpu().numpy()
+            outputs.write_part(out, batch[0], raw, outputs.LATENT_PARTS)
         with autocast(device, precision):
             images = decoder(z).numpy()
         _write_batch(cfg, out, batch, images, class_ids)
@@ -155,6 +198,8 @@ def sample(cfg: SampleConfig) -> SampleResult:
     if npz is not None and not npz.is_file():
         outputs.assemble_npz(out, cfg.first_index, len(labels), image_shape)
         log.info("wrote %s", npz)
+    if cfg.save_latents and not (out / outputs.LATENTS).is_file():
+        log.info("wrote %s", outputs.assemble_latents(out, cfg.first_index, len(labels)))
     return SampleResult(out=out, made=len(todo), total=len(labels), npz=npz, seconds=seconds)
 
 

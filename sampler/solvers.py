@@ -8,7 +8,10 @@ time and returns a tensor shaped like x:
 - flow solvers: t in [0, 1] on the path x_t = (1 - t) x0 + t eps (t = 1 is noise) and the model
   returns the velocity v = eps - x0;
 - noise-prediction solvers: t is the DDPM timestep 0..T-1 (as float) and the model returns eps;
-  they take the training schedule's `alphas_cumprod` (T,) as an argument.
+  they take the training schedule's `alphas_cumprod` (T,) as an argument, and `spacing`: which
+  timesteps the steps visit ("trailing", ours, or "official", DiT/ADM's `space_timesteps`).
+  `sample_ddpm(variance="learned")` takes a model of 2C output channels: eps, then the variance
+  values v in [-1, 1] (Nichol & Dhariwal 2021, eq. 15).
 Stochastic solvers draw noise through `noise(x)` (default `torch.randn_like`), so a caller can
 give every image its own generator. `callback` gets {"i", "t", "x", "pred"} after each step.
 """
@@ -23,6 +26,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm, trange
 
+from sampler.config import SPACINGS, VARIANCES
+
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 NoiseFn = Callable[[Tensor], Tensor]
 Callback = Callable[[dict], None]
@@ -33,11 +38,19 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def flow_times(steps: int, shift: float = 1.0) -> Tensor:
-    """steps + 1 times from 1 (noise) down to 0 (data), uniform in t before the shift; float64."""
+def flow_times(steps: int, shift: float = 1.0, last_step: float | None = None) -> Tensor:
+    """steps + 1 times from 1 (noise) down to 0 (data), uniform in t before the shift; float64.
+
+    With `last_step` = h, the first steps - 1 steps are uniform from 1 down to h and the last one
+    goes from h to 0 (SiT's SDE sampler: `--last-step-size`, 0.04 by default).
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
+    if last_step is None or steps == 1:
+        ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    else:
+        ts = torch.cat([torch.linspace(1.0, last_step, steps, dtype=torch.float64), torch.zeros(1)])
+    return shift_time(ts.double(), shift)
 
 
 def _batch_t(x: Tensor, t: float) -> Tensor:
@@ -94,6 +107,7 @@ def sample_euler_maruyama(
     disable=False,
     shift: float = 1.0,
     diffusion: float = 1.0,
+    last_step: float | None = None,
     noise: NoiseFn | None = None,
 ) -> Tensor:
     """Euler–Maruyama on the reverse-time SDE with the flow's marginals; `steps` model calls.
@@ -102,10 +116,12 @@ def sample_euler_maruyama(
         dx = [v(x, t) - w(t)/2 s(x, t)] dt + sqrt(w(t)) dW,   w(t) = diffusion * t,
     where the score follows from the velocity on the linear path: s(x, t) = -(x + (1 - t) v) / t,
     so w(t)/2 s = -diffusion/2 (x + (1 - t) v) stays finite at t = 0. diffusion = 0 is the ODE.
-    The last step takes the drift only (no noise), as SiT's "Mean" last step.
+    The last step takes the drift only (no noise), as SiT's "Mean" last step. SiT's SDE with
+    `--diffusion-form sigma --diffusion-norm n` (its w = n sigma_t, noise sqrt(2 w dt)) is
+    diffusion = 2 n here; its `--last-step-size` is `last_step` (see `flow_times`).
     """
     noise = noise or torch.randn_like
-    ts = flow_times(steps, shift).tolist()
+    ts = flow_times(steps, shift, last_step).tolist()
     for i in trange(steps, disable=disable, leave=False):
         t, h = ts[i], ts[i] - ts[i + 1]  # h > 0: step size backwards in time
         v = model_fn(x, _batch_t(x, t))
@@ -120,33 +136,82 @@ def sample_euler_maruyama(
 # --- noise prediction (DDPM-trained models) ----------------------------------------------------
 
 
-def ddpm_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """`steps` timesteps from T-1 down, evenly spaced, the last one T/steps - 1.
+def ddpm_timesteps(
+    num_train_timesteps: int, steps: int, spacing: str = "trailing", *, ddim: bool = False
+) -> list[int]:
+    """`steps` timesteps from high to low.
 
-    The "trailing" spacing of Lin et al. 2024 (Table 2): the step after the last goes to the clean
-    sample, so no model call is spent at t = 0, where tiny sigma makes a huge logSNR jump.
+    "trailing" (Lin et al. 2024, Table 2): evenly spaced from T-1 down, the last one T/steps - 1;
+    the step after the last goes to the clean sample, so no model call is spent at t = 0.
+    "official": DiT's (and ADM's) `space_timesteps(T, "N")`: round(i (T-1)/(N-1)), from 0 to
+    T-1, so t = 0 is visited; with `ddim`, its "ddimN": the integer stride k with
+    len(range(0, T, k)) = N (the DDIM paper's striding).
     """
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
-    stride = num_train_timesteps / steps
-    return [round(num_train_timesteps - i * stride) - 1 for i in range(steps)]
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing {spacing!r} is not one of {SPACINGS}")
+    if spacing == "trailing":
+        stride = num_train_timesteps / steps
+        return [round(num_train_timesteps - i * stride) - 1 for i in range(steps)]
+    if ddim:
+        for k in range(1, num_train_timesteps):
+            if len(range(0, num_train_timesteps, k)) == steps:
+                return list(range(0, num_train_timesteps, k))[::-1]
+        raise ValueError(f"no integer stride makes {steps} DDIM steps of {num_train_timesteps}")
+    stride = (num_train_timesteps - 1) / (steps - 1) if steps > 1 else 1
+    return sorted({round(i * stride) for i in range(steps)}, reverse=True)
 
 
-def _schedule(alphas_cumprod: Tensor, steps: int) -> list[tuple[int, float, float]]:
+def _schedule(
+    alphas_cumprod: Tensor, steps: int, spacing: str = "trailing", ddim: bool = False
+) -> list[tuple[int, float, float]]:
     """(t, abar_t, abar_next) per step; the step after the last goes to the clean sample (abar 1)."""
     abar = alphas_cumprod.double().cpu()
-    ts = ddpm_timesteps(len(abar), steps)
+    ts = ddpm_timesteps(len(abar), steps, spacing, ddim=ddim)
     nexts = [float(abar[s]) for s in ts[1:]] + [1.0]
     return [(t, float(abar[t]), a_next) for t, a_next in zip(ts, nexts, strict=True)]
 
 
-def _steps(alphas_cumprod: Tensor, steps: int, disable: bool):
+def _steps(alphas_cumprod: Tensor, steps: int, disable: bool, spacing: str, ddim: bool = False):
     """Enumerate the schedule behind a progress bar."""
-    return enumerate(tqdm(_schedule(alphas_cumprod, steps), disable=disable, leave=False))
+    schedule = _schedule(alphas_cumprod, steps, spacing, ddim)
+    return enumerate(tqdm(schedule, disable=disable, leave=False))
 
 
 def _predict_x0(x: Tensor, eps: Tensor, abar: float) -> Tensor:
     return (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+
+
+def ddpm_step(
+    x: Tensor,
+    eps: Tensor,
+    *,
+    a: float,
+    a_next: float,
+    variance: str = "fixed-small",
+    var_values: Tensor | None = None,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One ancestral step t -> s from the posterior q(x_s | x_t, x0_hat); returns (x_s, x0_hat).
+
+    a, a_next: abar_t and abar_s (1 for the step to the clean sample, which adds no noise).
+    The respaced step's beta = 1 - abar_t/abar_s; its variance (Nichol & Dhariwal 2021, sec. 3.1):
+    "fixed-small" the posterior variance (1 - abar_s)/(1 - abar_t) beta, "fixed-large" beta,
+    "learned" exp(f log beta + (1 - f) log posterior) with f = (v + 1)/2 from var_values v.
+    """
+    x0 = _predict_x0(x, eps, a)
+    alpha_step = a / a_next  # of the respaced step t -> s
+    beta = 1 - alpha_step
+    mean = (math.sqrt(a_next) * beta * x0 + math.sqrt(alpha_step) * (1 - a_next) * x) / (1 - a)
+    if noise is None or a_next >= 1.0:
+        return mean, x0
+    posterior = (1 - a_next) / (1 - a) * beta
+    if variance == "learned":
+        frac = (var_values + 1) / 2
+        log_var = frac * math.log(beta) + (1 - frac) * math.log(posterior)
+        return mean + torch.exp(0.5 * log_var) * noise, x0
+    return mean + math.sqrt(posterior if variance == "fixed-small" else beta) * noise, x0
 
 
 @torch.no_grad()
@@ -156,25 +221,29 @@ def sample_ddpm(
     steps: int,
     *,
     alphas_cumprod: Tensor,
+    variance: str = "fixed-small",
+    spacing: str = "trailing",
     callback=None,
     disable=False,
     noise: NoiseFn | None = None,
 ) -> Tensor:
     """Ancestral sampling from the posterior q(x_s | x_t, x0_hat) (Ho et al. 2020, eqs. 6-7).
 
-    Over respaced timesteps (Nichol & Dhariwal 2021, sec. 4) with the posterior variance
-    (1 - abar_s)/(1 - abar_t) (1 - abar_t/abar_s) ("fixed small"); mathematically DDIM with eta = 1.
+    Over respaced timesteps (Nichol & Dhariwal 2021, sec. 4), each step a `ddpm_step` of the
+    given variance; "fixed-small" is mathematically DDIM with eta = 1. With variance "learned",
+    model_fn returns (B, 2C, ...): eps, then the variance values (DiT's learn_sigma models).
     """
+    if variance not in VARIANCES:
+        raise ValueError(f"variance {variance!r} is not one of {VARIANCES}")
     noise = noise or torch.randn_like
-    for i, (t, a, a_next) in _steps(alphas_cumprod, steps, disable):
-        eps = model_fn(x, _batch_t(x, t))
-        x0 = _predict_x0(x, eps, a)
-        alpha_step = a / a_next  # alpha of the respaced step t -> s
-        mean = (
-            math.sqrt(a_next) * (1 - alpha_step) * x0 + math.sqrt(alpha_step) * (1 - a_next) * x
-        ) / (1 - a)
-        var = (1 - a_next) / (1 - a) * (1 - alpha_step)
-        x = mean + math.sqrt(var) * noise(x) if var > 0 else mean
+    for i, (t, a, a_next) in _steps(alphas_cumprod, steps, disable, spacing):
+        eps, var_values = model_fn(x, _batch_t(x, t)), None
+        if variance == "learned":
+            eps, var_values = eps.chunk(2, dim=1)
+        step_noise = noise(x) if a_next < 1.0 else None
+        x, x0 = ddpm_step(
+            x, eps, a=a, a_next=a_next, variance=variance, var_values=var_values, noise=step_noise
+        )
         _report(callback, i, t, x, x0)
     return x
 
@@ -187,13 +256,17 @@ def sample_ddim(
     *,
     alphas_cumprod: Tensor,
     eta: float = 0.0,
+    spacing: str = "trailing",
     callback=None,
     disable=False,
     noise: NoiseFn | None = None,
 ) -> Tensor:
-    """DDIM (Song et al. 2021, eq. 12): eta = 0 is deterministic, eta = 1 matches DDPM ancestral."""
+    """DDIM (Song et al. 2021, eq. 12): eta = 0 is deterministic, eta = 1 matches DDPM ancestral.
+
+    spacing "official" is DiT's "ddimN" striding (t = 0, k, 2k, ...).
+    """
     noise = noise or torch.randn_like
-    for i, (t, a, a_next) in _steps(alphas_cumprod, steps, disable):
+    for i, (t, a, a_next) in _steps(alphas_cumprod, steps, disable, spacing, ddim=True):
         eps = model_fn(x, _batch_t(x, t))
         x0 = _predict_x0(x, eps, a)
         sigma = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
@@ -211,6 +284,7 @@ def sample_dpmpp_2m(
     steps: int,
     *,
     alphas_cumprod: Tensor,
+    spacing: str = "trailing",
     callback=None,
     disable=False,
 ) -> Tensor:
@@ -224,7 +298,7 @@ def sample_dpmpp_2m(
         return 0.5 * math.log(a / (1 - a))
 
     x0_prev, h_prev = None, None
-    for i, (t, a, a_next) in _steps(alphas_cumprod, steps, disable):
+    for i, (t, a, a_next) in _steps(alphas_cumprod, steps, disable, spacing):
         eps = model_fn(x, _batch_t(x, t))
         x0 = _predict_x0(x, eps, a)
         if a_next >= 1.0:

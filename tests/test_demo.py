@@ -125,7 +125,7 @@ def test_classifier_save_load_round_trip(tmp_path, demo_data):
     np.testing.assert_array_equal(clf.features(images), back.features(images))
     with pytest.raises(ValueError, match="32x32"):
         clf.classify(images[:, :16, :16])
-    with pytest.raises(FileNotFoundError, match="train_classifier"):
+    with pytest.raises(FileNotFoundError, match="demo-tools train-classifier"):
         load_classifier(tmp_path / "missing")
 
 

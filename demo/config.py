@@ -151,6 +151,8 @@ class DemoConfig:
     """The VAE (diffusers folder); by default the shipped demo VAE."""
     classifier: Path = CLASSIFIER_DIR
     """The verdict classifier; by default the shipped one."""
+    fid_per_class: int | None = 20
+    """Images per class in each set of the Inception FIDs (200 a set: ~2.5 CPU-minutes in all)."""
 
     def __post_init__(self) -> None:
         positive = ("train_per_class", "hidden_size", "depth", "num_heads", "train_steps")
@@ -184,4 +186,5 @@ QUICK = {
     "samples_per_class": GRID_COLUMNS,
     "sample_steps": 2,
     "decode_check": 8,
+    "fid_per_class": None,  # 2048-d sqrtms cost minutes on a busy CPU: tested on their own
 }

@@ -150,13 +150,22 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = log.info) -> dict:
     t0 = time.perf_counter()
     for name, cmd in commands(cfg, at):
         seconds[name], stdout[name] = run_step(name, cmd, echo)
-    echo("\n[verdict] the shipped classifier names each sample; FD against held-out images")
+    echo("\n[verdict] the shipped classifier names each sample; FD against held-out images;")
+    echo("          Inception FID (ADM's evaluator) of samples and of the VAE floor")
     t = time.perf_counter()
     images, asked = read_samples(at.samples, cfg.samples_per_class, cfg.seed)
     write_class_grid(images, asked, at.grid)
     seconds["verdict"] = time.perf_counter() - t
+    inception = None
+    if cfg.fid_per_class is not None:
+        from demo.inception import demo_inception
+
+        inception = demo_inception(at.data, images, asked, vae_dir=cfg.vae,
+                                   images_per_class=cfg.fid_per_class)  # fmt: skip
+    seconds["inception"] = time.perf_counter() - t - seconds["verdict"]
     seconds["total"] = time.perf_counter() - t0
     extra = {
+        "inception": inception,
         "decode_check": json.loads(stdout["validate"])["decode_check"],
         "seconds": seconds,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},

@@ -115,6 +115,13 @@ def format_report(report: dict) -> str:
         f"Fréchet distance (classifier features): generated vs real "
         f"{report['fd_generated_vs_real']:.3f}, real vs real {report['fd_real_vs_real']:.3f}"
     )
+    if report.get("inception"):
+        i = report["inception"]
+        lines.append(
+            f"Inception FID (ADM's evaluator; {i['images_per_set']} images a set, vs held-out): "
+            f"generated {i['fid_generated']:.2f}, VAE reconstruction floor "
+            f"{i['fid_reconstruction']:.2f}, real vs real {i['fid_real_vs_real']:.2f}"
+        )
     return "\n".join(lines)
 
 

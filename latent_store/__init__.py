@@ -26,6 +26,7 @@ _HOMES = {
     "StoreExistsError": "errors",
     "StoreIncompleteError": "errors",
     "StoreNotFoundError": "errors",
+    "StoreReadError": "errors",
     "StoreSpec": "schema",
     "StoreWriter": "writer",
     "VARIANTS": "schema",

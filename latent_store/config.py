@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from foundation.config import option
 from foundation.errors import ConfigError
+from foundation.urls import check_options_apply, parse_storage_options
 
 DEFAULT_MAX_CLIPPED = 1e-3  # clipped fraction of quantized values tolerated
 # The floor of the mean PSNR (dB) from stored latents. sd-vae-ft-ema reconstructs COCO 2017 at
@@ -25,6 +26,11 @@ class InspectConfig:
 
     store: str = option(argument=True)
     """A latent store: a folder (Zarr v3 group) or an fsspec URL."""
+    storage_options: str | None = None
+    """JSON object of fsspec options for a store URL, e.g. '{"endpoint_url": "http://minio:9000"}'; default: the environment (AWS_*, AWS_ENDPOINT_URL), ~/.aws, fsspec config."""
+
+    def __post_init__(self) -> None:
+        check_options_apply(self.store, parse_storage_options(self.storage_options))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,9 +49,12 @@ class ValidateConfig:
     min_psnr: float = DEFAULT_MIN_PSNR
     """--decode-check fails when the mean PSNR from stored latents is below this (dB;
     sd-vae-ft-ema averages 23.8 dB on COCO at 256 px, a broken store ~10 dB)."""
+    storage_options: str | None = None
+    """JSON object of fsspec options for a store URL, e.g. '{"endpoint_url": "http://minio:9000"}'; default: the environment (AWS_*, AWS_ENDPOINT_URL), ~/.aws, fsspec config."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_clipped <= 1:
             raise ConfigError(f"--max-clipped {self.max_clipped}: give a fraction in [0, 1]")
         if self.decode_check is not None and self.decode_check < 1:
             raise ConfigError(f"--decode-check {self.decode_check}: give N >= 1 samples")
+        check_options_apply(self.store, parse_storage_options(self.storage_options))

@@ -10,6 +10,7 @@ __all__ = [
     "StoreExistsError",
     "StoreIncompleteError",
     "StoreNotFoundError",
+    "StoreReadError",
 ]
 
 
@@ -35,3 +36,7 @@ class StoreIncompleteError(StoreError):
 
 class StoreCorruptError(StoreError):
     """Data on disk does not match its checksum or cannot be read."""
+
+
+class StoreReadError(StoreError):
+    """Reading from the store kept failing (network, credentials, endpoint) after retries."""

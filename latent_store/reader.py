@@ -15,8 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from latent_store.schema import LABEL_FILL, ShardRecord, StoreSpec
-from latent_store.store import LatentStore
+from latent_store.store import LatentStore, open_store
 from latent_store.verify import verify_shard, verify_store
+
+LOAD_THREADS = 16  # shards fetched at once by load_latents (object stores: requests in flight)
+PREFETCH = 1  # shards iter_shards fetches ahead of the one it yields
 
 
 @dataclass(frozen=True)
@@ -67,18 +70,20 @@ def load_latents(
     *,
     shards: Sequence[int] | None = None,
     allow_incomplete: bool = False,
-    threads: int = 4,
+    threads: int = LOAD_THREADS,
     verify: bool = True,
 ) -> LatentArrays:
     """Load the written samples of a store (or of some shards) into RAM.
 
+    `threads` whole shards are fetched at once: on an object store each is one GET per array,
+    so the load runs at the store's aggregate bandwidth instead of one request's latency.
     Raises StoreIncompleteError naming the missing shards unless every requested shard is
     complete or `allow_incomplete` is set (incomplete shards are then skipped). With `verify`,
     the store's seal and every shard's record are checked (`latent_store.verify`); each shard is
     hashed in the thread that read it, and the seal checked in another, so verifying overlaps
     the reads.
     """
-    store = path if isinstance(path, LatentStore) else LatentStore(path)
+    store = open_store(path)
     records = store.records() if verify else [None] * store.spec.num_shards
     todo = store.require_complete(shards, allow_incomplete=allow_incomplete)
     with ThreadPoolExecutor(max(1, threads)) as pool:
@@ -109,13 +114,24 @@ def iter_shards(
 ) -> Iterator[LatentArrays]:
     """Yield this rank's complete shards, whole, in a seeded order that changes every epoch.
 
-    With `verify`, the store's seal is checked first and each shard as it arrives.
+    The next shard is fetched (and, with `verify`, checked) while the consumer works on the
+    current one; with `verify` the store's seal is checked first.
     """
-    store = path if isinstance(path, LatentStore) else LatentStore(path)
+    store = open_store(path)
     records = _verified_records(store, verify)
     complete = store.require_complete(allow_incomplete=allow_incomplete)
-    for i in shard_order(len(complete), seed=seed, epoch=epoch, rank=rank, world_size=world_size):
-        yield _shard_arrays(store, complete[i], records[complete[i]])
+    order = shard_order(len(complete), seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+
+    def fetch(i: int) -> LatentArrays:
+        return _shard_arrays(store, complete[i], records[complete[i]])
+
+    with ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch") as pool:
+        ahead = [pool.submit(fetch, i) for i in order[:PREFETCH]]
+        for k in range(len(order)):
+            shard = ahead.pop(0).result()
+            if k + PREFETCH < len(order):
+                ahead.append(pool.submit(fetch, order[k + PREFETCH]))
+            yield shard
 
 
 def _verified_records(store: LatentStore, verify: bool) -> list[ShardRecord | None]:

@@ -12,9 +12,12 @@ from pathlib import Path
 import numpy as np
 import zarr
 import zarr.errors
+from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from foundation.urls import check_options_apply, is_url
 from latent_store.errors import (
+    LatentditError,
     SchemaMismatchError,
     StoreCorruptError,
     StoreExistsError,
@@ -22,6 +25,7 @@ from latent_store.errors import (
     StoreNotFoundError,
 )
 from latent_store.provenance import PROVENANCE_KEY, seal
+from latent_store.retry import retry
 from latent_store.schema import ATTRS_KEY, LABEL_FILL, ShardRecord, StoreSpec
 
 log = logging.getLogger(__name__)
@@ -40,9 +44,18 @@ def _malformed(what: str, error: Exception) -> StoreCorruptError:
     )
 
 
-def _open_group(path: str | os.PathLike, mode: str) -> zarr.Group:
+def _open_group(path: str | os.PathLike, mode: str, storage_options: dict | None) -> zarr.Group:
+    """The store's root group; at a URL through fsspec, opening retried like every read."""
+    check_options_apply(path, storage_options)
+    if not is_url(path):
+        return _open_group_once(str(path), mode, {})
+    return retry(lambda: _open_group_once(str(path), mode, storage_options), f"{path}")
+
+
+def _open_group_once(path: str, mode: str, storage_options: dict | None) -> zarr.Group:
+    kw = {"storage_options": storage_options or {}} if is_url(path) else {}
     try:
-        return zarr.open_group(str(path), mode=mode, zarr_format=3)
+        return zarr.open_group(path, mode=mode, zarr_format=3, **kw)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         raise StoreNotFoundError(
             f"{path}: no latent store here; create one with `latentdit encode SOURCE --out {path}`"
@@ -51,23 +64,33 @@ def _open_group(path: str | os.PathLike, mode: str) -> zarr.Group:
         raise StoreNotFoundError(
             f"{path}: a file, not a latent store (a store is a folder or an fsspec URL)"
         ) from None
+    except ImportError as e:  # fsspec names the package its driver for this scheme needs
+        raise StoreNotFoundError(f"{path}: {e} (an fsspec driver for this URL)") from None
     except MALFORMED as e:
         raise _malformed(f"{path}/zarr.json (the store's metadata)", e) from None
 
 
-def create_store(path: str | os.PathLike, spec: StoreSpec, keys: Sequence[str]) -> LatentStore:
-    """Create the arrays and metadata of a new store. Call from one process only.
+def create_store(
+    path: str | os.PathLike,
+    spec: StoreSpec,
+    keys: Sequence[str],
+    *,
+    storage_options: dict | None = None,
+) -> LatentStore:
+    """Create the arrays and metadata of a new store (a folder or a URL). Call from one process.
 
     `keys` (one source id per sample, length `spec.num_samples`) are written now, so the sample
     order is fixed before any encoding starts.
     """
     if len(keys) != spec.num_samples:
         raise SchemaMismatchError(f"{len(keys)} keys for {spec.num_samples} samples")
-    if Path(str(path)).exists() and any(Path(str(path)).iterdir()):
+    check_options_apply(path, storage_options)
+    if _holds_something(path, storage_options):
         raise StoreExistsError(f"{path} already exists and is not empty; choose another --out")
+    kw = {"storage_options": storage_options or {}} if is_url(path) else {}
     attrs = spec.to_attrs()
     attrs[PROVENANCE_KEY] = seal(attrs, np.asarray(keys, dtype=object).astype(str))
-    group = zarr.create_group(str(path), zarr_format=3, attributes={ATTRS_KEY: attrs})
+    group = zarr.create_group(str(path), zarr_format=3, attributes={ATTRS_KEY: attrs}, **kw)
     sample = spec.sample_shape
     latent_arrays = ["latents"] + (["logstd"] if spec.posterior == "moments" else [])
     for name in latent_arrays:
@@ -92,15 +115,30 @@ def create_store(path: str | os.PathLike, spec: StoreSpec, keys: Sequence[str]) 
     group["keys"][:] = np.asarray(keys, dtype=object).astype(str)
     group.create_array("shard_records", shape=(spec.num_shards,), dtype=str, chunks=(1,))
     log.info("created store %s: %d samples in %d shards", path, spec.num_samples, spec.num_shards)
-    return LatentStore(path)
+    return LatentStore(path, storage_options=storage_options)
+
+
+def _holds_something(path: str | os.PathLike, storage_options: dict | None) -> bool:
+    """Whether a folder is non-empty, or a URL already holds a Zarr node."""
+    if not is_url(path):
+        return Path(path).exists() and any(Path(path).iterdir())
+    try:
+        _open_group_once(str(path), "r", storage_options)
+    except StoreNotFoundError:
+        return False
+    return True
 
 
 class LatentStore:
     """An open store: its spec, arrays and the completion state of its shards."""
 
-    def __init__(self, path: str | os.PathLike, *, mode: str = "r") -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, mode: str = "r", storage_options: dict | None = None
+    ) -> None:
         self.path = str(path)
-        self.group = _open_group(path, "r+" if mode != "r" else "r")
+        self.storage_options = storage_options
+        self._arrays: dict[str, zarr.Array] = {}
+        self.group = _open_group(path, "r+" if mode != "r" else "r", storage_options)
         attrs = self.group.attrs.asdict()
         if ATTRS_KEY not in attrs:
             raise SchemaMismatchError(f"{path}: a Zarr group, but without latentdit metadata")
@@ -111,17 +149,39 @@ class LatentStore:
         self.summary = self.attrs.get(SUMMARY_KEY)
 
     def array(self, name: str) -> zarr.Array:
-        try:
-            return self.group[name]
-        except KeyError:
-            raise SchemaMismatchError(f"{self.path}: array {name!r} is missing") from None
-        except MALFORMED as e:
-            raise _malformed(f"{self.path}/{name}/zarr.json", e) from None
+        """An array of the store, opened once (on an object store each opening is a request)."""
+        if name not in self._arrays:
+            try:
+                self._arrays[name] = self.group[name]
+            except KeyError:
+                raise SchemaMismatchError(f"{self.path}: array {name!r} is missing") from None
+            except MALFORMED as e:
+                raise _malformed(f"{self.path}/{name}/zarr.json", e) from None
+        return self._arrays[name]
+
+    def reopen(self, mode: str) -> LatentStore:
+        """The same store (same URL and storage options) opened again, e.g. for writing."""
+        return LatentStore(self.path, mode=mode, storage_options=self.storage_options)
+
+    def _read(self, read, what: str):
+        """`read()`, retried on an object store; on a local disk a failed read is damage."""
+        return retry(read, what) if is_url(self.path) else read()
 
     @cached_property
     def local_root(self) -> Path | None:
         """The store's folder when it is on the local file system, else None."""
         return Path(self.group.store.root) if isinstance(self.group.store, LocalStore) else None
+
+    def has_key(self, key: str) -> bool:
+        """Whether the object (file) `key` exists, on any kind of store (no fill-value guesses)."""
+        return retry(lambda: sync(self.group.store.exists(key)), f"{self.path}/{key}")
+
+    def delete_key(self, key: str) -> None:
+        sync(self.group.store.delete(key))
+
+    def nbytes(self) -> int:
+        """Bytes of every object (file) of the store."""
+        return retry(lambda: sync(self.group.store.getsize_prefix("")), self.path)
 
     @property
     def data_arrays(self) -> list[str]:
@@ -143,7 +203,9 @@ class LatentStore:
         """
         arr = self.array("shard_records")
         try:
-            raw = arr[:].tolist()
+            raw = self._read(lambda: arr[:].tolist(), f"{self.path}/shard_records")
+        except LatentditError:  # the store cannot be reached: not a torn record
+            raise
         except Exception:  # zarr/numcodecs raise what their codecs raise; find the torn ones
             raw = [_read_record(arr, i) for i in range(arr.shape[0])]
         return [ShardRecord.from_json(str(t)) for t in raw]
@@ -169,9 +231,16 @@ class LatentStore:
         return [i for i in wanted if records[i] is not None]
 
     def read_shard(self, shard: int) -> dict[str, np.ndarray]:
-        """Read one shard's data arrays (latents, labels and logstd if present) into RAM."""
+        """Read one shard's data arrays (latents, labels and logstd if present) into RAM.
+
+        Each array's shard is one object, fetched whole; a failed fetch is retried, then raises
+        StoreReadError naming the shard.
+        """
         start, stop = self.spec.shard_bounds(shard)
-        return {name: self.array(name)[start:stop] for name in self.data_arrays}
+        return self._read(
+            lambda: {name: self.array(name)[start:stop] for name in self.data_arrays},
+            f"{self.path}: shard {shard}",
+        )
 
 
 def _read_record(arr: zarr.Array, shard: int) -> str:
@@ -193,9 +262,21 @@ def shard_checksum(data: dict[str, np.ndarray]) -> str:
     return f"blake2b-128:{h.hexdigest()}"
 
 
-def open_store(path: str | os.PathLike) -> LatentStore:
-    """Open an existing store for reading."""
-    return LatentStore(path)
+def open_store(
+    path: str | os.PathLike | LatentStore,
+    *,
+    storage_options: dict | None = None,
+    mode: str = "r",
+) -> LatentStore:
+    """Open an existing store: a folder or any fsspec URL zarr supports (`s3://bucket/x.zarr`).
+
+    The one entry point for every command that takes a store. `storage_options` go to the
+    fsspec driver (endpoint, credentials, ...); without them the driver's usual places apply
+    (for S3: AWS_* variables, AWS_ENDPOINT_URL, ~/.aws). An open LatentStore is returned as is.
+    """
+    if isinstance(path, LatentStore):
+        return path if mode == "r" else path.reopen(mode)
+    return LatentStore(path, mode=mode, storage_options=storage_options)
 
 
 def _format_ranges(ids: Sequence[int], limit: int = 8) -> str:

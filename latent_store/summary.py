@@ -8,27 +8,27 @@ from dataclasses import asdict
 import numpy as np
 
 from latent_store.schema import LABEL_FILL
-from latent_store.store import LatentStore, _format_ranges
+from latent_store.store import LatentStore, _format_ranges, open_store
 from latent_store.verify import verify_labels, verify_store
 from latent_store.writer import summarize_records
 
 FAILURES_SHOWN = 10
 
 
-def _bytes_on_disk(store: LatentStore) -> int | None:
+def _bytes_on_disk(store: LatentStore) -> int:
     if store.local_root is None:
-        return None
+        return store.nbytes()  # every object's size, listed through the store
     return sum(f.stat().st_size for f in store.local_root.rglob("*") if f.is_file())
 
 
-def describe_store(path: str | os.PathLike, *, verify: bool = True) -> dict:
-    """A JSON-ready description of a store.
+def describe_store(path: str | os.PathLike | LatentStore, *, verify: bool = True) -> dict:
+    """A JSON-ready description of a store (a path, URL or open store, see `open_store`).
 
     With `verify`, the store's seal and summary are checked and the labels it counts checked
     against the shard records (StoreCorruptError names the first problem); the latents are not
     read: `validate` checks them.
     """
-    store = LatentStore(path)
+    store = open_store(path)
     spec = store.spec
     if verify:
         verify_store(store)

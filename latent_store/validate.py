@@ -15,7 +15,7 @@ from latent_store.config import DEFAULT_MAX_CLIPPED
 from latent_store.provenance import provenance_problems
 from latent_store.quantize import QMAX
 from latent_store.schema import ShardRecord
-from latent_store.store import LatentStore, _format_ranges
+from latent_store.store import LatentStore, _format_ranges, open_store
 from latent_store.verify import (
     array_problems,
     check_shard,
@@ -132,10 +132,13 @@ def check_statistics(store: LatentStore, summary: dict) -> Check:
 
 
 def validate_store(
-    path: str | os.PathLike, *, max_clipped: float = DEFAULT_MAX_CLIPPED
+    path: str | os.PathLike | LatentStore, *, max_clipped: float = DEFAULT_MAX_CLIPPED
 ) -> list[Check]:
-    """Run every check on a store. Opening errors (no store, unknown format) raise instead."""
-    store = LatentStore(path)
+    """Run every check on a store (a path, URL or open store, see `open_store`).
+
+    Opening errors (no store, unknown format) raise instead.
+    """
+    store = open_store(path)
     checks = [check_arrays(store), check_provenance(store)]
     if not checks[0].ok:  # reading shards through wrong shapes would only add noise
         return checks

@@ -78,8 +78,7 @@ def check_shard(
     """Read and check one complete shard: (its arrays or None, data problems, label problems)."""
     if problems := record_problems(store, shard, record):
         return None, problems, []
-    root = store.local_root
-    lost = [k for k in store.shard_files(shard) if root is not None and not (root / k).exists()]
+    lost = [k for k in store.shard_files(shard) if not store.has_key(k)]
     if lost:
         return None, [f"shard {shard}: data file missing ({', '.join(lost)})"], []
     try:

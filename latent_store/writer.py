@@ -35,7 +35,7 @@ class StoreWriter:
     """
 
     def __init__(self, store: LatentStore, shards: Iterable[int] | None = None) -> None:
-        self.store = LatentStore(store.path, mode="r+")
+        self.store = store.reopen("r+")
         self.spec = self.store.spec
         verify_store(self.store, summary=False)
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="shard-stats")
@@ -56,11 +56,10 @@ class StoreWriter:
 
     def _discard(self, shard: int) -> None:
         """Delete whatever a crashed run left of an unfinished shard."""
-        root = self.store.local_root
         for key in self.store.shard_files(shard):
-            if root is not None and (root / key).exists():
+            if self.store.has_key(key):
                 log.info("removing leftover %s of unfinished shard %d", key, shard)
-                (root / key).unlink()
+                self.store.delete_key(key)
 
     def write_shard(
         self,
@@ -150,7 +149,10 @@ class StoreWriter:
         }
 
     def _sync(self, shard: int) -> None:
-        """fsync a local shard's files so the record never gets ahead of the data."""
+        """fsync a local shard's files so the record never gets ahead of the data.
+
+        An object store needs nothing here: a PUT that returned is durable.
+        """
         root = self.store.local_root
         if root is None:
             return
@@ -196,7 +198,7 @@ def summarize_records(store: LatentStore) -> dict:
 def finalize_store(store: LatentStore) -> dict:
     """Write the summary into the group attributes. Call from one process after all writers."""
     summary = summarize_records(store)
-    rw = LatentStore(store.path, mode="r+")
+    rw = store.reopen("r+")
     attrs = rw.group.attrs[ATTRS_KEY]
     rw.group.attrs[ATTRS_KEY] = {**attrs, SUMMARY_KEY: summary}
     return summary

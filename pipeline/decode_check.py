@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from foundation.vae import VaeConfig, decode_latents
-from latent_store import LatentditError, LatentStore, SchemaMismatchError, dequantize
+from latent_store import LatentditError, LatentStore, SchemaMismatchError, dequantize, open_store
 from latent_store.config import DEFAULT_MIN_PSNR
 from latent_store.verify import verify_shard, verify_store
 from pipeline.loader import collate, load_item
@@ -89,12 +89,13 @@ def _read_codes(store: LatentStore, indices: np.ndarray, verify: bool) -> np.nda
     return np.concatenate(rows)
 
 
-def decode_check(path: str | os.PathLike, cfg: DecodeCheckConfig) -> dict:
+def decode_check(path: str | os.PathLike | LatentStore, cfg: DecodeCheckConfig) -> dict:
     """Decode `cfg.samples` stored latents (image variant); PSNR against the source crops.
 
-    The result's "ok" is False when the mean PSNR from stored latents is below `cfg.min_psnr`.
+    `path`: a store folder, URL or open store (see `latent_store.open_store`). The result's "ok"
+    is False when the mean PSNR from stored latents is below `cfg.min_psnr`.
     """
-    store = LatentStore(path)
+    store = open_store(path)
     spec = store.spec
     chosen = _choose(store, cfg.samples)
     codes = _read_codes(store, chosen, cfg.verify)  # refuses a damaged store before the VAE loads

@@ -26,11 +26,11 @@ from latent_store import (
     LABEL_FILL,
     Failure,
     LatentditError,
-    LatentStore,
     SchemaMismatchError,
     StoreSpec,
     StoreWriter,
     finalize_store,
+    open_store,
 )
 from latent_store.quantize import quantize
 from pipeline.encode_config import FAILURE_RULE, EncodeConfig, parse_max_failures
@@ -91,7 +91,7 @@ def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
         except LatentditError as e:
             error = e
     _broadcast_error(error)
-    store = LatentStore(cfg.out)
+    store = open_store(cfg.out, storage_options=cfg.store_options)
     if (listed := source.describe()) != dict(store.spec.source):  # every rank listed the source
         raise SchemaMismatchError(
             f"rank {info.rank} lists {cfg.source} differently from the store "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from foundation.config import option
 from foundation.precision import NAMES as DTYPES
+from foundation.urls import check_options_apply, parse_storage_options
 from foundation.vae import VaeConfig
 from latent_store import VARIANTS, LatentditError
 from latent_store.schema import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, POSTERIOR_MODES
@@ -37,6 +38,9 @@ class EncodeConfig:
     tars: a folder of them, a brace pattern, or a .txt file listing tar paths."""
     out: str
     """The store to create, or to resume when it exists: a folder or an fsspec URL (s3://...)."""
+    storage_options: str | None = None
+    """JSON object of fsspec options for a store URL (endpoint_url, key, ...); None: the
+    driver's usual places (environment, AWS_ENDPOINT_URL, ~/.aws, fsspec config)."""
     vae: str = DEFAULT_VAE
     """Hub id or local folder of a diffusers AutoencoderKL."""
     vae_revision: str | None = None
@@ -111,6 +115,12 @@ class EncodeConfig:
             raise LatentditError(
                 f"--max-failures {self.max_failures}: a count >= 0 or a fraction in [0, 1)"
             )
+        check_options_apply(self.out, self.store_options)
+
+    @property
+    def store_options(self) -> dict | None:
+        """`storage_options` as the dict the fsspec driver takes."""
+        return parse_storage_options(self.storage_options)
 
     @property
     def variants(self) -> tuple[str, ...]:

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from foundation.urls import is_url
 from latent_store import (
     LatentditError,
-    LatentStore,
     QuantParams,
     SchemaMismatchError,
     StoreExistsError,
@@ -24,6 +24,7 @@ from latent_store import (
     StoreSpec,
     calibrate,
     create_store,
+    open_store,
 )
 from pipeline.encode_config import EncodeConfig
 from pipeline.loader import collate, load_item
@@ -34,7 +35,6 @@ from pipeline.vae import encode_variants
 log = logging.getLogger(__name__)
 
 CROP_METHOD = "adm-center"
-URL_SCHEME = "://"  # marks an fsspec URL, as opposed to a local path
 EXIF_TAG = "+exif-transpose"  # appended to the crop method when EXIF orientation is applied
 # fields of the store's spec that must match for a resume (the quantization is the store's own)
 RESUME_FIELDS = (
@@ -94,10 +94,10 @@ def _tool_version() -> str:
 def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfig) -> None:
     """Create the store (calibrating its quantization), or check an existing one matches."""
     wanted = store_spec(cfg, source, vae_info)
-    out = cfg.out
-    if _store_exists(out):
+    out, options = cfg.out, cfg.store_options
+    if _store_exists(out, options):
         try:
-            have = LatentStore(out).spec
+            have = open_store(out, storage_options=options).spec
         except StoreNotFoundError:
             raise StoreExistsError(
                 f"--out {out}: a folder that holds something other than a latent store; choose "
@@ -112,17 +112,18 @@ def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfi
         return
     quant, logstd_quant = calibrate_quantization(cfg, source, vae, pre)
     spec = store_spec(cfg, source, vae_info, quant, logstd_quant)
-    create_store(out, spec, [source.key(i) for i in range(len(source))])
+    keys = [source.key(i) for i in range(len(source))]
+    create_store(out, spec, keys, storage_options=options)
 
 
-def _store_exists(out: str | Path) -> bool:
+def _store_exists(out: str | Path, storage_options: dict | None) -> bool:
     """Whether `out` holds something: a non-empty folder, or a store at an fsspec URL."""
-    if URL_SCHEME not in str(out):
+    if not is_url(out):
         if Path(out).exists() and not Path(out).is_dir():
             raise StoreExistsError(f"--out {out}: a file, not a store folder; choose another --out")
         return Path(out).exists() and any(Path(out).iterdir())
     try:
-        LatentStore(out)
+        open_store(out, storage_options=storage_options)
     except StoreNotFoundError:
         return False
     return True

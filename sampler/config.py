@@ -11,6 +11,7 @@ from typing import Any
 
 from foundation.config import option
 from foundation.precision import NAMES as PRECISION_NAMES
+from foundation.urls import is_url
 from sampler.errors import SamplerError
 
 SPACINGS = ("trailing", "official")
@@ -121,10 +122,10 @@ WEIGHTS = ("ema", "model")
 class SampleConfig:
     """What to sample, how, and where to write it."""
 
-    checkpoint: Path = option(argument=True)
+    checkpoint: str = option(argument=True)
     """A run dir (its latest checkpoint) or a checkpoint folder RUN/checkpoints/0005000."""
-    out: Path = option(help="")
-    """Output folder: images/, grid.png, the .npz and sample.json (resume state)."""
+    out: str = option(help="")
+    """Local output folder: images/, grid.png, the .npz and sample.json (resume state)."""
     vae: str | None = None
     """VAE folder or hub id to decode with; None: the one recorded in the checkpoint."""
     weights: str = "ema"
@@ -177,6 +178,14 @@ class SampleConfig:
                 self.fid_samples is None or self.first_index == 0,
                 "--first-index does not apply with --fid-samples",
             ),
+            *[
+                (
+                    not is_url(path),
+                    f"{path}: {what} must be a local folder (or on a shared file system), not a "
+                    "URL; see docs/multinode.md",
+                )
+                for what, path in (("the checkpoint", self.checkpoint), ("--out", self.out))
+            ],
         ]
         for ok, message in checks:
             if not ok:

@@ -4,10 +4,13 @@
     store = write_random_store(tmp / "s.zarr", n=40)     # through the real writer
     vae_dir = make_tiny_vae(tmp / "vae")                 # save_pretrained, load with from_pretrained
 
+`testkit.s3` (imported on its own: it needs moto) runs a local S3-compatible server.
+
 Everything is built by the real code paths (the store's writer, diffusers' AutoencoderKL, the
 trainer's DiT and checkpoint writer), only small.
 """
 
+from testkit.inception import make_tiny_inception
 from testkit.models import TINY_DIT, make_checkpoint, make_tiny_vae, make_vae, tiny_dit
 from testkit.stores import make_spec, random_latents, write_random_store
 
@@ -15,6 +18,7 @@ __all__ = [
     "TINY_DIT",
     "make_checkpoint",
     "make_spec",
+    "make_tiny_inception",
     "make_tiny_vae",
     "make_vae",
     "random_latents",

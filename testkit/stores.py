@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from foundation.urls import is_url
 from latent_store import (
     ClassInfo,
     Failure,
@@ -60,8 +61,8 @@ def make_spec(
 
 def write_random_store(
     path: str | Path, n: int = 40, *, failures: Iterable[int] = (), seed: int = 0, **spec_kw
-) -> Path:
-    """Create a store and write all its shards; `failures` are sample indices left unwritten.
+) -> str | Path:
+    """Create a store (a folder, or at a URL) and write all its shards; `failures` are sample indices left unwritten.
 
     Labels cycle through the classes (sample i has class i % classes); keys look like ImageNet
     paths. `spec_kw` goes to `make_spec` (channels, size, variants, classes, chunk, shard, ...).
@@ -90,4 +91,4 @@ def write_random_store(
             clipped=clipped,
         )
     finalize_store(store)
-    return Path(path)
+    return path if is_url(path) else Path(path)  # a URL stays a string: Path() drops a slash

@@ -12,6 +12,7 @@ from testkit import (  # noqa: F401  (re-exported: tests import these from conft
     TINY_DIT,
     make_checkpoint,
     make_spec,
+    make_tiny_inception,
     make_tiny_vae,
     random_latents,
 )
@@ -244,3 +245,16 @@ def demo_data(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("demo") / "data"
     return make_demo_data(DemoDataConfig(out=out, train_per_class=2, val_per_class=4))
+
+
+# --- fixtures: evaluation -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_inception(tmp_path_factory) -> Path:
+    return make_tiny_inception(tmp_path_factory.mktemp("inception") / "tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_inception_logits(tmp_path_factory) -> Path:
+    return make_tiny_inception(tmp_path_factory.mktemp("inception") / "tiny-logits.pt", logits=True)

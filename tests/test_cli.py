@@ -35,7 +35,16 @@ COMMANDS = [
     ["demo-tools", "train-classifier"],
 ]
 LONG_RUNNING = ["encode", "download", "train", "sample", "demo"]
-ROOMS = ("foundation", "latent_store", "pipeline", "trainer", "sampler", "demo", "testkit")
+ROOMS = (
+    "foundation",
+    "latent_store",
+    "pipeline",
+    "trainer",
+    "sampler",
+    "evaluation",
+    "demo",
+    "testkit",
+)
 # what each room may import from the project (the ground floor is always allowed)
 ALLOWED = {
     "foundation": set(),
@@ -43,7 +52,8 @@ ALLOWED = {
     "pipeline": {"latent_store"},
     "trainer": {"latent_store"},
     "sampler": {"latent_store", "trainer"},
-    "demo": {"latent_store", "pipeline", "trainer", "sampler"},
+    "evaluation": {"latent_store", "trainer", "sampler"},
+    "demo": {"latent_store", "pipeline", "trainer", "sampler", "evaluation"},
     "testkit": {"latent_store", "trainer"},
 }
 

@@ -20,7 +20,14 @@ from demo.data import (
     make_demo_data,
 )
 from demo.frechet import frechet_distance
-from demo.verdict import REPORT_FILE, VerdictConfig, judge, split_halves, verdict
+from demo.verdict import (
+    REPORT_FILE,
+    VerdictConfig,
+    format_report,
+    judge,
+    split_halves,
+    verdict,
+)
 from foundation.errors import ConfigError
 
 # --- data ----------------------------------------------------------------------------------------
@@ -197,11 +204,27 @@ def test_quick_demo_makes_every_artifact(tmp_path):
         "train",
         "sample",
         "verdict",
+        "inception",
         "total",
     }
     assert str(out / "grid.png") in shown[-1] and str(out / REPORT_FILE) in shown[-1]
     with pytest.raises(DemoError, match="earlier demo"):
         run_demo(cfg, echo=shown.append)
+
+
+def test_inception_report_of_the_demo(demo_data, tiny_inception):
+    """The demo's Inception FIDs (here with a tiny stand-in network): samples, VAE floor, real."""
+    from demo.inception import demo_inception
+
+    real, labels = load_split(demo_data, "val")
+    (a, la), (b, lb) = split_halves(real, labels)
+    generated = np.flip(b, axis=2).copy()  # stand-in samples: mirrored real images
+    r = demo_inception(demo_data, generated, lb, vae_dir=VAE_DIR, images_per_class=2,
+                       inception=tiny_inception)  # fmt: skip
+    assert r["images_per_set"] == 2 * len(CLASSES)
+    assert all(r[k] > 0 for k in ("fid_generated", "fid_reconstruction", "fid_real_vs_real"))
+    text = format_report({**judge(load_classifier(), b, lb, a, la), "inception": r})
+    assert "VAE reconstruction floor" in text
 
 
 def test_demo_command_refuses_an_earlier_demo_and_bad_options(tmp_path):

@@ -14,6 +14,7 @@ from foundation.config import option
 from foundation.config import resolve_config as resolve_options
 from foundation.errors import ConfigError
 from foundation.precision import AUTO, Precision
+from foundation.urls import is_url, parse_storage_options
 from trainer.presets import DIT_PRESETS, POS_EMBEDS
 
 DATA_MODES = ("memory", "gpu", "stream")
@@ -27,8 +28,14 @@ class TrainConfig:
     store: str = option(
         help="Latent store to train on (Zarr v3 written by `latentdit encode`): a folder or URL."
     )
+    storage_options: str | None = option(
+        None,
+        'JSON object of fsspec options for a store URL, e.g. \'{"endpoint_url": "http://minio:9000"}\' '
+        "(saved in config.json: give secrets through the environment instead).",
+    )
     run: str = option(
-        help="Run folder: config, log.jsonl and checkpoints; `--run RUN` alone resumes it.",
+        help="Run folder, local or on a file system every node shares (not a URL): config, "
+        "log.jsonl and checkpoints; `--run RUN` alone resumes it.",
         flags=("--run", "--run-dir"),
     )
     model: str = option("DiT-B/2", f"DiT preset: {', '.join(DIT_PRESETS)}.")
@@ -98,6 +105,17 @@ class TrainConfig:
         10_000, "Steps between EMA sample grids (needs --vae; None: at the end only)."
     )
     vae: str | None = option(None, "VAE id or folder; enables sample grids through the sampler.")
+    eval_every: int | None = option(
+        None,
+        "Steps between FID evaluations of EMA samples (needs --vae and --eval-ref; None: off).",
+    )
+    eval_samples: int = option(5000, "Class-balanced EMA samples per FID evaluation.")
+    eval_ref: str | None = option(
+        None, "Reference for --eval-every: a `latentdit evaluate --save-stats` file (or any input)."
+    )
+    eval_inception: str | None = option(
+        None, "Inception port for --eval-every (default: the cached ADM-matching one)."
+    )
     peak_tflops: float | None = option(
         None, "Peak TFLOP/s per device for MFU (default: known GPUs)."
     )
@@ -110,6 +128,7 @@ class TrainConfig:
         checks = [
             (bool(self.store), "--store is required: the latent store to train on"),
             (bool(self.run), "--run is required: the run folder"),
+            (not is_url(self.run), f"--run {self.run}: run folders must be local or on a shared file system, not a URL (see docs/multinode.md)"),
             (self.model in DIT_PRESETS, f"unknown model preset {self.model!r}; choose one of {', '.join(DIT_PRESETS)}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -131,10 +150,14 @@ class TrainConfig:
             (self.keep_last is None or self.keep_last >= 1, "--keep-last must be >= 1 (or None)"),
             (self.sample_every is None or self.sample_every >= 1, "--sample-every must be >= 1 (or None)"),
             (self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be > 0 (or None)"),
+            (self.eval_every is None or self.eval_every >= 1, "--eval-every must be >= 1 (or None)"),
+            (self.eval_samples >= 2, f"--eval-samples must be >= 2, got {self.eval_samples}"),
+            (self.eval_every is None or (self.vae and self.eval_ref), "--eval-every needs --vae (to decode samples) and --eval-ref (e.g. a `latentdit evaluate --save-stats` file)"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        parse_storage_options(self.storage_options)  # a one-line error now, not at the first read
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -144,6 +167,8 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset(
     {"steps", "data", "shuffle_shards", "compile", "device", "log_every", "ckpt_every", "verify"}
     | {"keep_last", "sample_every", "vae", "peak_tflops", "grad_checkpointing", "store", "run"}
+    | {"eval_every", "eval_samples", "eval_ref", "eval_inception"}
+    | {"storage_options"}
 )
 
 

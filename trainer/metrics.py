@@ -131,6 +131,16 @@ class TrainLogger:
                 if key != "step" and value is not None:
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
 
+    def log_eval(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append an evaluation record {"step", "eval": true, fid, ...} (rank 0) and its scalars."""
+        record = {"step": step, "eval": True, **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"eval/{key}", value, step)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

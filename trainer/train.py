@@ -14,11 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from foundation.distributed import DistInfo, barrier, seed_everything, setup_distributed
+from foundation.distributed import (
+    DistInfo,
+    all_gather_objects,
+    barrier,
+    seed_everything,
+    setup_distributed,
+)
 from foundation.distributed import teardown_distributed as teardown
-from latent_store import LatentStore
+from foundation.urls import parse_storage_options
+from latent_store import LatentStore, open_store
 from latent_store.verify import verify_store
 from trainer.checkpoint import (
+    CheckpointMismatchError,
     capture_rng_state,
     checkpoint_meta,
     init_weights,
@@ -41,6 +49,9 @@ log = logging.getLogger(__name__)
 SampleFn = Callable[[DiT, dict[str, Any], int, Path], None]
 """sample_fn(ema_model, meta, step, run_dir): called on rank 0 every `sample_every` steps and at
 the end, e.g. to write an EMA sample grid under run_dir through the sampler's decoder-only path."""
+EvalFn = Callable[[DiT, dict[str, Any], int, Path], dict[str, Any]]
+"""eval_fn(ema_model, meta, step, run_dir) -> metrics: called on rank 0 every `eval_every` steps and
+at the end (e.g. FID of EMA samples, `evaluation.training.fid_hook`); logged to log.jsonl."""
 
 
 def build_objective(cfg: TrainConfig) -> Objective:
@@ -84,7 +95,18 @@ def prepare_run(cfg: TrainConfig, dist: DistInfo) -> Path:
 
 
 def resume(run: Path, trainee: Trainee, start: int) -> None:
-    """Load the run's latest checkpoint (of step `start`, checked) into `trainee` on every rank."""
+    """Load the run's latest checkpoint (of step `start`, checked) into `trainee` on every rank.
+
+    Every rank must see the same latest checkpoint: a node that does not (a run folder on
+    node-local disk) would start over while the others resume, so all ranks stop instead.
+    """
+    found = latest_checkpoint(run)
+    seen = all_gather_objects(found.name if found else None)
+    if len(set(seen)) > 1:
+        raise CheckpointMismatchError(
+            f"{run}: the ranks see different latest checkpoints ({seen}, by rank); the run "
+            "folder must be one folder that every node shares (see docs/multinode.md)"
+        )
     if start == 0:
         return
     ckpt = load_checkpoint(run)
@@ -119,17 +141,21 @@ def save(
     barrier()
 
 
-def train(cfg: TrainConfig, *, sample_fn: SampleFn | None = None) -> TrainSummary:
+def train(
+    cfg: TrainConfig, *, sample_fn: SampleFn | None = None, eval_fn: EvalFn | None = None
+) -> TrainSummary:
     """Train (or resume) the run `cfg.run` on `cfg.store` up to `cfg.steps`; what it did."""
     dist = setup_distributed(cfg.device)
     try:
-        return _train(cfg, dist, sample_fn)
+        return _train(cfg, dist, sample_fn, eval_fn)
     finally:
         teardown()
 
 
-def _train(cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None) -> TrainSummary:
-    store = LatentStore(cfg.store)
+def _train(
+    cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None, eval_fn: EvalFn | None = None
+) -> TrainSummary:
+    store = open_store(cfg.store, storage_options=parse_storage_options(cfg.storage_options))
     if cfg.verify:  # before the summary's statistics become the normalization
         verify_store(store)
     seed_everything(cfg.seed, dist.rank)
@@ -199,6 +225,12 @@ def _train(cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None) -> Trai
             and (done == cfg.steps or done % (cfg.sample_every or cfg.steps) == 0)
         ):
             sample_fn(trainee.ema, {**meta, "step": done}, done, run)
+        if (
+            eval_fn
+            and dist.is_main
+            and (done == cfg.steps or done % (cfg.eval_every or cfg.steps) == 0)
+        ):
+            logger.log_eval(done, eval_fn(trainee.ema, {**meta, "step": done}, done, run))
     logger.close()
     seconds = time.perf_counter() - began
     return TrainSummary.of(cfg, model, start=start, seconds=seconds, loss=loss, rank=dist.rank)

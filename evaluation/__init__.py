@@ -1,0 +1,1 @@
+"""Evaluation: FID, sFID, Inception Score, precision/recall as the ADM evaluator computes them."""

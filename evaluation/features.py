@@ -1,0 +1,101 @@
+"""Inception features of an image set, batched on the device while the next batch loads.
+
+    feats = extract_features(image_set, net, batch_size=250, device="cuda")
+
+The network runs in float32 with TF32 off (ADM's features are float32; TF32 matmuls would move
+them by ~1e-3). Batches arrive from the input's own loader (DataLoader workers for folders) and
+one background thread keeps the next batch ready while the device works on this one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from evaluation.errors import EvaluationError
+from evaluation.inputs import ImageSet
+from evaluation.network import InceptionFeatures
+from evaluation.resize import inception_input
+
+log = logging.getLogger(__name__)
+
+PREFETCH = 2  # batches decoded ahead of the device
+
+
+@dataclass(frozen=True)
+class SetFeatures:
+    """float32 features of one set: pool_3 (N, 2048) and spatial (N, 17 * 17 * 7 = 2023)."""
+
+    pool: np.ndarray
+    spatial: np.ndarray
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.pool) / max(self.seconds, 1e-9)
+
+
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """Turn TF32 off for CUDA matmuls and convolutions inside the block; restore afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def prefetched(batches: Iterator[np.ndarray], depth: int = PREFETCH) -> Iterator[np.ndarray]:
+    """Yield from `batches`, produced by a background thread up to `depth` ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                q.put(batch)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def extract_features(
+    images: ImageSet, net: InceptionFeatures, *, batch_size: int = 100, device="cpu"
+) -> SetFeatures:
+    """pool_3 and spatial features of every image of the set."""
+    pools, spatials = [], []
+    t0, seen, shape = time.perf_counter(), 0, None
+    with no_tf32(), torch.inference_mode():
+        for batch in prefetched(images.batches(batch_size)):
+            shape = shape or batch.shape[1:]
+            if batch.shape[1:] != shape:
+                raise EvaluationError(f"{images.path}: images of sizes {shape} and "
+                                      f"{batch.shape[1:]}; every image of a set must have one size")  # fmt: skip
+            f = net(inception_input(torch.from_numpy(np.ascontiguousarray(batch)).to(device)))
+            pools.append(f.pool.cpu().numpy())
+            spatials.append(f.spatial.cpu().numpy())
+            seen += len(batch)
+            log.debug("%s: %d of %d images", images.path, seen, images.count)
+    seconds = time.perf_counter() - t0
+    log.info("featurized %d images of %s in %.1f s (%.1f images/s)", seen, images.path, seconds,
+             seen / max(seconds, 1e-9))  # fmt: skip
+    return SetFeatures(
+        pool=np.concatenate(pools),
+        spatial=np.concatenate(spatials),
+        seconds=seconds,
+    )

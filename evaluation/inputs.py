@@ -1,0 +1,194 @@
+"""What `latentdit evaluate` reads: image sets (uint8 NHWC batches) and statistics files.
+
+ADM .npz      arr_0 uint8 (N, H, W, 3), streamed from the zip in batches
+reference     an ADM reference batch: arr_0 and its precomputed mu, sigma, mu_s, sigma_s
+stats         a file of `--save-stats`: the statistics and the features, no images
+folder        PNG/JPEG files found recursively, decoded by DataLoader workers
+sample dir    a `latentdit sample` output folder: its .npz, else its images/ PNGs
+store         a latent store, decoded through its VAE decoder (the reconstruction floor)
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from evaluation.errors import EvaluationError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+SAMPLE_MANIFEST = "sample.json"  # written by `latentdit sample` (sampler.outputs.MANIFEST)
+SAMPLE_IMAGES = "images"
+STORE_MARKER = "zarr.json"
+
+
+@dataclass
+class ImageSet:
+    """uint8 (b, H, W, 3) batches of one image set; `count` images (after `limit`)."""
+
+    kind: str
+    path: Path
+    count: int
+    batches: Callable[[int], Iterator[np.ndarray]]  # batches(batch_size)
+    stats: dict[str, np.ndarray] = field(default_factory=dict)  # a reference batch's own
+
+
+def array_images(kind: str, name: str | Path, images: np.ndarray) -> ImageSet:
+    """An in-memory uint8 (N, H, W, 3) array as an image set."""
+
+    def batches(batch_size: int) -> Iterator[np.ndarray]:
+        for i in range(0, len(images), batch_size):
+            yield images[i : i + batch_size]
+
+    return ImageSet(kind, Path(name), len(images), batches)
+
+
+@dataclass
+class StatsFile:
+    """A statistics file: ADM's keys, and the features when `--save-stats` wrote them."""
+
+    path: Path
+    stats: dict[str, np.ndarray]
+    pool: np.ndarray | None
+    spatial: np.ndarray | None
+    network_sha1: str | None
+
+    kind = "stats"
+
+    @property
+    def count(self) -> int | None:
+        return None if self.pool is None else len(self.pool)
+
+
+def open_input(path: Path, *, limit: int | None = None, workers: int = 0, vae: str | None = None,
+               device: str = "cpu") -> ImageSet | StatsFile:  # fmt: skip
+    """Recognize `path` by its content and open it (see the module docstring for the kinds)."""
+    path = Path(path)
+    if not path.exists():
+        raise EvaluationError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise EvaluationError(f"{path}: not an .npz; give an .npz, an image folder or a store")
+        return _open_npz(path, limit)
+    if (path / STORE_MARKER).is_file():
+        from evaluation.store_images import open_store_images
+
+        return open_store_images(path, limit=limit, vae=vae, device=device)
+    if (path / SAMPLE_MANIFEST).is_file():
+        npz = sorted(path.glob("samples_*.npz"))
+        if npz:
+            return _open_npz(npz[-1], limit, kind="sample dir")
+        return _open_folder(path / SAMPLE_IMAGES, limit, workers, kind="sample dir")
+    return _open_folder(path, limit, workers, kind="folder")
+
+
+# --- .npz ---------------------------------------------------------------------------------------
+
+
+def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an open .npy stream, left at the start of its data."""
+    if np.lib.format.read_magic(f) == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
+def _npz_header(zf: zipfile.ZipFile, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    with zf.open("arr_0.npy") as f:
+        shape, fortran, dtype = _read_header(f)
+    if fortran:
+        raise EvaluationError(f"{path}: arr_0 is Fortran-ordered; save it C-ordered")
+    return shape, dtype
+
+
+def _open_npz(path: Path, limit: int | None, kind: str | None = None) -> ImageSet | StatsFile:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise EvaluationError(f"{path}: not a readable .npz ({e})") from None
+    names = {n.removesuffix(".npy") for n in zf.namelist()}
+    stats = {}
+    if "mu" in names:
+        with np.load(path) as data:
+            missing = [k for k in STATS_KEYS if k not in data]
+            if missing:
+                raise EvaluationError(f"{path}: has mu but lacks {', '.join(missing)}")
+            stats = {k: data[k] for k in STATS_KEYS}
+            if "arr_0" not in names:
+                return StatsFile(
+                    path, stats, _maybe(data, "pool_3"), _maybe(data, "spatial"),
+                    str(data["network_sha1"]) if "network_sha1" in data else None,
+                )  # fmt: skip
+    if "arr_0" not in names:
+        raise EvaluationError(f"{path}: no arr_0 (images) and no mu/sigma (statistics)")
+    shape, dtype = _npz_header(zf, path)
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
+        raise EvaluationError(f"{path}: arr_0 is {dtype} {shape}; need uint8 (N, H, W, 3) images")
+    if shape[0] == 0:
+        raise EvaluationError(f"{path}: arr_0 holds no images")
+    count = shape[0] if limit is None else min(limit, shape[0])
+    image_bytes = int(np.prod(shape[1:]))
+
+    def batches(batch_size: int) -> Iterator[np.ndarray]:
+        with zf.open("arr_0.npy") as f:
+            _read_header(f)
+            for start in range(0, count, batch_size):
+                n = min(batch_size, count - start)
+                yield np.frombuffer(bytearray(f.read(n * image_bytes)), np.uint8).reshape(
+                    n, *shape[1:]
+                )
+
+    return ImageSet(kind or ("reference" if stats else "npz"), path, count, batches, stats)
+
+
+def _maybe(data, key: str) -> np.ndarray | None:
+    return data.get(key)
+
+
+# --- image folders ------------------------------------------------------------------------------
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | str]:
+        try:
+            with Image.open(self.files[i]) as im:
+                return i, np.asarray(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            return i, f"cannot decode ({e})"
+
+
+def _open_folder(folder: Path, limit: int | None, workers: int, kind: str) -> ImageSet:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise EvaluationError(f"{folder}: no PNG or JPEG images in it (searched recursively)")
+    files = files[:limit]
+
+    def batches(batch_size: int) -> Iterator[np.ndarray]:
+        loader = torch.utils.data.DataLoader(
+            _Files(files), batch_size=batch_size, num_workers=workers, collate_fn=list
+        )
+        first = None
+        for items in loader:
+            for i, image in items:
+                if isinstance(image, str):
+                    raise EvaluationError(f"{files[i]}: {image}")
+                first = first or (files[i], image.shape)
+                if image.shape != first[1]:
+                    raise EvaluationError(
+                        f"{files[i]} is {image.shape[1]}x{image.shape[0]} but {first[0]} is "
+                        f"{first[1][1]}x{first[1][0]}: every image of a set must have one size"
+                    )
+            yield np.stack([image for _, image in items])
+
+    return ImageSet(kind, folder, len(files), batches)

@@ -1,0 +1,50 @@
+"""A latent store as an image set: its stored latents decoded by the VAE decoder alone.
+
+    latentdit evaluate train.zarr --ref val_stats.npz     # how close the VAE alone gets
+
+Scored against real images, these give the reconstruction floor: the FID a generator that
+reproduced the stored latents exactly would reach. Shards are read whole, in order; the image
+variant (not the flip) of each written sample is decoded with the decoder-only loader the
+sampler uses (`foundation.vae.load_vae_decoder`), the encoder's weights never being read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evaluation.inputs import ImageSet
+from foundation.vae import decode_latents, load_vae_decoder
+from latent_store import LatentStore, dequantize, load_latents
+
+IMAGE_VARIANT = 0  # (N, V, C, h, w): V = 0 is the image, 1 its flip
+
+
+def open_store_images(
+    path: Path, *, limit: int | None = None, vae: str | None = None, device: str = "cpu"
+) -> ImageSet:
+    """The decoded images of the first `limit` written samples of the store at `path`."""
+    store = LatentStore(path)
+    shards = store.require_complete()
+    counts = [r.written for r in store.records()]
+    total = sum(counts[s] for s in shards)
+    count = total if limit is None else min(limit, total)
+    spec = store.spec
+
+    def batches(batch_size: int) -> Iterator[np.ndarray]:
+        decoder = load_vae_decoder(vae or spec.vae.id, revision=None if vae else spec.vae.revision,
+                                   device=device)  # fmt: skip
+        left = count
+        for shard in shards:
+            codes = load_latents(store, shards=[shard]).latents[:left, IMAGE_VARIANT]
+            for i in range(0, len(codes), batch_size):
+                z = dequantize(torch.from_numpy(codes[i : i + batch_size]), spec.quant)
+                yield decode_latents(decoder, z).numpy()
+            left -= len(codes)
+            if left <= 0:
+                return
+
+    return ImageSet("store", Path(path), count, batches)

@@ -1,0 +1,84 @@
+"""FID during training: the trainer's `eval_fn` hook (`latentdit train --eval-every N`).
+
+    train(cfg, eval_fn=fid_hook(vae_id, "val_stats.npz", samples=5000))
+
+Every call samples `samples` class-balanced images from the EMA model (image i is of class
+i mod num_classes, with its own fixed noise, so successive evaluations differ only by the
+weights), decodes them through the sampler's decoder-only path (the seam of the sample grids),
+and scores them against the reference (statistics loaded once) with ADM's formulas.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evaluation.evaluate import EvaluateConfig, compare, set_stats, summarize
+from evaluation.features import extract_features
+from evaluation.inputs import ImageSet
+from evaluation.network import load_inception
+from sampler.decoder import LatentDecoder
+from sampler.latents import SolveConfig, make_latents
+from sampler.plan import ImageNoise
+from trainer.model import DiT
+from trainer.objective import objective_from_meta
+
+log = logging.getLogger(__name__)
+
+EVAL_SEED = 0
+EVAL_STEPS = 25  # solver steps (Heun for flow matching: 2 model calls each)
+EVAL_BATCH = 50
+
+
+def ema_images(ema: DiT, meta: dict[str, Any], decoder: LatentDecoder, *, count: int,
+               steps: int, cfg: float, batch_size: int) -> Iterator[np.ndarray]:  # fmt: skip
+    """uint8 (b, H, W, 3) batches of `count` class-balanced EMA samples with fixed noise."""
+    device = next(ema.parameters()).device
+    classes = len(meta["classes"])
+    for start in range(0, count, batch_size):
+        index = range(start, min(start + batch_size, count))
+        z = make_latents(
+            ema,
+            objective_from_meta(meta["objective"]),
+            torch.tensor([i % classes for i in index]),
+            ImageNoise(EVAL_SEED, index),
+            SolveConfig(steps=steps, cfg=cfg),
+            latent_shape=tuple(meta["latent_shape"]),
+            device=device,
+            precision="bf16" if device.type == "cuda" else "fp32",
+        )
+        yield decoder(z).numpy()
+
+
+def fid_hook(vae_id: str, ref: str | Path, *, samples: int = 5000, steps: int = EVAL_STEPS,
+             cfg: float = 1.0, inception: Path | None = None, batch_size: int = EVAL_BATCH):  # fmt: skip
+    """A `trainer.train.EvalFn`: FID, sFID, IS, precision and recall of EMA samples against `ref`."""
+    loaded: dict[str, Any] = {}
+
+    def eval_fn(ema: DiT, meta: dict[str, Any], step: int, run_dir: Path) -> dict[str, Any]:
+        device = next(ema.parameters()).device
+        t0 = time.perf_counter()
+        if not loaded:
+            loaded["net"] = load_inception(inception, device=device)
+            loaded["decoder"] = LatentDecoder.load(vae_id, meta, device=device)
+            loaded["ref"] = summarize(Path(ref), EvaluateConfig(samples=Path(ref), workers=0),
+                                      loaded["net"], str(device))  # fmt: skip
+        images = ImageSet(
+            "ema samples", run_dir, samples,
+            lambda b: ema_images(ema, meta, loaded["decoder"], count=samples, steps=steps,
+                                 cfg=cfg, batch_size=b),
+        )  # fmt: skip
+        f = extract_features(images, loaded["net"], batch_size=batch_size, device=device)
+        mine = set_stats("ema samples", run_dir, f)
+        values, _, _ = compare(mine, loaded["ref"], loaded["net"], str(device))
+        values.update(eval_samples=samples, eval_seconds=time.perf_counter() - t0)
+        log.info("step %d: FID %.3f of %d EMA samples", step, values["fid"], samples)
+        return values
+
+    return eval_fn

@@ -31,6 +31,7 @@ from latent_store import (
     finalize_store,
     load_latents,
 )
+from latent_store.reader import LOAD_THREADS
 from latent_store.verify import verify_store
 
 LATENT = (4, 32, 32)
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1_281_167)
     parser.add_argument("--out", default="/tmp/bench_verify.zarr")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=4, help="load_latents reader threads")
+    parser.add_argument("--threads", type=int, default=LOAD_THREADS, help="reader threads")
     parser.add_argument("--keep", action="store_true", help="keep the store afterwards")
     args = parser.parse_args()
     try:

@@ -163,7 +163,7 @@ class LatentStore:
         """The same store (same URL and storage options) opened again, e.g. for writing."""
         return LatentStore(self.path, mode=mode, storage_options=self.storage_options)
 
-    def _read(self, read, what: str):
+    def fetch(self, read, what: str):
         """`read()`, retried on an object store; on a local disk a failed read is damage."""
         return retry(read, what) if is_url(self.path) else read()
 
@@ -203,7 +203,7 @@ class LatentStore:
         """
         arr = self.array("shard_records")
         try:
-            raw = self._read(lambda: arr[:].tolist(), f"{self.path}/shard_records")
+            raw = self.fetch(lambda: arr[:].tolist(), f"{self.path}/shard_records")
         except LatentditError:  # the store cannot be reached: not a torn record
             raise
         except Exception:  # zarr/numcodecs raise what their codecs raise; find the torn ones
@@ -237,7 +237,7 @@ class LatentStore:
         StoreReadError naming the shard.
         """
         start, stop = self.spec.shard_bounds(shard)
-        return self._read(
+        return self.fetch(
             lambda: {name: self.array(name)[start:stop] for name in self.data_arrays},
             f"{self.path}: shard {shard}",
         )

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from latent_store.errors import LatentditError, StoreCorruptError
+from latent_store.errors import LatentditError, StoreCorruptError, StoreReadError
 from latent_store.provenance import provenance_problems
 from latent_store.schema import LABEL_FILL, ShardRecord
 from latent_store.store import LatentStore, shard_checksum
@@ -121,7 +121,7 @@ def array_problems(store: LatentStore) -> list[str]:
     problems = []
     for name, (dtype, shape, chunks) in want.items():
         try:
-            arr = store.array(name)
+            arr = store.fetch(lambda name=name: store.array(name), f"{store.path}/{name}")
         except StoreCorruptError:
             problems.append(f"{name}/zarr.json is malformed (truncated or edited?)")
             continue
@@ -155,7 +155,9 @@ def summary_problems(store: LatentStore, records: list[ShardRecord | None]) -> l
 def read_keys(store: LatentStore) -> np.ndarray | None:
     """The sample keys, or None when the array is missing or unreadable."""
     try:
-        return store.array("keys")[:]
+        return store.fetch(lambda: store.array("keys")[:], f"{store.path}/keys")
+    except StoreReadError:  # the store cannot be reached: say so, not "edited"
+        raise
     except Exception:
         return None
 

@@ -84,8 +84,12 @@ sample: setup  ## sample a run: make sample RUN=runs/x OUT=samples/x [SAMPLE_ARG
 	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "usage: make sample RUN=RUN_DIR_OR_CKPT OUT=OUT_DIR [SAMPLE_ARGS=...]" >&2; exit 2; }
 	$(PY) cli.py sample "$(RUN)" --out "$(OUT)" $(SAMPLE_ARGS)
 
-bench-sample: setup  ## sampling images/s split into model and decode time, small models on CPU (JSON)
-	$(PY) bench/bench_sample.py
+bench-sample: setup  ## sampling images/s, model and decode time, eager vs cast weights, small models on CPU (JSON)
+	$(PY) bench/bench_sample.py --threads 1 --variants eager,cast --precision bf16
+
+.PHONY: bench-sample-gpu
+bench-sample-gpu: setup  ## on a CUDA machine: sampling e2e + DiT-XL/2 throughput, < 8 min (JSON in OUT)
+	PY=$(PY) OUT=$${OUT:-gpu_sample} bash bench/gpu_sample.sh
 
 bench: bench-sample
 
@@ -117,3 +121,7 @@ bench: bench-store bench-verify bench-objstore bench-encode  ## every benchmark 
 bench-gpu: setup  ## on a CUDA machine: the GPU paths end to end, then throughput at real sizes (logs in OUT)
 	PY=$(PY) OUT=$${OUT:-gpu_check} bash bench/gpu_check.sh e2e
 	PY=$(PY) OUT=$${OUT:-gpu_check} bash bench/gpu_check.sh bench
+
+.PHONY: bench-gpu-perf
+bench-gpu-perf:  ## on a CUDA machine: encode + train sweeps and kernel-class profiles, < 8 min (JSON in OUT)
+	OUT=$${OUT:-gpu_perf} bash bench/gpu_perf.sh

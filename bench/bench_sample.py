@@ -1,17 +1,25 @@
-"""Sampling throughput: images/s for a solver, step count and batch, split into model and decode time.
+"""Sampling throughput: images/s, share of the bf16 peak and the projected time of a 50K FID set.
 
-    python bench/bench_sample.py [--model DiT-S/8] [--latent-size 16] [--images 8] [--cfg 4]
+    python bench/bench_sample.py                         # small CPU mode: DiT-S/8, tiny decoder
+    python bench/bench_sample.py --device cuda --precision bf16 --model DiT-XL/2 --latent-size 32 \
+        --sd-vae --rows ddpm:250:256:timed=10:cfg=1.5,heun:50:256:cfg=1.8:interval=0-0.7 \
+        --variants eager,compile:default,cast --profile
 
-Runs the sampler's own code (`make_latents` with guidance, then `LatentDecoder` loaded through
-the decoder-only path) on a randomly initialised DiT and a small AutoencoderKL saved with
-`save_pretrained`; random weights time the same as trained ones. Prints one JSON object with a row
-per (solver, steps, batch), compared side by side. On a GPU, pass --device cuda --model DiT-XL/2
---latent-size 32 --sd-vae to time the DiT-XL/2 + SD-VAE setting (not measured in this project).
+Runs the sampler's own code: `make_latents` (guidance, solver) on an `InferenceModel` of a DiT with
+random weights (they time the same as trained ones), then `LatentDecoder` through the decoder-only
+path from an AutoencoderKL saved with `save_pretrained`. A row is
+SAMPLER:STEPS:BATCH[:timed=K][:cfg=S][:interval=LO-HI]; the objective follows the solver (DDPM for
+ddpm/ddim/dpm++2m, flow matching otherwise). With timed=K < STEPS only the first K steps of the
+STEPS-step schedule run and the solve time is scaled by STEPS/K: exact for DDPM solvers, whose steps
+all cost the same, not for rows with a guidance interval (run those in full). Each variant (eager,
+compile:MODE, cast = weights cast to --precision) runs every row on the same noise; rows after
+the first variant report their largest latent difference from it. Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import tempfile
@@ -19,19 +27,27 @@ import time
 from pathlib import Path
 
 import torch
+from kernel_profile import profile_call
+from torch.profiler import record_function
 
+from foundation.precision import autocast, parse_precision
 from sampler.config import SolveConfig
 from sampler.decoder import LatentDecoder
+from sampler.inference import InferenceModel
 from sampler.latents import make_latents
 from sampler.plan import ImageNoise
 from sampler.solvers import SOLVERS
 from testkit import make_vae
-from trainer.model import build_model
-from trainer.objective import FlowMatching
+from trainer.metrics import peak_flops
+from trainer.model import build_model, forward_flops
+from trainer.objective import DDPM, FlowMatching
 
 CLASSES = 1000
+FID_IMAGES = 50_000
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
 SMALL_VAE = {"block_out_channels": (32, 64, 64, 64), "layers_per_block": 1, "norm_num_groups": 16}
+CPU_ROWS = "euler:5:8,heun:5:8:interval=0-0.7,ddpm:250:8:timed=5"
+INIT_STD = 0.02  # every weight random (adaLN-Zero's zeros would make the outputs trivial)
 
 
 def meta_for(latent_size: int) -> dict:
@@ -43,83 +59,218 @@ def meta_for(latent_size: int) -> dict:
     }
 
 
-def time_row(model, decoder, args, sampler: str, steps: int, batch: int) -> dict:
-    device = torch.device(args.device)
-    settings = SolveConfig(sampler=sampler, steps=steps, cfg=args.cfg)
-    model_s = decode_s = 0.0
-    for start in range(0, args.images, batch):
-        indices = range(start, min(start + batch, args.images))
-        labels = torch.tensor([i % CLASSES for i in indices])
-        t0 = time.perf_counter()
-        z = make_latents(
-            model, FlowMatching(), labels, ImageNoise(0, indices), settings,
-            latent_shape=(4, args.latent_size, args.latent_size), device=device,
-            precision=args.precision,
+def parse_row(spec: str) -> dict:
+    """SAMPLER:STEPS:BATCH[:timed=K][:cfg=S][:interval=LO-HI] -> row settings."""
+    name, steps, batch, *extra = spec.split(":")
+    row = {"sampler": name, "steps": int(steps), "batch": int(batch), "cfg": 4.0, "interval": None}
+    row["timed"] = row["steps"]
+    for item in extra:
+        key, value = item.split("=")
+        if key == "interval":
+            row["interval"] = tuple(float(v) for v in value.split("-"))
+        else:
+            row[key] = float(value) if key == "cfg" else int(value)
+    return row
+
+
+class CountingNet:
+    """The model function under test: counts the rows it runs; a profiler range per call."""
+
+    def __init__(self, net: InferenceModel) -> None:
+        self.net, self.null_class, self.config, self.rows = net, net.null_class, net.config, 0
+
+    def __call__(self, x, t, y):
+        self.rows += len(x)
+        with record_function("dit"):
+            return self.net(x, t, y)
+
+
+class Stop(Exception):  # control flow: the timed steps are done
+    def __init__(self, x):
+        self.x = x
+
+
+def solve(net, row: dict, args, *, steps_to_run: int):
+    """Latents of one batch after `steps_to_run` steps of the row's schedule (the solver's x)."""
+    objective = DDPM() if SOLVERS[row["sampler"]].kind == "ddpm" else FlowMatching()
+    settings = SolveConfig(
+        sampler=row["sampler"], steps=row["steps"], cfg=row["cfg"], cfg_interval=row["interval"]
+    )
+    indices = range(row["batch"])
+
+    def stop_early(info):
+        if info["i"] + 1 == steps_to_run < row["steps"]:
+            raise Stop(info["x"])
+
+    try:
+        return make_latents(
+            net, objective, torch.tensor([i % CLASSES for i in indices]), ImageNoise(0, indices),
+            settings, latent_shape=(4, args.latent_size, args.latent_size), device=args.dev,
+            precision=args.precision, callback=stop_early,
         )  # fmt: skip
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
+    except Stop as stop:
+        return stop.x
+
+
+def sync(args) -> None:
+    if args.dev.type == "cuda":
+        torch.cuda.synchronize(args.dev)
+
+
+def warm_up(net, row: dict, args) -> float:
+    """Run the model at each shape the row uses (compiles, records CUDA graphs); seconds."""
+    t0 = time.perf_counter()
+    shapes = [row["batch"]] + ([2 * row["batch"]] if row["cfg"] != 1.0 else [])
+    calls = 3 if isinstance(net, InferenceModel) and net.forward is not net.model else 1
+    for rows in [r for r in shapes for _ in range(calls)]:
+        x = torch.randn(rows, 4, args.latent_size, args.latent_size, device=args.dev)
+        t = torch.full((rows,), 0.5, device=args.dev)
+        with autocast(args.dev, args.precision):
+            net(x, t, torch.zeros(rows, dtype=torch.long, device=args.dev))
+    sync(args)
+    return time.perf_counter() - t0
+
+
+def time_row(net, decoder, row: dict, args, flops_per_row: float) -> tuple[dict, torch.Tensor]:
+    counting = CountingNet(net)
+    warmup_s = warm_up(net, row, args)
+    if args.dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(args.dev)
+    t0 = time.perf_counter()
+    z = solve(counting, row, args, steps_to_run=row["timed"])
+    sync(args)
+    t1 = time.perf_counter()
+    with autocast(args.dev, args.precision):
         decoder(z)
-        t2 = time.perf_counter()
-        model_s, decode_s = model_s + t1 - t0, decode_s + t2 - t1
-    calls = steps * SOLVERS[sampler].calls_per_step
-    return {
-        "sampler": sampler,
-        "steps": steps,
-        "model_calls": calls,
-        "batch": batch,
-        "images": args.images,
-        "images_per_s": round(args.images / (model_s + decode_s), 3),
-        "model_s": round(model_s, 3),
+    t2 = time.perf_counter()
+    scale = row["steps"] / row["timed"]
+    solve_s, decode_s = (t1 - t0) * scale, t2 - t1
+    images_per_s = row["batch"] / (solve_s + decode_s)
+    tflops = counting.rows * flops_per_row / (t1 - t0) / 1e12
+    peak = peak_flops(args.dev)
+    result = {
+        **{k: row[k] for k in ("sampler", "steps", "batch", "cfg")},
+        "interval": list(row["interval"]) if row["interval"] else None,
+        "timed_steps": row["timed"],
+        "model_rows_per_image": round(counting.rows * scale / row["batch"], 2),
+        "warmup_s": round(warmup_s, 3),
+        "solve_s": round(solve_s, 3),
         "decode_s": round(decode_s, 3),
-        "decode_share": round(decode_s / (model_s + decode_s), 3),
-        "ms_per_image_per_model_call": round(1000 * model_s / args.images / calls, 2),
+        "decode_share": round(decode_s / (solve_s + decode_s), 4),
+        "images_per_s": round(images_per_s, 3),
+        "ms_per_image_per_model_row": round(1e3 * (t1 - t0) / counting.rows, 3),
+        "model_tflops_per_s": round(tflops, 6),
+        "peak_fraction": None if peak is None else round(tflops * 1e12 / peak, 4),
+        "hours_for_50k": round(FID_IMAGES / images_per_s / 3600, 3),
+        "projected": scale != 1.0,
     }
+    if args.dev.type == "cuda":
+        result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(args.dev) / 2**30, 2)
+    return result, z.float().cpu()
+
+
+def make_variant(model, spec: str, args) -> InferenceModel:
+    if spec == "eager":
+        return InferenceModel(model)
+    if spec == "cast":
+        return InferenceModel(copy.deepcopy(model), weights_dtype=args.precision.dtype)
+    kind, _, mode = spec.partition(":")
+    if kind != "compile" or not mode:
+        raise SystemExit(f"--variants: {spec!r} is not eager, cast or compile:MODE")
+    return InferenceModel(model, compile=mode)
+
+
+def profile_step(model, decoder, row: dict, args) -> dict:
+    """Kernel classes of one guided solver step (DiT forward inside) and of the decoder."""
+    net = CountingNet(InferenceModel(model))
+    one_step = {**row, "timed": 1}
+    warm_up(net.net, row, args)
+    step = profile_call(
+        lambda: solve(net, one_step, args, steps_to_run=1), args.dev, ranges=("dit",)
+    )
+    dit_ms = step["ranges_ms"].get("dit")  # the rest: guidance combine, solver update, noise, host
+    step["outside_dit_ms"] = round(step["wall_ms"] - dit_ms, 3) if dit_ms else None
+    z = torch.randn(row["batch"], 4, args.latent_size, args.latent_size, device=args.dev)
+    with autocast(args.dev, args.precision):
+        decoder(z)  # warm
+        decode = profile_call(lambda: decoder(z), args.dev)
+    return {"row": f"{row['sampler']} batch {row['batch']} cfg {row['cfg']}", "guided_step": step,
+            "decoder": decode}  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="DiT-S/8")
     p.add_argument("--latent-size", type=int, default=16)
-    p.add_argument("--images", type=int, default=8)
-    p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--rows", default="euler:5:8,heun:5:8,heun:5:2", help="solver:steps:batch,...")
+    p.add_argument("--rows", default=CPU_ROWS, help="SAMPLER:STEPS:BATCH[:timed=K][:cfg=S]...")
+    p.add_argument("--variants", default="eager", help="eager, cast, compile:MODE (comma list)")
     p.add_argument("--sd-vae", action="store_true", help="SD-VAE-sized decoder (slow on a CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--profile", action="store_true", help="kernel classes of the first row's step")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    p.add_argument("--json", default=None, help="also write the report here, after every row")
     args = p.parse_args()
+    args.dev, args.precision = torch.device(args.device), parse_precision(args.precision)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.dev.type == "cuda":
+        torch.cuda.set_device(args.dev)
 
     torch.manual_seed(0)
-    model = build_model(args.model, input_size=args.latent_size, in_channels=4, num_classes=CLASSES)
-    model = model.to(args.device).eval()
+    with torch.device(args.dev):  # initialise on the device: DiT-XL/2 builds in seconds there
+        model = build_model(
+            args.model, input_size=args.latent_size, in_channels=4, num_classes=CLASSES
+        )
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.normal_(0.0, INIT_STD)
+    model = model.eval().requires_grad_(False)
+    rows = [parse_row(s) for s in args.rows.split(",")]
+    flops_per_row = forward_flops(model.config)
+    report = {
+        "bench": "sample",
+        "device": str(args.dev) if args.dev.type == "cpu" else torch.cuda.get_device_name(args.dev),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": args.model,
+        "model_params": sum(w.numel() for w in model.parameters()),
+        "forward_gflop_per_row": round(flops_per_row / 1e9, 2),
+        "image_size": args.latent_size * 8,
+        "precision": str(args.precision),
+        "peak_tflops": None if peak_flops(args.dev) is None else peak_flops(args.dev) / 1e12,
+        "variants": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         vae_dir = make_vae(Path(tmp) / "vae", **(SD_VAE if args.sd_vae else SMALL_VAE))
-        decoder = LatentDecoder.load(str(vae_dir), meta_for(args.latent_size), device=args.device)
-        rows = []
-        for spec in args.rows.split(","):
-            name, steps, batch = spec.split(":")
-            rows.append(time_row(model, decoder, args, name, int(steps), int(batch)))
-    decoder_params = sum(p.numel() for p in decoder.vae.parameters())
-    print(
-        json.dumps(
-            {
-                "bench": "sample",
-                "device": args.device
-                if args.device == "cpu"
-                else torch.cuda.get_device_name(torch.device(args.device)),
-                "machine": platform.machine(),
-                "threads": torch.get_num_threads(),
-                "model": args.model,
-                "model_params": sum(p.numel() for p in model.parameters()),
-                "decoder_params": decoder_params,
-                "image_size": args.latent_size * 8,
-                "cfg": args.cfg,
-                "precision": args.precision,
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
+        decoder = LatentDecoder.load(str(vae_dir), meta_for(args.latent_size), device=args.dev)
+        report["decoder_params"] = sum(w.numel() for w in decoder.vae.parameters())
+        if args.profile:
+            report["profile"] = profile_step(model, decoder, rows[0], args)
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=2))
+        reference: dict[int, torch.Tensor] = {}
+        for n, spec in enumerate(args.variants.split(",")):
+            net, results = make_variant(model, spec, args), []
+            key = spec if spec not in report["variants"] else f"{spec} #{n + 1}"  # a repeat
+            for k, row in enumerate(rows):
+                try:
+                    result, z = time_row(net, decoder, row, args, flops_per_row)
+                except torch.OutOfMemoryError as e:  # the largest batch that fits is a finding
+                    results.append({**row, "error": str(e).splitlines()[0]})
+                    torch.cuda.empty_cache()
+                    continue
+                if k in reference:
+                    diff = (z - reference[k]).abs().max().item()
+                    result["max_abs_diff_vs_first_variant"] = round(diff, 6)
+                    result["max_abs_first_variant"] = round(reference[k].abs().max().item(), 4)
+                reference.setdefault(k, z)
+                results.append(result)
+                report["variants"][key] = results
+                if args.json:  # rewritten after every row: a run cut short keeps what it measured
+                    Path(args.json).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

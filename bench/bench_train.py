@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -27,7 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
 
 from testkit import write_random_store
-from trainer.config import DATA_MODES, PRECISIONS, resolve_config
+from trainer.config import (
+    ATTENTION_BACKENDS,
+    COMPILE_SCOPES,
+    DATA_MODES,
+    PRECISIONS,
+    resolve_config,
+)
 from trainer.metrics import peak_flops
 from trainer.model import DIT_PRESETS, build_model, forward_flops
 from trainer.train import train
@@ -35,6 +42,20 @@ from trainer.train import train
 LATENT = (4, 32, 32)
 CLASSES = 1000
 GEMM_SIZE = 2048
+
+
+def bench_store(path: Path, samples: int) -> Path:
+    """A store of random ImageNet-256-shaped latents with both variants, by the real writer."""
+    return write_random_store(
+        path,
+        samples,
+        size=LATENT[-1],
+        channels=LATENT[0],
+        variants=2,
+        classes=CLASSES,
+        chunk=64,
+        shard=samples,
+    )
 
 
 def gemm_flops(device: torch.device, repeats: int = 5) -> float:
@@ -48,7 +69,9 @@ def gemm_flops(device: torch.device, repeats: int = 5) -> float:
     return 2 * GEMM_SIZE**3 * repeats / (time.perf_counter() - t0)
 
 
-def bench_model(model: str, store: Path, run: Path, args, peak: float | None) -> dict:
+def bench_model(
+    model: str, batch_size: int, store: Path, run: Path, args, peak: float | None
+) -> dict:
     cfg = resolve_config(
         None,
         {
@@ -56,33 +79,49 @@ def bench_model(model: str, store: Path, run: Path, args, peak: float | None) ->
             "run": str(run),
             "model": model,
             "steps": args.warmup + args.steps,
-            "batch_size": args.batch_size,
+            "batch_size": batch_size,
             "log_every": args.log_every,
             "ckpt_every": 10**9,
             "keep_last": 1,
             "warmup_steps": 0,
             "compile": args.compile,
+            "compile_scope": args.compile_scope,
+            "compile_cache": args.compile_cache,
+            "attention": args.attention,
+            "prefetch": args.prefetch,
+            "grad_as_bucket_view": args.grad_as_bucket_view,
             "data": args.data,
             "precision": args.precision,
             "peak_tflops": None if peak is None else peak / 1e12,
         },
     )
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     train(cfg)
+    wall_s = time.perf_counter() - t0
+    peak_gb = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    shutil.rmtree(run)  # the final checkpoint of a large model is GBs
     timed = records[args.warmup // args.log_every :]
     steps = len(timed) * args.log_every
     seconds = sum(args.log_every / r["steps_per_s"] for r in timed)
     data_s = sum(r["data_fraction"] * args.log_every / r["steps_per_s"] for r in timed)
-    images_per_s = steps * args.batch_size / seconds
+    images_per_s = steps * batch_size / seconds
     with torch.device("meta"):
         config = build_model(model, input_size=32, in_channels=4, num_classes=CLASSES).config
     flops = forward_flops(config)
     return {
         "model": model,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "data": args.data,
         "precision": args.precision,
         "compile": args.compile,
+        "compile_scope": args.compile_scope if args.compile else None,
+        "attention": args.attention,
+        "prefetch": args.prefetch,
+        "grad_as_bucket_view": args.grad_as_bucket_view,
         "steps_timed": steps,
         "log_every": args.log_every,
         "seconds_per_step": seconds / steps,
@@ -92,13 +131,16 @@ def bench_model(model: str, store: Path, run: Path, args, peak: float | None) ->
         "mfu": None if peak is None else 3 * flops * images_per_s / peak,
         "data_fraction": data_s / seconds,
         "final_loss": timed[-1]["loss"],
+        "losses": [r["loss"] for r in records],
+        "peak_memory_gb": peak_gb,
+        "wall_s_with_compile_and_checkpoint": wall_s,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["DiT-S/2", "DiT-B/2"], choices=DIT_PRESETS)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[4], help="one or a sweep")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
     parser.add_argument(
@@ -111,6 +153,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-scope", default="model", choices=COMPILE_SCOPES)
+    parser.add_argument("--compile-cache", default=None, help="torch.compile cache folder")
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS)
+    parser.add_argument("--prefetch", action="store_true", help="make the next batch ahead")
+    parser.add_argument("--grad-as-bucket-view", action="store_true")
     parser.add_argument("--data", default="memory", choices=DATA_MODES)
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on GPU")
     args = parser.parse_args()
@@ -130,21 +177,15 @@ def main() -> None:
     }
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        store = write_random_store(
-            Path(tmp) / "store.zarr",
-            args.samples,
-            size=LATENT[-1],
-            channels=LATENT[0],
-            variants=2,
-            classes=CLASSES,
-            chunk=64,
-            shard=args.samples,
-        )
-        for i, model in enumerate(args.models):
-            result = {**bench_model(model, store, Path(tmp) / f"run{i}", args, peak), **context}
-            print(json.dumps(result), flush=True)
-            results.append(result)
-    print(json.dumps({"compare": {r["model"]: round(r["images_per_s"], 3) for r in results}}))
+        store = bench_store(Path(tmp) / "store.zarr", args.samples)
+        for model in args.models:
+            for batch in args.batch_size:
+                run = Path(tmp) / "run"
+                result = {**bench_model(model, batch, store, run, args, peak), **context}
+                print(json.dumps(result), flush=True)
+                results.append(result)
+    compare = {f"{r['model']}@{r['batch_size']}": round(r["images_per_s"], 3) for r in results}
+    print(json.dumps({"compare": compare}))
 
 
 if __name__ == "__main__":

@@ -67,10 +67,11 @@ def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def setup_distributed(device: str | None = None) -> DistInfo:
+def setup_distributed(device: str | None = None, *, tf32: bool = True) -> DistInfo:
     """Join the process group described by torchrun's RANK/WORLD_SIZE/LOCAL_RANK (or make one of size 1).
 
-    NCCL on CUDA, gloo on CPU. `device` overrides the default cuda:LOCAL_RANK / cpu.
+    NCCL on CUDA, gloo on CPU. `device` overrides the default cuda:LOCAL_RANK / cpu. `tf32`: allow
+    TF32 for fp32 matmuls on CUDA (training does; sampling keeps fp32 exact).
     """
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -80,6 +81,7 @@ def setup_distributed(device: str | None = None) -> DistInfo:
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    if dev.type == "cuda" and tf32:
         # TF32 for the fp32 matmuls outside bf16 autocast, as DiT's train.py does.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

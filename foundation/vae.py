@@ -214,10 +214,12 @@ def downsampling(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Decode raw latents (B, C, h, w) to uint8 (B, H, W, 3) images on the CPU."""
+def decode_latents(vae, latents: torch.Tensor, *, to_cpu: bool = True) -> torch.Tensor:
+    """Decode raw latents (B, C, h, w) to uint8 (B, H, W, 3) images on the CPU (or left on the
+    VAE's device, with `to_cpu=False`, for a copy that does not wait)."""
     import torch
 
     with torch.inference_mode():
         x = vae.decode(latents.to(vae.device, vae.dtype)).sample.float()
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        return images.cpu() if to_cpu else images

@@ -8,21 +8,42 @@ stored in the store's metadata. For values inside the calibrated range, |x - x̂
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from latent_store.quant_params import CHANNEL_DIM, QMAX, SCHEME, QuantParams
 
-__all__ = ["CHANNEL_DIM", "QMAX", "SCHEME", "QuantParams", "calibrate", "dequantize", "quantize"]
+__all__ = [
+    "CHANNEL_DIM",
+    "QMAX",
+    "SCHEME",
+    "QuantParams",
+    "calibrate",
+    "dequantize",
+    "quantize",
+    "quantize_codes",
+]
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
 
 
+@functools.lru_cache(maxsize=64)
+def _per_channel_on(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor, even when first asked for in inference
+        return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1).to(device)
+
+
 def _per_channel(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
-    """Shape a per-channel vector to broadcast against (..., C, H, W)."""
-    return torch.tensor(values, dtype=torch.float32, device=like.device).view(-1, 1, 1)
+    """A per-channel vector shaped to broadcast against (..., C, H, W), on `like`'s device.
+
+    Made once per device and reused (read-only): building it anew from a Python tuple is a
+    blocking host-to-device copy that would make the host wait for the GPU at every batch.
+    """
+    return _per_channel_on(tuple(values), like.device)
 
 
 def calibrate(
@@ -49,15 +70,30 @@ def calibrate(
     return QuantParams(offset=tuple(map(float, offset)), scale=tuple(map(float, scale)))
 
 
+def quantize_codes(
+    x: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The arithmetic of `quantize` on tensors, without waiting for the device.
+
+    x float (B, ..., C, H, W); offset and scale float32 (C, 1, 1). Returns the uint8 codes and the
+    number of clipped values of each sample, an int64 (B,) tensor on x's device. Traceable by
+    torch.compile (no host synchronization), so the encode graph fuses it with the encoder.
+    """
+    codes = torch.round((x.float() - offset) / scale)
+    clipped = ((codes < 0) | (codes > QMAX)).flatten(1).sum(1)
+    return codes.clamp_(0, QMAX).to(torch.uint8), clipped
+
+
 def quantize(x: torch.Tensor, params: QuantParams) -> tuple[torch.Tensor, int]:
     """Quantize float latents (..., C, H, W) to uint8 on their device.
 
     Returns the codes and the number of values that fell outside the range and were clipped.
     """
     x = _as_tensor(x).float()
-    codes = torch.round((x - _per_channel(params.offset, x)) / _per_channel(params.scale, x))
-    clipped = int(((codes < 0) | (codes > QMAX)).sum())
-    return codes.clamp_(0, QMAX).to(torch.uint8), clipped
+    codes, clipped = quantize_codes(
+        x.reshape(1, *x.shape), _per_channel(params.offset, x), _per_channel(params.scale, x)
+    )
+    return codes[0], int(clipped.sum())
 
 
 def dequantize(

@@ -11,16 +11,18 @@ the same command skips complete shards and yields a bit-identical store.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from foundation.compile import compile_cache
 from foundation.distributed import DistInfo, barrier, setup_distributed, teardown_distributed
 from latent_store import (
     LABEL_FILL,
@@ -32,12 +34,12 @@ from latent_store import (
     finalize_store,
     open_store,
 )
-from latent_store.quantize import quantize
 from pipeline.encode_config import FAILURE_RULE, EncodeConfig, parse_max_failures
+from pipeline.encode_graph import BatchLauncher, EncodeGraph
 from pipeline.loader import Batch, crop_loader, shard_batches
 from pipeline.source import open_source
 from pipeline.store_setup import prepare_store
-from pipeline.vae import encode_variants, load_vae
+from pipeline.vae import load_vae
 
 __all__ = ["EncodeConfig", "TooManyFailuresError", "encode", "parse_max_failures"]
 
@@ -107,7 +109,11 @@ def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
         len(writer.todo),
         len(owned),
     )
-    encode_shards(cfg, source, vae, pre, writer, info)
+    with (
+        compile_cache(cfg.compile_cache if cfg.compile else None, save=info.is_main),
+        cudnn_benchmark(cfg.cudnn_benchmark),
+    ):
+        encode_shards(cfg, source, vae, pre, writer, info)
     barrier()
     if not info.is_main:
         return None
@@ -154,7 +160,12 @@ class ShardBuffer:
 
 
 def encode_shards(cfg: EncodeConfig, source, vae, pre, writer: StoreWriter, info) -> None:
-    """Encode and write the shards in `writer.todo`; the next shard's compute overlaps a write."""
+    """Encode and write the shards in `writer.todo`.
+
+    Nothing on the main thread waits for the device between batches: batch k+1 is launched before
+    batch k's uint8 codes (copied to pinned memory without blocking) are read back, and a full
+    shard is written by a thread while the next one is computed.
+    """
     spec = writer.spec
     limit = cfg.failure_limit(spec.num_samples)
     failed = sum(
@@ -165,28 +176,31 @@ def encode_shards(cfg: EncodeConfig, source, vae, pre, writer: StoreWriter, info
         source,
         pre,
         shard_batches(bounds, cfg.batch_size),
-        workers=cfg.workers,
+        workers=cfg.decode_workers(info.device.type),
         pin_memory=info.device.type == "cuda",
+        prefetch=cfg.prefetch,
     )
+    launcher = make_launcher(cfg, vae, spec)
     total = sum(b - a for a, b in bounds)
     bar = tqdm(total=total, unit="img", disable=not info.is_main, desc="encode", smoothing=0.05)
     buffers = {s: ShardBuffer(spec, s) for s in writer.todo}
-    pending: Future | None = None
-    started = time.perf_counter()
+    writes = _ShardWrites(writer)
+    started, previous = time.perf_counter(), None
     with ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as pool:
         for batch in loader:
             buf = buffers[batch.indices[0] // spec.shard_size]
-            failed += _fill(cfg, source, vae, spec, buf, batch)
+            failed += _record_failures(source, buf, batch)
             if failed > limit:
                 raise TooManyFailuresError(_too_many(cfg, source, failed, limit, buf))
-            bar.update(len(batch.indices))
+            keys = [source.key(i) for i in batch.ok]
+            current = (batch, buf, launcher.launch(batch.crops, keys) if batch.ok else None)
+            if previous is not None:
+                _finish(source, *previous, bar, buffers, writes, pool)
+            previous = current
             bar.set_postfix(failed=failed, refresh=False)
-            if buf.full:
-                if pending is not None:
-                    pending.result()  # at most one shard write in flight
-                pending = pool.submit(buffers.pop(buf.shard).write, writer)
-        if pending is not None:
-            pending.result()
+        if previous is not None:
+            _finish(source, *previous, bar, buffers, writes, pool)
+        writes.wait()
     bar.close()
     seconds = time.perf_counter() - started
     log.info(
@@ -199,25 +213,76 @@ def encode_shards(cfg: EncodeConfig, source, vae, pre, writer: StoreWriter, info
     )
 
 
-def _fill(cfg: EncodeConfig, source, vae, spec: StoreSpec, buf: ShardBuffer, batch: Batch) -> int:
-    """Encode one batch into its shard buffer; returns how many of its images failed."""
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool):
+    """torch.backends.cudnn.benchmark set to `enabled` inside, restored after."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def make_launcher(cfg: EncodeConfig, vae, spec: StoreSpec) -> BatchLauncher:
+    """This job's encode graph (compiled with --compile, for one static batch shape) and launcher."""
+    graph = EncodeGraph(
+        vae,
+        quant=spec.quant,
+        posterior=cfg.posterior,
+        flip=cfg.flip,
+        logstd_quant=spec.logstd_quant,
+    )
+    if cfg.compile:
+        graph = torch.compile(graph, dynamic=False)
+    return BatchLauncher(
+        graph,
+        device=vae.device,
+        latent_shape=spec.latent_shape,
+        variants=len(spec.variants),
+        posterior=cfg.posterior,
+        static_batch=cfg.batch_size if cfg.compile else None,
+    )
+
+
+class _ShardWrites:
+    """At most one shard write in flight on the writer thread."""
+
+    def __init__(self, writer: StoreWriter) -> None:
+        self.writer, self.pending = writer, None
+
+    def submit(self, pool: ThreadPoolExecutor, buf: ShardBuffer) -> None:
+        self.wait()
+        self.pending = pool.submit(buf.write, self.writer)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+
+def _record_failures(source, buf: ShardBuffer, batch: Batch) -> int:
     for index, reason in batch.failures:
         buf.failures.append(Failure(index=index, key=source.key(index), reason=reason))
         log.warning("skipping %s: %s", source.key(index), reason)
-    buf.seen += len(batch.indices)
-    if not batch.ok:
-        return len(batch.failures)
-    keys = [source.key(i) for i in batch.ok]
-    mean, logstd = encode_variants(vae, batch.crops, keys, flip=cfg.flip, posterior=cfg.posterior)
-    rows = np.asarray(batch.ok) - buf.start
-    q, clipped = quantize(mean, spec.quant)
-    buf.latents[rows] = q.cpu().numpy()
-    buf.clipped += clipped
-    if logstd is not None:
-        buf.logstd[rows] = quantize(logstd, spec.logstd_quant)[0].cpu().numpy()
-    buf.labels[rows] = [source.label(i) for i in batch.ok]
-    buf.modes.update(batch.modes)
     return len(batch.failures)
+
+
+def _finish(source, batch: Batch, buf: ShardBuffer, launched, bar, buffers, writes, pool) -> None:
+    """Wait for one launched batch, put its codes in its shard buffer, write the shard when full."""
+    if launched is not None:
+        out = launched.wait()
+        rows = np.asarray(batch.ok) - buf.start
+        buf.latents[rows] = out.codes.numpy()
+        buf.clipped += int(out.clipped.sum())
+        if out.logstd is not None:
+            buf.logstd[rows] = out.logstd.numpy()
+        buf.labels[rows] = [source.label(i) for i in batch.ok]
+        buf.modes.update(batch.modes)
+    buf.seen += len(batch.indices)
+    bar.update(len(batch.indices))
+    if buf.full:
+        writes.submit(pool, buffers.pop(buf.shard))
 
 
 def _too_many(cfg: EncodeConfig, source, failed: int, limit: int, buf: ShardBuffer) -> str:

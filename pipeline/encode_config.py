@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,13 @@ class EncodeConfig:
     device: str | None = None
     """cpu, cuda or cuda:N; default: cuda when available."""
     compile: bool = False
-    """torch.compile the VAE encoder."""
+    """torch.compile the encode graph (uint8 crops to uint8 codes: encoder, posterior and
+    quantization in one graph, one static batch shape)."""
+    compile_cache: Path | None = None
+    """Folder for torch.compile's caches and artifacts, so that a resumed run or another rank
+    (on any node that sees the folder) does not compile again; None: torch's default cache."""
+    cudnn_benchmark: bool = False
+    """Let cuDNN time its convolution algorithms (CUDA; may change float rounding between runs)."""
     image_size: int = 256
     """Side of the ADM center crop in pixels."""
     flip: bool = False
@@ -59,8 +66,11 @@ class EncodeConfig:
     """mean, sample (seeded per key), or moments (mean and log std)."""
     batch_size: int = 64
     """Images per VAE forward pass."""
-    workers: int = 4
-    """DataLoader worker processes that decode and crop (0: in the main process)."""
+    workers: int | None = None
+    """DataLoader worker processes that decode and crop (0: in the main process); None sizes
+    them to the machine: on a GPU every core this rank has but one, on the CPU half of them."""
+    prefetch: int = 2
+    """Decoded batches each worker queues ahead (in shared memory)."""
     val_labels: Path | None = None
     """ImageNet val labels: LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt."""
     classes: Path | None = None
@@ -98,8 +108,10 @@ class EncodeConfig:
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise LatentditError(f"{flag} must be at least 1, got {getattr(self, name)}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise LatentditError(f"--workers must be >= 0, got {self.workers}")
+        if self.prefetch < 1:
+            raise LatentditError(f"--prefetch must be at least 1, got {self.prefetch}")
         if self.shard_size % self.chunk_size:
             raise LatentditError(
                 f"--shard-size {self.shard_size} must be a multiple of --chunk-size {self.chunk_size}"
@@ -133,8 +145,17 @@ class EncodeConfig:
             revision=self.vae_revision,
             dtype=self.dtype,
             device=device,
-            compile=self.compile,
         )
+
+    def decode_workers(self, device_type: str) -> int:
+        """The decode workers of one rank: `workers`, or sized to the cores this rank gets (the
+        process's CPU affinity shared by torchrun's LOCAL_WORLD_SIZE ranks)."""
+        if self.workers is not None:
+            return self.workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        per_rank = max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        # on a GPU the main process only feeds the device; on the CPU it runs the encoder too
+        return max(1, per_rank - 1 if device_type == "cuda" else per_rank // 2)
 
     def preprocess_config(self) -> PreprocessConfig:
         """How this job decodes and crops each image."""

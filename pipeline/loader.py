@@ -98,6 +98,7 @@ def crop_loader(
     *,
     workers: int,
     pin_memory: bool,
+    prefetch: int = 2,
 ) -> DataLoader:
     """A DataLoader yielding a `Batch` for each index list of `batches`, in order."""
     return DataLoader(
@@ -106,5 +107,7 @@ def crop_loader(
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        prefetch_factor=2 if workers else None,  # batches queued per worker, in shared memory
+        prefetch_factor=prefetch
+        if workers
+        else None,  # batches queued per worker, in shared memory
     )

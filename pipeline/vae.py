@@ -71,10 +71,14 @@ def encode_posterior(
     if posterior == "moments":
         return mean, logstd
     assert seeds is not None and len(seeds) == len(mean), "sample mode needs one seed per crop"
-    noise = torch.stack(
-        [torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return mean + logstd.exp() * posterior_noise(seeds, mean.shape[1:]).to(mean.device), None
+
+
+def posterior_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normal noise (len(seeds), *shape), float32 on the CPU, one generator per seed."""
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
     )
-    return mean + logstd.exp() * noise.to(mean.device), None
 
 
 def encode_variants(

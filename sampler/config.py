@@ -116,6 +116,8 @@ def protocol_options(name: str) -> dict[str, Any]:
 
 
 WEIGHTS = ("ema", "model")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+"""torch.compile modes for --compile: "reduce-overhead" replays CUDA graphs (on CUDA)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,6 +160,11 @@ class SampleConfig:
     """A .npy of starting noise (N, C, H, W), row j for image first_index + j (side-by-side runs)."""
     save_latents: bool = option(False, flags=("--save-latents",))
     """Also write OUT/latents.npy: the final latents as the VAE decoder takes them (denormalized)."""
+    compile: str | None = None
+    """torch.compile the DiT with this mode: default, reduce-overhead (CUDA graphs) or
+    max-autotune; None: eager. Matches eager to float rounding, not bit for bit."""
+    cast_weights: bool = False
+    """Cast the DiT's weights once to the bf16/fp16 --precision (half the memory; not bit-identical)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -169,6 +176,14 @@ class SampleConfig:
             (
                 self.precision is None or self.precision in PRECISION_NAMES,
                 f"--precision {self.precision!r} is not one of {', '.join(PRECISION_NAMES)}",
+            ),
+            (
+                self.compile is None or self.compile in COMPILE_MODES,
+                f"--compile {self.compile!r} is not one of {', '.join(COMPILE_MODES)}",
+            ),
+            (
+                not (self.cast_weights and self.precision == "fp32"),
+                "--cast-weights casts to the --precision dtype: give --precision bf16 or fp16",
             ),
             (
                 self.fid_samples is None or (self.fid_samples >= 1 and not self.classes),

@@ -77,6 +77,6 @@ class LatentDecoder:
         check_vae_fits(meta, vae, vae_id)
         return cls(vae, meta["normalization"])
 
-    def __call__(self, z: Tensor) -> Tensor:
-        """uint8 images (B, H, W, 3) on the CPU from normalized latents z (B, C, h, w)."""
-        return decode_latents(self.vae, self.normalization.denormalize(z.float()))
+    def __call__(self, z: Tensor, *, to_cpu: bool = True) -> Tensor:
+        """uint8 images (B, H, W, 3) on the CPU (or the VAE's device) from normalized latents z."""
+        return decode_latents(self.vae, self.normalization.denormalize(z.float()), to_cpu=to_cpu)

@@ -17,8 +17,9 @@ from foundation.precision import autocast
 from sampler.config import SolveConfig
 from sampler.errors import SamplerError
 from sampler.guidance import guided
+from sampler.inference import InferenceModel
 from sampler.plan import ImageNoise
-from sampler.solvers import DEFAULT_SOLVER, SOLVERS, Solver, solvers_for
+from sampler.solvers import DEFAULT_SOLVER, SOLVERS, Callback, Solver, solvers_for
 from sampler.solvers import ddpm_timesteps as solver_times
 from trainer.model import DiT
 from trainer.objective import DDPM, FlowMatching, Objective
@@ -82,7 +83,7 @@ def _per_t(objective: Objective) -> float:
 
 
 def make_latents(
-    model: DiT,
+    model: DiT | InferenceModel,
     objective: Objective,
     labels: Tensor,
     noise: ImageNoise,
@@ -91,11 +92,13 @@ def make_latents(
     latent_shape: tuple[int, ...],
     device: torch.device,
     precision: str,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Solve from each image's own noise to normalized latents (B, C, H, W), float32.
 
-    A learn_sigma model's variance output reaches only the ddpm sampler with learned variance
-    (and is never guided); every other solver sees the prediction alone.
+    `model` is the DiT or an `InferenceModel` (compiled, cast weights); `callback` goes to the
+    solver. A learn_sigma model's variance output reaches only the ddpm sampler with learned
+    variance (and is never guided); every other solver sees the prediction alone.
     """
     learn_sigma = bool(model.config.get("learn_sigma"))
     _, solver, kwargs = pick_solver(cfg, objective, learn_sigma=learn_sigma)
@@ -117,4 +120,4 @@ def make_latents(
     if solver.takes_noise:
         kwargs["noise"] = noise
     x = noise.initial(latent_shape, device)
-    return solver.fn(model_fn, x, cfg.steps, disable=True, **kwargs)
+    return solver.fn(model_fn, x, cfg.steps, callback=callback, disable=True, **kwargs)

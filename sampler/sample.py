@@ -18,14 +18,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from foundation.distributed import resolve_device
-from foundation.precision import autocast, resolve_precision
-from sampler import outputs
+from foundation.distributed import DistInfo, barrier
+from foundation.precision import Precision, autocast, resolve_precision
+from sampler import outputs, ranks
 from sampler.config import SampleConfig
 from sampler.decoder import LatentDecoder
 from sampler.errors import SamplerError
+from sampler.inference import InferenceModel
 from sampler.latents import make_latents, pick_solver
 from sampler.plan import FileNoise, ImageNoise, plan_labels
+from sampler.writer import BatchWriter, HostImages
 from trainer.checkpoint import load_for_inference, resolve_checkpoint
 from trainer.objective import objective_from_meta
 
@@ -37,14 +39,10 @@ class SampleResult:
     """Where the images went, and how fast they came."""
 
     out: Path
-    made: int  # images made by this call (0 when everything was already done)
+    made: int  # images made by this call, by all ranks (0 when everything was already done)
     total: int
     npz: Path | None
     seconds: float
-
-
-def _device(cfg: SampleConfig) -> torch.device:
-    return resolve_device(cfg.device)
 
 
 def _settings(
@@ -140,73 +138,105 @@ def _load(cfg: SampleConfig, device: torch.device):
 
 
 def sample(cfg: SampleConfig) -> SampleResult:
-    """Make the configured images; resumes when OUT holds an interrupted run of the same settings."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
+    """Make the configured images; resumes when OUT holds an interrupted run of the same settings.
+
+    Under torchrun every rank makes its share of the batches (`sampler.ranks`); rank 0 writes the
+    manifest, the grid and the final `.npz`.
+    """
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise SamplerError(
-            f"--out {out}: a file, not a folder; choose a new or earlier --out folder"
+            f"--out {cfg.out}: a file, not a folder; choose a new or earlier --out folder"
         )
-    device = _device(cfg)
+    with ranks.process_group(cfg.device) as info:
+        return _sample(cfg, info)
+
+
+def _sample(cfg: SampleConfig, info: DistInfo) -> SampleResult:
+    device = info.device
     precision = resolve_precision(cfg.precision, device)
+    if cfg.cast_weights and precision is Precision.fp32:
+        raise SamplerError("--cast-weights casts to the --precision dtype: give --precision bf16")
     folder, model, meta, objective, decoder = _load(cfg, device)
+    net = InferenceModel(
+        model, compile=cfg.compile, weights_dtype=precision.dtype if cfg.cast_weights else None
+    )
     classes, latent_shape = meta["classes"], tuple(meta["latent_shape"])
     labels = plan_labels(
         classes=classes, requested=cfg.classes, n=cfg.n, fid_samples=cfg.fid_samples, seed=cfg.seed
     )
     sampler_name = pick_solver(cfg.solve, objective, learn_sigma=model.config.get("learn_sigma"))[0]
     noise_rows = _read_noise(cfg, len(labels), latent_shape)
-    outputs.check_manifest(out, _settings(cfg, sampler_name, folder, meta, labels))
+    out = Path(cfg.out)
+    settings = _settings(cfg, sampler_name, folder, meta, labels)
     image_shape = (*(d * decoder.downsampling for d in latent_shape[1:]), 3)
     npz = outputs.npz_path(out, len(labels), image_shape) if cfg.npz else None
 
     indices = range(cfg.first_index, cfg.first_index + len(labels))
     class_of = dict(zip(indices, labels.tolist(), strict=True))
     class_ids = {i: classes[c]["id"] for i, c in class_of.items()}
-    todo = [] if npz is not None and npz.is_file() else _todo(cfg, out, indices, class_ids)
+
+    def todo() -> list[int]:
+        outputs.check_manifest(out, settings)
+        return [] if npz is not None and npz.is_file() else _todo(cfg, out, indices, class_ids)
+
+    todo_all = ranks.on_main(todo, info)
+    mine = ranks.share(_batches(todo_all, cfg.batch_size), info)
     log.info(
-        "sampling %d of %d images (%s, %d steps, cfg %s) from %s step %s",
-        len(todo), len(labels), sampler_name, cfg.solve.steps, cfg.solve.cfg, folder, meta.get("step"),
+        "sampling %d of %d images (%s, %d steps, cfg %s) from %s step %s on %d rank(s)",
+        len(todo_all), len(labels), sampler_name, cfg.solve.steps, cfg.solve.cfg, folder,
+        meta.get("step"), info.world_size,
     )  # fmt: skip
     grid_indices = set(list(indices)[: outputs.GRID_MAX] if cfg.grid else [])
     grid_cache: dict[int, np.ndarray] = {}
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="img", desc="sample")
-    for batch in _batches(todo, cfg.batch_size):
-        y = torch.tensor([class_of[i] for i in batch])
-        noise = ImageNoise(cfg.seed, batch) if noise_rows is None else FileNoise(
-            noise_rows[[i - cfg.first_index for i in batch]], cfg.seed, batch
-        )  # fmt: skip
-        z = make_latents(
-            model, objective, y, noise, cfg.solve,
-            latent_shape=latent_shape, device=device, precision=precision,
-        )  # fmt: skip
-        if cfg.save_latents:
-            raw = decoder.normalization.denormalize(z.float()).cpu().numpy()
-            outputs.write_part(out, batch[0], raw, outputs.LATENT_PARTS)
-        with autocast(device, precision):
-            images = decoder(z).numpy()
-        _write_batch(cfg, out, batch, images, class_ids)
-        grid_cache.update((i, im) for i, im in zip(batch, images, strict=True) if i in grid_indices)
-        bar.update(len(batch))
+    bar = tqdm(total=sum(map(len, mine)), unit="img", desc="sample", disable=not info.is_main)
+    with BatchWriter() as writer:
+        for batch in mine:
+            y = torch.tensor([class_of[i] for i in batch])
+            noise = ImageNoise(cfg.seed, batch) if noise_rows is None else FileNoise(
+                noise_rows[[i - cfg.first_index for i in batch]], cfg.seed, batch
+            )  # fmt: skip
+            z = make_latents(
+                net, objective, y, noise, cfg.solve,
+                latent_shape=latent_shape, device=device, precision=precision,
+            )  # fmt: skip
+            if cfg.save_latents:
+                raw = decoder.normalization.denormalize(z.float()).cpu().numpy()
+                outputs.write_part(out, batch[0], raw, outputs.LATENT_PARTS)
+            with autocast(device, precision):
+                images = HostImages(decoder(z, to_cpu=False))  # copied while the next batch runs
+            keep = grid_indices.intersection(batch)
+            writer.submit(_write_batch, cfg, out, batch, images, class_ids, keep, grid_cache)
+            bar.update(len(batch))
     bar.close()
     seconds = time.perf_counter() - start
-    if todo:
-        rate = len(todo) / seconds
-        log.info("made %d images in %.1f s (%.2f images/s)", len(todo), seconds, rate)
-    if grid_indices:
+    made = ranks.total(sum(map(len, mine)))  # also waits for every rank's last write
+    if mine:
+        rate = sum(map(len, mine)) / seconds
+        log.info("made %d images in %.1f s (%.2f images/s)", sum(map(len, mine)), seconds, rate)
+    if info.is_main and grid_indices:
         _write_grid(cfg, out, sorted(grid_indices), class_ids, grid_cache)
-    if npz is not None and not npz.is_file():
+    if info.is_main and npz is not None and not npz.is_file():
         outputs.assemble_npz(out, cfg.first_index, len(labels), image_shape)
         log.info("wrote %s", npz)
-    if cfg.save_latents and not (out / outputs.LATENTS).is_file():
+    if info.is_main and cfg.save_latents and not (out / outputs.LATENTS).is_file():
         log.info("wrote %s", outputs.assemble_latents(out, cfg.first_index, len(labels)))
-    return SampleResult(out=out, made=len(todo), total=len(labels), npz=npz, seconds=seconds)
+    barrier()  # the npz is complete when any rank returns
+    return SampleResult(out=out, made=made, total=len(labels), npz=npz, seconds=seconds)
 
 
 def _write_batch(
-    cfg: SampleConfig, out: Path, batch: list[int], images: np.ndarray, class_ids: dict[int, str]
+    cfg: SampleConfig,
+    out: Path,
+    batch: list[int],
+    host: HostImages,
+    class_ids: dict[int, str],
+    keep: set[int],
+    grid_cache: dict[int, np.ndarray],
 ) -> None:
-    """PNGs first, then the npz part: the part marks the batch finished."""
+    """PNGs first, then the npz part: the part marks the batch finished; `keep` goes to the grid."""
+    images = host.numpy()
+    grid_cache.update((i, im) for i, im in zip(batch, images, strict=True) if i in keep)
     if cfg.png:
         for i, image in zip(batch, images, strict=True):
             outputs.write_png(outputs.png_path(out, i, class_ids[i], cfg.seed), image)

@@ -199,14 +199,26 @@ def test_sample_posterior_is_seeded_per_key(image_tree, tiny_vae_dir, tmp_path, 
 
 
 def test_compiled_encoder_matches_eager(image_tree, tiny_vae_dir, tmp_path, reference):
-    """--compile (torch.compile of the encoder) writes the eager store up to float rounding."""
+    """--compile (the whole encode graph, one static batch shape) writes the eager store up to
+    float rounding; a second run with the same --compile-cache loads what the first compiled."""
+    from torch._dynamo.utils import counters
+
+    cache = tmp_path / "compile-cache"
     out = tmp_path / "compiled.zarr"
-    encode(job(image_tree, out, tiny_vae_dir, compile=True))
+    encode(job(image_tree, out, tiny_vae_dir, compile=True, compile_cache=cache))
     a, b = store_contents(out), store_contents(reference)
     assert np.array_equal(a["labels"], b["labels"])
     diff = np.abs(a["latents"].astype(int) - b["latents"].astype(int))
     assert diff.max() <= 1 and (diff == 0).mean() > 0.9
     assert all(c.ok for c in validate_store(out))
+    assert (cache / "artifacts.bin").stat().st_size > 0 and (cache / "inductor").is_dir()
+    torch._dynamo.reset()  # forget the in-process compilation: only the cache folder is left
+    counters.clear()
+    again = tmp_path / "again.zarr"
+    encode(job(image_tree, again, tiny_vae_dir, compile=True, compile_cache=cache))
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0
+    assert _equal(store_contents(again), a)
 
 
 def test_encode_to_an_fsspec_url(reference, image_tree, tiny_vae_dir):

@@ -82,7 +82,8 @@ def test_overfitting_a_tiny_store(tmp_path):
 
 
 def test_two_processes_match_one(tmp_path, python):
-    """torchrun, 2 ranks on gloo, batch 4 each = 1 rank with batch 8: the same losses.
+    """torchrun, 2 ranks on gloo, batch 4 each = 1 rank with batch 8: the same losses, also
+    with DDP's overlap options and prefetching on the two ranks only.
 
     Only the order of floating-point sums differs (DDP averages gradients across ranks), so the
     losses agree to rtol 1e-5 over a few steps (measured: ~6e-8), not bitwise.
@@ -91,8 +92,11 @@ def test_two_processes_match_one(tmp_path, python):
     options = tiny_options(store, tmp_path / "two", steps=4, ckpt_every=100)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    # tiny gradient buckets (several all-reduces overlapped with backward), gradients as bucket
+    # views, the next batch prefetched: the two ranks' path of those options
+    overlap = ["--ddp-bucket-mb", "0.002", "--grad-as-bucket-view", "--prefetch"]
     done = subprocess.run(
-        [*command, str(ROOT / "cli.py"), "--", "train", *cli_args(options)],
+        [*command, str(ROOT / "cli.py"), "--", "train", *cli_args(options), *overlap],
         env=env,
         capture_output=True,
         text=True,

@@ -18,6 +18,8 @@ from foundation.urls import is_url, parse_storage_options
 from trainer.presets import DIT_PRESETS, POS_EMBEDS
 
 DATA_MODES = ("memory", "gpu", "stream")
+COMPILE_SCOPES = ("model", "blocks")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # torch SDPBackend names
 PRECISIONS = (AUTO, Precision.bf16.value, Precision.fp32.value)  # no fp16: it needs a loss scaler
 
 
@@ -91,6 +93,25 @@ class TrainConfig:
     seed: int = option(0, "Seed of data order, noise, label dropout and initialization.")
     precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32.")
     compile: bool = option(False, "torch.compile the model.")
+    compile_scope: str = option(
+        "model",
+        "What --compile compiles: model (the DDP-wrapped model, one graph split at DDP's bucket "
+        "boundaries) or blocks (each DiT block in place, fullgraph; DDP hooks as in eager).",
+    )
+    compile_cache: str | None = option(
+        None, "Folder for torch.compile's caches, reused by resumed runs and other ranks."
+    )
+    attention: str = option(
+        "auto",
+        f"SDPA backend of the attention: {', '.join(ATTENTION_BACKENDS)} (auto: torch's pick).",
+    )
+    prefetch: bool = option(
+        False, "memory/gpu data: gather and dequantize the next step's batch while this one runs."
+    )
+    ddp_bucket_mb: float = option(25.0, "DDP gradient bucket size in MB (all-reduce granularity).")
+    grad_as_bucket_view: bool = option(
+        False, "DDP: gradients are views into the all-reduce buckets (no copy, less memory)."
+    )
     device: str | None = option(
         None, "Device (default: cuda:LOCAL_RANK when CUDA is there, else cpu)."
     )
@@ -145,6 +166,9 @@ class TrainConfig:
             (self.pos_embed in POS_EMBEDS, f"--pos-embed {self.pos_embed!r} is not one of {', '.join(POS_EMBEDS)}"),
             (self.data in DATA_MODES, f"--data {self.data!r} is not one of {', '.join(DATA_MODES)}"),
             (self.precision in PRECISIONS, f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"),
+            (self.compile_scope in COMPILE_SCOPES, f"--compile-scope {self.compile_scope!r} is not one of {', '.join(COMPILE_SCOPES)}"),
+            (self.attention in ATTENTION_BACKENDS, f"--attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}"),
+            (self.ddp_bucket_mb > 0, f"--ddp-bucket-mb must be > 0, got {self.ddp_bucket_mb}"),
             (self.shuffle_shards >= 1, f"--shuffle-shards must be >= 1, got {self.shuffle_shards}"),
             (self.log_every >= 1 and self.ckpt_every >= 1, "--log-every and --ckpt-every must be >= 1"),
             (self.keep_last is None or self.keep_last >= 1, "--keep-last must be >= 1 (or None)"),
@@ -167,6 +191,8 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset(
     {"steps", "data", "shuffle_shards", "compile", "device", "log_every", "ckpt_every", "verify"}
     | {"keep_last", "sample_every", "vae", "peak_tflops", "grad_checkpointing", "store", "run"}
+    | {"compile_scope", "compile_cache", "attention", "prefetch", "ddp_bucket_mb"}
+    | {"grad_as_bucket_view"}
     | {"eval_every", "eval_samples", "eval_ref", "eval_inception"}
     | {"storage_options"}
 )

@@ -132,10 +132,17 @@ class ArrayBatches(_Batches):
         out = []
         for micro in range(self.layout.grad_accum):
             pos = step * self.layout.batch_size + self.layout.positions(micro)
-            idx = torch.from_numpy(perm[pos]).to(self.latents.device)
-            var = torch.from_numpy(variant[pos]).to(self.latents.device)
+            idx, var = (_index(a[pos], self.latents.device) for a in (perm, variant))
             out.append(self._to_model(self.latents[idx, var], self.labels[idx]))
         return out
+
+
+def _index(positions: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Indices on the device the array lives on; to a GPU through pinned memory, without waiting."""
+    t = torch.from_numpy(positions)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class StreamBatches(_Batches):

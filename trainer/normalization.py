@@ -9,6 +9,7 @@ this), z is what the DiT sees. Two kinds:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -48,10 +49,9 @@ class LatentNormalization:
             )
 
     def _vectors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        def shape(v):
-            return torch.tensor(v, dtype=like.dtype, device=like.device).view(-1, 1, 1)
-
-        return shape(self.mean), shape(self.std)
+        return _channel_vector(self.mean, like.dtype, like.device), _channel_vector(
+            self.std, like.dtype, like.device
+        )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Raw latents (..., C, H, W) -> model space."""
@@ -69,6 +69,14 @@ class LatentNormalization:
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> LatentNormalization:
         return cls(kind=meta["kind"], mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_vector(values: tuple[float, ...], dtype: torch.dtype, device: torch.device):
+    """values as a (C, 1, 1) tensor, made once per dtype and device and then reused read-only (a
+    fresh host-to-device copy at every step would make the host wait for the GPU)."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype).view(-1, 1, 1).to(device)
 
 
 def normalization_from_store(store: LatentStore, kind: str) -> LatentNormalization:

@@ -19,6 +19,7 @@ and the result does not depend on how the batch is split across ranks.
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -239,7 +240,8 @@ class DDPM(_MSEObjective):
 
         t = _draw((x0.shape[0],), total, offset, steps)
         eps = _noise_like(x0, generator, offset, total)
-        abar = self.alphas_cumprod.to(x0.device)[t].view(-1, *[1] * (x0.ndim - 1))
+        abar = _alphas_cumprod_on(self.schedule, self.num_steps, x0.device)[t]
+        abar = abar.view(-1, *[1] * (x0.ndim - 1))
         x_t = abar.sqrt().to(x0.dtype) * x0 + (1 - abar).sqrt().to(x0.dtype) * eps
         return x_t, t.to(x0.dtype), eps
 
@@ -253,6 +255,13 @@ class DDPM(_MSEObjective):
             num_steps=meta["num_steps"],
             learn_sigma=meta.get("learn_sigma", False),
         )
+
+
+@functools.lru_cache(maxsize=8)
+def _alphas_cumprod_on(schedule: str, num_steps: int, device: torch.device) -> torch.Tensor:
+    """DDPM(...).alphas_cumprod on `device`, made once (a copy at every step would make the host
+    wait for the GPU)."""
+    return DDPM(schedule=schedule, num_steps=num_steps).alphas_cumprod.to(device)
 
 
 Objective = FlowMatching | DDPM

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 
 from foundation.distributed import DistInfo
 from foundation.precision import autocast, resolve_precision
@@ -72,15 +73,38 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def make_trainee(model: DiT, cfg: TrainConfig, dist: DistInfo) -> Trainee:
-    """Wrap the model in DDP (then torch.compile, optionally), with a fresh EMA and AdamW.
+    """Wrap the model in DDP (torch.compile'd as `cfg.compile_scope` says), with an EMA and AdamW.
 
-    The raw `model` stays what checkpoints save (no `module.` or `_orig_mod.` prefixes).
+    The raw `model` stays what checkpoints save (no `module.` or `_orig_mod.` prefixes): scope
+    "blocks" compiles each block in place (`nn.Module.compile`), which leaves the state dict alone.
+    DDP all-reduces gradient buckets of `cfg.ddp_bucket_mb` as backward produces them.
     """
-    ids = [dist.device.index] if dist.device.type == "cuda" else None
-    ddp = DistributedDataParallel(model, device_ids=ids)
-    forward = torch.compile(ddp) if cfg.compile else ddp
+    ema = make_ema(model)  # an eager copy, made before any block is compiled
+    if cfg.compile and cfg.compile_scope == "blocks":
+        for block in model.blocks:
+            block.compile(fullgraph=True, dynamic=False)
+    ddp = DistributedDataParallel(
+        model,
+        device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+        bucket_cap_mb=cfg.ddp_bucket_mb,
+        gradient_as_bucket_view=cfg.grad_as_bucket_view,
+    )
+    forward = torch.compile(ddp) if cfg.compile and cfg.compile_scope == "model" else ddp
     optimizer = build_optimizer(model, cfg, dist.device)
-    return Trainee(model=model, ddp=ddp, forward=forward, ema=make_ema(model), optimizer=optimizer)
+    return Trainee(model=model, ddp=ddp, forward=forward, ema=ema, optimizer=optimizer)
+
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+SDPA_BACKENDS |= {"efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+
+def attention_backend(name: str) -> contextlib.AbstractContextManager:
+    """Inside, F.scaled_dot_product_attention uses only the named backend ("auto": any)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
 
 
 def step_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
@@ -117,15 +141,21 @@ def train_step(
         y = drop_labels(y, cfg.p_uncond, trainee.model.null_class, g, **rows)
         last = micro == len(batches) - 1
         with contextlib.nullcontext() if last else trainee.ddp.no_sync():
-            with autocast(device, resolve_precision(cfg.precision, device)):
+            with (
+                autocast(device, resolve_precision(cfg.precision, device)),
+                attention_backend(cfg.attention),
+            ):
                 loss = objective.loss(trainee.forward, x, y, g, **rows)
             (loss / len(batches)).backward()
         total += loss.detach() / len(batches)
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), max_norm)
+    with record_function("grad_clip"):  # labels for bench/profile_train.py's kernel classes
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), max_norm)
     for group in trainee.optimizer.param_groups:
         group["lr"] = lr
-    trainee.optimizer.step()
-    trainee.optimizer.zero_grad(set_to_none=True)
-    update_ema(trainee.ema, trainee.model, cfg.ema_decay)
+    with record_function("optimizer"):
+        trainee.optimizer.step()
+        trainee.optimizer.zero_grad(set_to_none=True)
+    with record_function("ema"):
+        update_ema(trainee.ema, trainee.model, cfg.ema_decay)
     return total, grad_norm

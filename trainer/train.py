@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from foundation.compile import compile_cache
 from foundation.distributed import (
     DistInfo,
     all_gather_objects,
@@ -41,6 +42,7 @@ from trainer.metrics import TrainLogger, peak_flops
 from trainer.model import DiT, ModelConfigError, build_model, forward_flops
 from trainer.normalization import normalization_from_store
 from trainer.objective import DDPM, FlowMatching, Objective
+from trainer.prefetch import Prefetcher
 from trainer.run_dir import CONFIG_FILE, TrainSummary, check_resume
 from trainer.step import Trainee, lr_at, make_trainee, train_step
 
@@ -146,8 +148,10 @@ def train(
 ) -> TrainSummary:
     """Train (or resume) the run `cfg.run` on `cfg.store` up to `cfg.steps`; what it did."""
     dist = setup_distributed(cfg.device)
+    cache = Path(cfg.compile_cache) if cfg.compile and cfg.compile_cache else None
     try:
-        return _train(cfg, dist, sample_fn, eval_fn)
+        with compile_cache(cache, save=dist.is_main):
+            return _train(cfg, dist, sample_fn, eval_fn)
     finally:
         teardown()
 
@@ -183,6 +187,7 @@ def _train(
         shuffle_shards=cfg.shuffle_shards,
         verify=cfg.verify,
     )
+    data = Prefetcher(data, dist.device) if cfg.prefetch else data
     run = prepare_run(cfg, dist)
     trainee = make_trainee(model, cfg, dist)
     resume(run, trainee, start)
@@ -206,6 +211,8 @@ def _train(
             device=dist.device,
         )
         done = step + 1
+        if cfg.prefetch and done < cfg.steps:  # gathered while this step runs on the device
+            data.prefetch(*divmod(done, data.steps_per_epoch))
         record = logger.update(done, loss_t, grad_norm, lr, data_s)
         loss = record["loss"] if record else loss
         if done % cfg.ckpt_every == 0 or done == cfg.steps:

@@ -1,0 +1,180 @@
+"""The encode graph: uint8 crops in, uint8 codes out, every step on the device.
+
+    graph = EncodeGraph(vae, quant=spec.quant, posterior="mean", flip=True)
+    out = graph(crops)     # uint8 (b, H, W, 3) -> out.codes uint8 (b, V, C, h, w)
+
+One module does, in one pass on the device, what `encode_variants` then `quantize` do: the flip
+variant stacked into the same batch, to float in [-1, 1], channels_last, the VAE encoder and its
+`quant_conv`, the posterior (mean, std, a sample from noise given as input), and the per-channel
+uint8 quantization of the store (`latent_store.quantize_codes`, the arithmetic `quantize` runs).
+Only uint8 codes and the per-sample clip counts leave the GPU, and `torch.compile` sees the whole
+encode as one graph (GroupNorm + SiLU fusion, the quantization folded into the last convolution's
+epilogue). Eager, it computes exactly what `encode_variants` + `quantize` compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from latent_store import QuantParams
+from latent_store.quantize import quantize_codes
+from pipeline.vae import key_seed, posterior_noise
+
+LAYOUTS = ("NHWC", "NCHW")
+LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps log variance so
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """What one batch leaves the device as."""
+
+    codes: torch.Tensor  # uint8 (b, V, C, h, w): the posterior mean or sample, quantized
+    clipped: torch.Tensor  # int64 (b,): values of each crop (all variants) clipped by quantization
+    logstd: torch.Tensor | None  # uint8 (b, V, C, h, w) quantized log std (posterior "moments")
+
+
+def _channel_buffer(values: tuple[float, ...]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1)
+
+
+class EncodeGraph(nn.Module):
+    """uint8 crops to uint8 latent codes (see the module docstring); shares the VAE's weights."""
+
+    def __init__(
+        self,
+        vae,
+        *,
+        quant: QuantParams,
+        posterior: str = "mean",
+        flip: bool = False,
+        logstd_quant: QuantParams | None = None,
+        layout: str = "NHWC",
+    ) -> None:
+        super().__init__()
+        assert layout in LAYOUTS, f"layout {layout!r} is not one of {LAYOUTS}"
+        assert (posterior == "moments") == (logstd_quant is not None), "moments need logstd_quant"
+        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
+        self.dtype, self.posterior, self.flip, self.layout = vae.dtype, posterior, flip, layout
+        self.variants = 2 if flip else 1
+        device = vae.device
+        self.register_buffer("offset", _channel_buffer(quant.offset).to(device), persistent=False)
+        self.register_buffer("scale", _channel_buffer(quant.scale).to(device), persistent=False)
+        if logstd_quant is not None:
+            self.register_buffer(
+                "logstd_offset", _channel_buffer(logstd_quant.offset).to(device), persistent=False
+            )
+            self.register_buffer(
+                "logstd_scale", _channel_buffer(logstd_quant.scale).to(device), persistent=False
+            )
+
+    def model_input(self, crops: torch.Tensor) -> torch.Tensor:
+        """uint8 crops (b, H, W, 3) or (b, 3, H, W), with their flips when asked, to the encoder's
+        input: (V*b, 3, H, W) in [-1, 1], the VAE's dtype, channels_last (as `to_model_input`)."""
+        width = 2 if self.layout == "NHWC" else 3
+        views = torch.cat([crops, crops.flip(width)]) if self.flip else crops
+        x = views.permute(0, 3, 1, 2) if self.layout == "NHWC" else views
+        x = x.to(self.dtype).div_(127.5).sub_(1.0)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def forward(
+        self, crops: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """crops uint8 (b, ...) as `layout` says; noise float32 (V*b, C, h, w) for "sample"
+        (variant-major: all crops' first variant, then all their flips). Returns the fields of an
+        `EncodedBatch` as a tuple (codes, clipped, logstd codes or None)."""
+        b = crops.shape[0]
+        h = self.encoder(self.model_input(crops))
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        mean, logvar = torch.chunk(h, 2, dim=1)
+        mean, log_codes = mean.float(), None
+        if self.posterior != "mean":
+            logstd = 0.5 * torch.clamp(logvar, *LOGVAR_RANGE).float()
+        if self.posterior == "sample":
+            mean = mean + logstd.exp() * noise
+        codes, clipped = quantize_codes(_by_variant(mean, b), self.offset, self.scale)
+        if self.posterior == "moments":
+            log_codes, _ = quantize_codes(
+                _by_variant(logstd, b), self.logstd_offset, self.logstd_scale
+            )
+        return codes, clipped, log_codes
+
+
+def _by_variant(x: torch.Tensor, b: int) -> torch.Tensor:
+    """(V*b, C, h, w), variant-major -> (b, V, C, h, w)."""
+    return torch.stack(x.split(b), dim=1)
+
+
+class Launched:
+    """One batch on its way to the host: its outputs in (pinned) host memory once `wait` returns."""
+
+    def __init__(self, outputs: tuple, rows: int) -> None:
+        out = EncodedBatch(*outputs)
+        cuda = out.codes.is_cuda
+        self._host = EncodedBatch(
+            codes=_to_host(out.codes, rows, cuda),
+            clipped=_to_host(out.clipped, rows, cuda),
+            logstd=None if out.logstd is None else _to_host(out.logstd, rows, cuda),
+        )
+        self._done = None
+        if cuda:
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def wait(self) -> EncodedBatch:
+        """The batch's outputs on the CPU (waits for this batch only, not later launches)."""
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host
+
+
+def _to_host(t: torch.Tensor, rows: int, cuda: bool) -> torch.Tensor:
+    """The first `rows` of t, copied to pinned memory without blocking (CUDA) or as they are."""
+    t = t[:rows]
+    if not cuda:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+
+class BatchLauncher:
+    """Launches the encode graph on one batch of crops at a time, without waiting for it.
+
+    With `static_batch`, every batch is padded to that many crops (the pad rows are dropped before
+    anything leaves the device), so a compiled graph sees one shape and never recompiles for a
+    shard's last batch or a batch with failed images.
+    """
+
+    def __init__(
+        self,
+        graph: nn.Module,
+        *,
+        device: torch.device,
+        latent_shape: tuple[int, ...],
+        variants: int,
+        posterior: str,
+        static_batch: int | None = None,
+    ) -> None:
+        self.graph, self.device, self.latent_shape = graph, device, latent_shape
+        self.variants, self.posterior, self.static_batch = variants, posterior, static_batch
+
+    @torch.inference_mode()
+    def launch(self, crops: torch.Tensor, keys: list[str]) -> Launched:
+        """Start encoding uint8 crops (b, H, W, 3) of the samples `keys`; returns at once on GPUs."""
+        b = len(keys)
+        pad = 0 if self.static_batch is None else self.static_batch - b
+        crops = crops.to(self.device, non_blocking=True)
+        if pad > 0:
+            crops = torch.cat([crops, crops.new_zeros((pad, *crops.shape[1:]))])
+        noise = None
+        if self.posterior == "sample":  # seeded per key and variant, drawn on the CPU
+            seeds = [key_seed(k, v) for v in range(self.variants) for k in keys]
+            noise = posterior_noise(seeds, self.latent_shape).view(self.variants, b, -1)
+            noise = torch.nn.functional.pad(noise, (0, 0, 0, max(pad, 0)))
+            noise = noise.view(-1, *self.latent_shape)
+            if self.device.type == "cuda":
+                noise = noise.pin_memory()
+            noise = noise.to(self.device, non_blocking=True)
+        return Launched(self.graph(crops, noise), b)

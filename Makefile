@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.latentdit-setup
 
-.PHONY: help setup test lint format bench bench-store bench-objstore
+.PHONY: help setup test lint format bench bench-store bench-verify bench-objstore
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -34,6 +34,9 @@ format: setup  ## apply ruff fixes and formatting
 
 bench-store: setup  ## store write / load / random-batch throughput (JSON)
 	$(PY) bench/bench_store.py
+
+bench-verify: setup  ## cost of verifying a 1.28M-sample store while loading it (JSON)
+	$(PY) bench/bench_verify.py
 
 bench-objstore: setup  ## memory-mode load of one store from a local S3 server (moto) vs local disk (JSON)
 	$(PY) bench/bench_objstore.py
@@ -112,7 +115,7 @@ demo: setup  ## every stage on generated images, offline, a few minutes on a CPU
 	HF_HUB_OFFLINE=1 $(PY) -m cli demo --out demo_out
 
 
-bench: bench-store bench-objstore bench-encode  ## every benchmark (JSON lines)
+bench: bench-store bench-verify bench-objstore bench-encode  ## every benchmark (JSON lines)
 
 .PHONY: bench-gpu
 bench-gpu: setup  ## on a CUDA machine: the GPU paths end to end, then throughput at real sizes (logs in OUT)

@@ -20,7 +20,6 @@ import logging
 import sys
 from collections.abc import Callable
 from functools import wraps
-from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -124,7 +123,8 @@ def validate(cfg: ValidateConfig, as_json: bool) -> None:
     store = _open(cfg.store, cfg.storage_options)
     checks = validate_store(store, max_clipped=cfg.max_clipped)
     ok = all(c.ok for c in checks)
-    decoded = _decode_check(cfg, store) if cfg.decode_check else None
+    decoded = _decode_check(cfg, store) if cfg.decode_check and ok else None  # sound stores only
+    ok = ok and (decoded is None or decoded["ok"])
     if as_json:
         report = {"ok": ok, "checks": [c.to_dict() for c in checks]}
         typer.echo(json.dumps({**report, "decode_check": decoded} if decoded else report, indent=2))
@@ -137,6 +137,11 @@ def validate(cfg: ValidateConfig, as_json: bool) -> None:
                 f"from stored latents, {decoded['psnr_float_db']:.2f} dB from float latents "
                 f"(quantization costs {decoded['quantization_cost_db']:.3f} dB)"
             )
+            if not decoded["ok"]:
+                typer.echo(
+                    f"FAIL decode-check: PSNR {decoded['psnr_stored_db']:.2f} dB is below "
+                    f"--min-psnr {cfg.min_psnr:g} dB: wrong VAE, or latents that do not decode"
+                )
         typer.echo(f"{cfg.store}: {'valid' if ok else 'INVALID'}")
     raise typer.Exit(0 if ok else 1)
 
@@ -150,15 +155,16 @@ def _open(store: str, storage_options: str | None):
 
 
 def _decode_check(cfg: ValidateConfig, store) -> dict:
-    """Run `validate --decode-check` on the GPU when there is one."""
+    """Run `validate --decode-check` on the GPU when there is one (validate verified the store)."""
     import torch
 
     from pipeline.decode_check import DecodeCheckConfig, decode_check
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return decode_check(
-        store, DecodeCheckConfig(samples=cfg.decode_check, vae=cfg.vae, device=device)
+    check = DecodeCheckConfig(
+        samples=cfg.decode_check, vae=cfg.vae, device=device, min_psnr=cfg.min_psnr, verify=False
     )
+    return decode_check(store, check)
 
 
 # --- stage 1: encode, download -------------------------------------------------------------------
@@ -197,15 +203,9 @@ def download(cfg: DownloadConfig, as_json: bool) -> None:
 
 def _saved_run_config(values: dict[str, Any]) -> dict[str, Any] | None:
     """A resumed run's own config.json: `train --run RUN` alone continues it as it was."""
-    from trainer.train import CONFIG_FILE
+    from trainer.run_dir import saved_config
 
-    run = values.get("run")
-    saved = Path(run) / CONFIG_FILE if run else None
-    if saved is None or not saved.is_file():
-        return None
-    from foundation.config import read_config_file
-
-    return read_config_file(saved, TrainConfig, "train")
+    return saved_config(values["run"]) if values.get("run") else None
 
 
 @command(app, "train", TrainConfig, base=_saved_run_config)
@@ -225,7 +225,9 @@ def train(cfg: TrainConfig) -> None:
         eval_fn = fid_hook(
             cfg.vae, cfg.eval_ref, samples=cfg.eval_samples, inception=cfg.eval_inception
         )
-    train_run(cfg, sample_fn=hook, eval_fn=eval_fn)
+    summary = train_run(cfg, sample_fn=hook, eval_fn=eval_fn)
+    if summary.rank == 0:
+        typer.echo(summary.format())
 
 
 # --- stage 3: sample -----------------------------------------------------------------------------

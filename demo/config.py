@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from demo import CLASSIFIER_DIR, VAE_DIR
+from foundation.errors import ConfigError
 
 NUM_CLASSES = 10  # the demo's classes (demo.data.CLASSES)
 GRID_COLUMNS = NUM_CLASSES  # samples per row of the class grid: a square grid
@@ -36,9 +37,9 @@ class DemoDataConfig:
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+            raise ConfigError(f"image_size must be >= 16, got {self.image_size}")
         if self.train_per_class < 1 or self.val_per_class < 2:
-            raise ValueError("train_per_class must be >= 1 and val_per_class >= 2")
+            raise ConfigError("train_per_class must be >= 1 and val_per_class >= 2")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,9 +74,9 @@ class VaeTrainConfig:
     def __post_init__(self) -> None:
         factor = 2 ** (len(self.block_out_channels) - 1)
         if self.image_size % factor:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of {factor}")
+            raise ConfigError(f"image_size {self.image_size} must be a multiple of {factor}")
         if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
+            raise ConfigError("steps and batch_size must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,7 +104,7 @@ class ClassifierTrainConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
+            raise ConfigError("steps and batch_size must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,8 +155,16 @@ class DemoConfig:
     """Images per class in each set of the Inception FIDs (200 a set: ~2.5 CPU-minutes in all)."""
 
     def __post_init__(self) -> None:
+        positive = ("train_per_class", "hidden_size", "depth", "num_heads", "train_steps")
+        positive += ("batch_size", "sample_steps", "decode_check", "image_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.ema_decay < 1 or self.warmup_steps < 0:
+            raise ConfigError("--lr must be > 0, --ema-decay in [0, 1), --warmup-steps >= 0")
         if self.samples_per_class < GRID_COLUMNS:
-            raise ValueError(
+            raise ConfigError(
                 f"samples_per_class must be >= {GRID_COLUMNS}: the grid shows that many per class"
             )
 

@@ -142,6 +142,8 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = log.info) -> dict:
     from demo.verdict import VerdictConfig, format_report, verdict
 
     at = Layout(cfg.out)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise DemoError(f"--out {cfg.out}: a file, not a folder; pass another --out")
     if at.report.exists() or at.store.exists():
         raise DemoError(f"{cfg.out} holds an earlier demo: remove it or pass another --out")
     seconds, stdout = {}, {}

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from foundation.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 TIMEOUT = datetime.timedelta(minutes=30)  # generous: rank 0 may write a large checkpoint
@@ -41,6 +43,30 @@ class DistInfo:
         return self.rank == 0
 
 
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """The torch device a `--device` names (None: cuda:LOCAL_RANK when CUDA is there, else cpu).
+
+    ConfigError (one line) for a name torch does not know, or CUDA asked for but not visible.
+    """
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is visible; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {device}: only {torch.cuda.device_count()} CUDA devices are visible"
+        )
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {device}: latentdit runs on cpu or cuda")
+    return dev
+
+
 def setup_distributed(device: str | None = None, *, tf32: bool = True) -> DistInfo:
     """Join the process group described by torchrun's RANK/WORLD_SIZE/LOCAL_RANK (or make one of size 1).
 
@@ -50,9 +76,7 @@ def setup_distributed(device: str | None = None, *, tf32: bool = True) -> DistIn
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device, local_rank)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":

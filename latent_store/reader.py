@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from latent_store.schema import LABEL_FILL, StoreSpec
+from latent_store.schema import LABEL_FILL, ShardRecord, StoreSpec
 from latent_store.store import LatentStore, open_store
+from latent_store.verify import verify_shard, verify_store
 
 LOAD_THREADS = 16  # shards fetched at once by load_latents (object stores: requests in flight)
 PREFETCH = 1  # shards iter_shards fetches ahead of the one it yields
@@ -38,8 +39,9 @@ class LatentArrays:
         return len(self.labels)
 
 
-def _shard_arrays(store: LatentStore, shard: int) -> LatentArrays:
-    data = store.read_shard(shard)
+def _shard_arrays(store: LatentStore, shard: int, record: ShardRecord | None) -> LatentArrays:
+    """A shard's written samples; checked against `record` first unless it is None (no verify)."""
+    data = store.read_shard(shard) if record is None else verify_shard(store, shard, record)
     keep = data["labels"] != LABEL_FILL
     start, _ = store.spec.shard_bounds(shard)
     return LatentArrays(
@@ -69,18 +71,28 @@ def load_latents(
     shards: Sequence[int] | None = None,
     allow_incomplete: bool = False,
     threads: int = LOAD_THREADS,
+    verify: bool = True,
 ) -> LatentArrays:
     """Load the written samples of a store (or of some shards) into RAM.
 
     `threads` whole shards are fetched at once: on an object store each is one GET per array,
     so the load runs at the store's aggregate bandwidth instead of one request's latency.
     Raises StoreIncompleteError naming the missing shards unless every requested shard is
-    complete or `allow_incomplete` is set (incomplete shards are then skipped).
+    complete or `allow_incomplete` is set (incomplete shards are then skipped). With `verify`,
+    the store's seal and every shard's record are checked (`latent_store.verify`); each shard is
+    hashed in the thread that read it, and the seal checked in another, so verifying overlaps
+    the reads.
     """
     store = open_store(path)
+    records = store.records() if verify else [None] * store.spec.num_shards
     todo = store.require_complete(shards, allow_incomplete=allow_incomplete)
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        parts = list(pool.map(lambda s: _shard_arrays(store, s), todo))
+        sealed = pool.submit(verify_store, store) if verify else None  # overlaps the shard reads
+        try:
+            parts = list(pool.map(lambda s: _shard_arrays(store, s, records[s]), todo))
+        finally:  # a broken seal explains shard problems: it is reported first
+            if sealed is not None:
+                sealed.result()
     return _concat(parts, store.spec)
 
 
@@ -98,18 +110,33 @@ def iter_shards(
     rank: int = 0,
     world_size: int = 1,
     allow_incomplete: bool = False,
+    verify: bool = True,
 ) -> Iterator[LatentArrays]:
     """Yield this rank's complete shards, whole, in a seeded order that changes every epoch.
 
-    The next shard is fetched while the consumer works on the current one.
+    The next shard is fetched (and, with `verify`, checked) while the consumer works on the
+    current one; with `verify` the store's seal is checked first.
     """
     store = open_store(path)
+    records = _verified_records(store, verify)
     complete = store.require_complete(allow_incomplete=allow_incomplete)
     order = shard_order(len(complete), seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+
+    def fetch(i: int) -> LatentArrays:
+        return _shard_arrays(store, complete[i], records[complete[i]])
+
     with ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch") as pool:
-        ahead = [pool.submit(_shard_arrays, store, complete[i]) for i in order[:PREFETCH]]
+        ahead = [pool.submit(fetch, i) for i in order[:PREFETCH]]
         for k in range(len(order)):
             shard = ahead.pop(0).result()
             if k + PREFETCH < len(order):
-                ahead.append(pool.submit(_shard_arrays, store, complete[order[k + PREFETCH]]))
+                ahead.append(pool.submit(fetch, order[k + PREFETCH]))
             yield shard
+
+
+def _verified_records(store: LatentStore, verify: bool) -> list[ShardRecord | None]:
+    """The records to check shards against after the store-wide checks (all None: no verify)."""
+    if not verify:
+        return [None] * store.spec.num_shards
+    verify_store(store)
+    return store.records()

@@ -146,8 +146,11 @@ class StoreSpec:
             d["vae"] = VaeInfo(**d["vae"])
             d["classes"] = tuple(ClassInfo(**c) for c in d["classes"])
             return cls(**d)
-        except (KeyError, TypeError) as e:
-            raise SchemaMismatchError(f"store metadata is malformed: {e}") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise SchemaMismatchError(
+                f"store metadata is malformed ({type(e).__name__}: {e}); restore its zarr.json "
+                "or re-encode the store"
+            ) from None
 
     def differences(self, other: StoreSpec, names: Sequence[str]) -> list[str]:
         """Describe fields (from `names`) whose values differ: 'vae: A (store) vs B (now)'."""

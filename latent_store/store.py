@@ -17,11 +17,14 @@ from zarr.storage import LocalStore
 
 from foundation.urls import check_options_apply, is_url
 from latent_store.errors import (
+    LatentditError,
     SchemaMismatchError,
+    StoreCorruptError,
     StoreExistsError,
     StoreIncompleteError,
     StoreNotFoundError,
 )
+from latent_store.provenance import PROVENANCE_KEY, seal
 from latent_store.retry import retry
 from latent_store.schema import ATTRS_KEY, LABEL_FILL, ShardRecord, StoreSpec
 
@@ -29,6 +32,16 @@ log = logging.getLogger(__name__)
 
 DATA_ARRAYS = ("latents", "logstd", "labels")  # arrays written shard by shard
 SUMMARY_KEY = "summary"
+# what zarr raises on a truncated, empty or hand-edited zarr.json (json errors are ValueErrors)
+MALFORMED = (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError)
+
+
+def _malformed(what: str, error: Exception) -> StoreCorruptError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return StoreCorruptError(
+        f"{what} is malformed ({reason}): truncated or edited? Restore it from a copy, or "
+        "re-encode the store with the same command and a new --out"
+    )
 
 
 def _open_group(path: str | os.PathLike, mode: str, storage_options: dict | None) -> zarr.Group:
@@ -47,8 +60,14 @@ def _open_group_once(path: str, mode: str, storage_options: dict | None) -> zarr
         raise StoreNotFoundError(
             f"{path}: no latent store here; create one with `latentdit encode SOURCE --out {path}`"
         ) from None
+    except NotADirectoryError:
+        raise StoreNotFoundError(
+            f"{path}: a file, not a latent store (a store is a folder or an fsspec URL)"
+        ) from None
     except ImportError as e:  # fsspec names the package its driver for this scheme needs
         raise StoreNotFoundError(f"{path}: {e} (an fsspec driver for this URL)") from None
+    except MALFORMED as e:
+        raise _malformed(f"{path}/zarr.json (the store's metadata)", e) from None
 
 
 def create_store(
@@ -69,8 +88,9 @@ def create_store(
     if _holds_something(path, storage_options):
         raise StoreExistsError(f"{path} already exists and is not empty; choose another --out")
     kw = {"storage_options": storage_options or {}} if is_url(path) else {}
-    attrs = {ATTRS_KEY: spec.to_attrs()}
-    group = zarr.create_group(str(path), zarr_format=3, attributes=attrs, **kw)
+    attrs = spec.to_attrs()
+    attrs[PROVENANCE_KEY] = seal(attrs, np.asarray(keys, dtype=object).astype(str))
+    group = zarr.create_group(str(path), zarr_format=3, attributes={ATTRS_KEY: attrs}, **kw)
     sample = spec.sample_shape
     latent_arrays = ["latents"] + (["logstd"] if spec.posterior == "moments" else [])
     for name in latent_arrays:
@@ -122,8 +142,11 @@ class LatentStore:
         attrs = self.group.attrs.asdict()
         if ATTRS_KEY not in attrs:
             raise SchemaMismatchError(f"{path}: a Zarr group, but without latentdit metadata")
-        self.spec = StoreSpec.from_attrs(attrs[ATTRS_KEY])
-        self.summary = attrs[ATTRS_KEY].get(SUMMARY_KEY)
+        if not isinstance(attrs[ATTRS_KEY], dict):
+            raise _malformed(f"{path}/zarr.json: attribute {ATTRS_KEY!r}", TypeError("not a table"))
+        self.attrs: dict = attrs[ATTRS_KEY]
+        self.spec = StoreSpec.from_attrs(self.attrs)
+        self.summary = self.attrs.get(SUMMARY_KEY)
 
     def array(self, name: str) -> zarr.Array:
         """An array of the store, opened once (on an object store each opening is a request)."""
@@ -132,11 +155,17 @@ class LatentStore:
                 self._arrays[name] = self.group[name]
             except KeyError:
                 raise SchemaMismatchError(f"{self.path}: array {name!r} is missing") from None
+            except MALFORMED as e:
+                raise _malformed(f"{self.path}/{name}/zarr.json", e) from None
         return self._arrays[name]
 
     def reopen(self, mode: str) -> LatentStore:
         """The same store (same URL and storage options) opened again, e.g. for writing."""
         return LatentStore(self.path, mode=mode, storage_options=self.storage_options)
+
+    def fetch(self, read, what: str):
+        """`read()`, retried on an object store; on a local disk a failed read is damage."""
+        return retry(read, what) if is_url(self.path) else read()
 
     @cached_property
     def local_root(self) -> Path | None:
@@ -168,8 +197,17 @@ class LatentStore:
         return keys
 
     def records(self) -> list[ShardRecord | None]:
-        """The completion record of every shard (None where the shard is not complete)."""
-        raw = retry(lambda: self.array("shard_records")[:], f"{self.path}/shard_records")
+        """The completion record of every shard (None where the shard is not complete).
+
+        A record that cannot be read (a torn chunk) counts as missing, like an unparsable one.
+        """
+        arr = self.array("shard_records")
+        try:
+            raw = self.fetch(lambda: arr[:].tolist(), f"{self.path}/shard_records")
+        except LatentditError:  # the store cannot be reached: not a torn record
+            raise
+        except Exception:  # zarr/numcodecs raise what their codecs raise; find the torn ones
+            raw = [_read_record(arr, i) for i in range(arr.shape[0])]
         return [ShardRecord.from_json(str(t)) for t in raw]
 
     def missing_shards(self) -> list[int]:
@@ -199,10 +237,20 @@ class LatentStore:
         StoreReadError naming the shard.
         """
         start, stop = self.spec.shard_bounds(shard)
-        return retry(
+        return self.fetch(
             lambda: {name: self.array(name)[start:stop] for name in self.data_arrays},
             f"{self.path}: shard {shard}",
         )
+
+
+def _read_record(arr: zarr.Array, shard: int) -> str:
+    try:
+        return str(arr[shard])
+    except Exception:
+        log.warning(
+            "shard %d: its completion record cannot be read; counted as not complete", shard
+        )
+        return ""
 
 
 def shard_checksum(data: dict[str, np.ndarray]) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 
 from latent_store.schema import LABEL_FILL
 from latent_store.store import LatentStore, _format_ranges, open_store
+from latent_store.verify import verify_labels, verify_store
 from latent_store.writer import summarize_records
 
 FAILURES_SHOWN = 10
@@ -20,13 +21,20 @@ def _bytes_on_disk(store: LatentStore) -> int:
     return sum(f.stat().st_size for f in store.local_root.rglob("*") if f.is_file())
 
 
-def describe_store(path: str | os.PathLike | LatentStore) -> dict:
-    """A JSON-ready description of a store (a path, URL or open store, see `open_store`)."""
+def describe_store(path: str | os.PathLike | LatentStore, *, verify: bool = True) -> dict:
+    """A JSON-ready description of a store (a path, URL or open store, see `open_store`).
+
+    With `verify`, the store's seal and summary are checked and the labels it counts checked
+    against the shard records (StoreCorruptError names the first problem); the latents are not
+    read: `validate` checks them.
+    """
     store = open_store(path)
     spec = store.spec
+    if verify:
+        verify_store(store)
     records = store.records()
     summary = summarize_records(store)
-    labels = store.array("labels")[:]
+    labels = verify_labels(store) if verify else store.array("labels")[:]
     counts = np.bincount(labels[labels != LABEL_FILL], minlength=spec.num_classes)
     failures = [asdict(f) for r in records if r for f in r.failures]
     missing = [i for i, r in enumerate(records) if r is None]

@@ -11,13 +11,17 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
 from latent_store.config import DEFAULT_MAX_CLIPPED
-from latent_store.errors import LatentditError
+from latent_store.provenance import provenance_problems
 from latent_store.quantize import QMAX
-from latent_store.schema import LABEL_FILL, ShardRecord
-from latent_store.store import LatentStore, _format_ranges, open_store, shard_checksum
+from latent_store.schema import ShardRecord
+from latent_store.store import LatentStore, _format_ranges, open_store
+from latent_store.verify import (
+    array_problems,
+    check_shard,
+    read_keys,
+    summary_problems,
+)
 from latent_store.writer import summarize_records
 
 MAX_LISTED = 5  # problems listed per check before "..."
@@ -45,30 +49,13 @@ def _check(name: str, problems: list[str], ok_message: str) -> Check:
 
 
 def check_arrays(store: LatentStore) -> Check:
-    spec = store.spec
-    n, sample = spec.num_samples, spec.sample_shape
-    want = {
-        "latents": ("uint8", (n, *sample), (spec.chunk_size, *sample)),
-        "labels": ("int16", (n,), (spec.shard_size,)),
-        "keys": (None, (n,), (spec.shard_size,)),
-        "shard_records": (None, (spec.num_shards,), (1,)),
-    }
-    if spec.posterior == "moments":
-        want["logstd"] = want["latents"]
-    problems = []
-    for name, (dtype, shape, chunks) in want.items():
-        try:
-            arr = store.array(name)
-        except LatentditError as e:
-            problems.append(str(e))
-            continue
-        if tuple(arr.shape) != shape:
-            problems.append(f"{name}: shape {tuple(arr.shape)} does not match metadata {shape}")
-        if dtype and str(arr.dtype) != dtype:
-            problems.append(f"{name}: dtype {arr.dtype} does not match {dtype}")
-        if tuple(arr.chunks) != chunks:
-            problems.append(f"{name}: chunks {tuple(arr.chunks)} do not match {chunks}")
-    return _check("arrays", problems, f"shapes, dtypes and chunks match ({n} samples)")
+    n = store.spec.num_samples
+    return _check("arrays", array_problems(store), f"shapes, dtypes and chunks match ({n} samples)")
+
+
+def check_provenance(store: LatentStore) -> Check:
+    problems = provenance_problems(store.attrs, read_keys(store))
+    return _check("provenance", problems, "metadata matches its seal (quantization, VAE, keys...)")
 
 
 def check_completion(store: LatentStore, records: list[ShardRecord | None]) -> Check:
@@ -80,53 +67,22 @@ def check_completion(store: LatentStore, records: list[ShardRecord | None]) -> C
 
 
 def check_shards(store: LatentStore, records: list[ShardRecord | None]) -> tuple[Check, Check]:
-    """Checksums and labels of every complete shard (one read of each shard)."""
-    spec = store.spec
+    """Records, checksums and labels of every complete shard (one read of each shard)."""
     corrupt, bad_labels = [], []
     for shard, record in enumerate(records):
-        if record is None:
-            continue
-        lost = [k for k in store.shard_files(shard) if not store.has_key(k)]
-        if lost:
-            corrupt.append(f"shard {shard}: data file missing ({', '.join(lost)})")
-            continue
-        try:
-            data = store.read_shard(shard)
-        except Exception as e:
-            corrupt.append(f"shard {shard}: unreadable ({type(e).__name__}: {e})")
-            continue
-        if (actual := shard_checksum(data)) != record.checksum:
-            corrupt.append(
-                f"shard {shard}: checksum mismatch (recorded {record.checksum}, data {actual})"
-            )
-        bad_labels += _label_problems(spec.num_classes, record, data["labels"])
+        if record is not None:
+            _, problems, labels = check_shard(store, shard, record)
+            corrupt, bad_labels = corrupt + problems, bad_labels + labels
     return (
-        _check("checksums", corrupt, "every complete shard matches its checksum"),
-        _check("labels", bad_labels, f"labels in [0, {spec.num_classes}), fill only at failures"),
+        _check("checksums", corrupt, "every complete shard matches its record and checksum"),
+        _check(
+            "labels", bad_labels, f"labels in [0, {store.spec.num_classes}), fill only at failures"
+        ),
     )
 
 
-def _label_problems(num_classes: int, record: ShardRecord, labels: np.ndarray) -> list[str]:
-    failed = np.zeros(len(labels), bool)
-    failed[[f.index - record.start for f in record.failures]] = True
-    problems = []
-    out = np.flatnonzero((labels != LABEL_FILL) & ((labels < 0) | (labels >= num_classes)))
-    if out.size:
-        i = out[0]
-        problems.append(
-            f"shard {record.shard}: {out.size} labels outside [0, {num_classes}), "
-            f"first {int(labels[i])} at sample {record.start + i}"
-        )
-    unwritten = np.flatnonzero((labels == LABEL_FILL) & ~failed)
-    if unwritten.size:
-        problems.append(
-            f"shard {record.shard}: {unwritten.size} samples hold the fill value -1 without a "
-            f"recorded failure, first at sample {record.start + unwritten[0]}"
-        )
-    relabeled = np.flatnonzero((labels != LABEL_FILL) & failed)
-    if relabeled.size:
-        problems.append(f"shard {record.shard}: {relabeled.size} failed samples carry a label")
-    return problems
+def check_summary(store: LatentStore, records: list[ShardRecord | None]) -> Check:
+    return _check("summary", summary_problems(store, records), "summary matches the shard records")
 
 
 def check_keys(store: LatentStore) -> Check:
@@ -183,11 +139,12 @@ def validate_store(
     Opening errors (no store, unknown format) raise instead.
     """
     store = open_store(path)
-    checks = [check_arrays(store)]
+    checks = [check_arrays(store), check_provenance(store)]
     if not checks[0].ok:  # reading shards through wrong shapes would only add noise
         return checks
     records = store.records()
     summary = summarize_records(store)
     checks += [check_completion(store, records), *check_shards(store, records), check_keys(store)]
+    checks.append(check_summary(store, records))
     checks += [check_quantization(store, summary, max_clipped), check_statistics(store, summary)]
     return checks

@@ -19,6 +19,7 @@ from latent_store.errors import SchemaMismatchError
 from latent_store.quantize import QMAX
 from latent_store.schema import ATTRS_KEY, LABEL_FILL, Failure, ShardRecord
 from latent_store.store import SUMMARY_KEY, LatentStore, shard_checksum
+from latent_store.verify import check_shard, verify_store
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +29,30 @@ STATS_SAMPLES_PER_SHARD = 1024
 class StoreWriter:
     """Writes the shards a process owns into an existing store.
 
-    On creation it discards the leftovers of a crash (data of owned shards without a record),
-    so a resumed run starts each unfinished shard from nothing.
+    On creation it refuses a store whose sealed metadata was edited, and discards the leftovers
+    of a crash (data of owned shards without a record) and owned shards that fail verification,
+    so a resumed run starts each unfinished or damaged shard from nothing.
     """
 
     def __init__(self, store: LatentStore, shards: Iterable[int] | None = None) -> None:
         self.store = store.reopen("r+")
         self.spec = self.store.spec
+        verify_store(self.store, summary=False)
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="shard-stats")
         owned = range(self.spec.num_shards) if shards is None else shards
         records = self.store.records()
-        self.done = {i for i in owned if records[i] is not None}
-        self.todo = [i for i in owned if records[i] is None]
+        self.done = {i for i in owned if records[i] is not None and self._sound(i, records[i])}
+        self.todo = [i for i in owned if i not in self.done]
         for shard in self.todo:
             self._discard(shard)
+
+    def _sound(self, shard: int, record: ShardRecord) -> bool:
+        """Whether a complete shard passes verification; a damaged one loses its record."""
+        _, problems, labels = check_shard(self.store, shard, record)
+        if problems or labels:
+            log.warning("re-encoding damaged shard %d: %s", shard, "; ".join(problems + labels))
+            self.store.array("shard_records")[shard] = ""
+        return not (problems or labels)
 
     def _discard(self, shard: int) -> None:
         """Delete whatever a crashed run left of an unfinished shard."""

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from foundation.vae import VaeConfig, decode_latents
-from latent_store import LABEL_FILL, LatentStore, SchemaMismatchError, dequantize, open_store
+from latent_store import LatentditError, LatentStore, SchemaMismatchError, dequantize, open_store
+from latent_store.config import DEFAULT_MIN_PSNR
+from latent_store.verify import verify_shard, verify_store
 from pipeline.loader import collate, load_item
 from pipeline.preprocess import PreprocessConfig
 from pipeline.source import reopen_source
@@ -45,10 +47,16 @@ class DecodeCheckConfig:
     """Torch device for the VAE."""
     batch_size: int = 16
     """Images per VAE call."""
+    min_psnr: float = DEFAULT_MIN_PSNR
+    """The check fails when the mean PSNR from stored latents is below this (dB)."""
+    verify: bool = True
+    """Verify the store's seal and each shard read against its record first."""
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.batch_size < 1:
-            raise ValueError("samples and batch_size must be at least 1")
+            raise LatentditError(
+                f"--decode-check {self.samples}: decode at least 1 sample (batch {self.batch_size})"
+            )
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -57,13 +65,40 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(PIXEL_MAX**2 / mse.clamp_min(1e-12))
 
 
+def _choose(store: LatentStore, samples: int) -> np.ndarray:
+    """Up to `samples` written sample indices, spread evenly over the complete shards."""
+    records = store.records()
+    written = []
+    for shard in store.require_complete():
+        r = records[shard]
+        written += sorted(set(range(r.start, r.stop)) - {f.index for f in r.failures})
+    picks = np.linspace(0, len(written) - 1, min(samples, len(written))).round().astype(int)
+    return np.unique(np.asarray(written)[picks])
+
+
+def _read_codes(store: LatentStore, indices: np.ndarray, verify: bool) -> np.ndarray:
+    """uint8 latents of `indices`, from whole shards that passed verification (with `verify`)."""
+    if not verify:
+        return store.array("latents").get_orthogonal_selection(indices)
+    verify_store(store)
+    records, size = store.records(), store.spec.shard_size
+    rows = []
+    for shard in np.unique(indices // size):
+        data = verify_shard(store, int(shard), records[shard])
+        rows.append(data["latents"][indices[indices // size == shard] - shard * size])
+    return np.concatenate(rows)
+
+
 def decode_check(path: str | os.PathLike | LatentStore, cfg: DecodeCheckConfig) -> dict:
     """Decode `cfg.samples` stored latents (image variant); PSNR against the source crops.
 
-    `path`: a store folder, URL or open store (see `latent_store.open_store`).
+    `path`: a store folder, URL or open store (see `latent_store.open_store`). The result's "ok"
+    is False when the mean PSNR from stored latents is below `cfg.min_psnr`.
     """
     store = open_store(path)
     spec = store.spec
+    chosen = _choose(store, cfg.samples)
+    codes = _read_codes(store, chosen, cfg.verify)  # refuses a damaged store before the VAE loads
     vae, info = load_vae(
         VaeConfig(
             id=cfg.vae or spec.vae.id,
@@ -88,15 +123,8 @@ def decode_check(path: str | os.PathLike | LatentStore, cfg: DecodeCheckConfig) 
             f"the source {spec.source['path']} changed since the store was encoded; "
             "decode-check needs the original images"
         )
-    labels = store.array("labels")[:]
-    written = np.flatnonzero(labels != LABEL_FILL)
-    chosen = written[
-        np.linspace(0, len(written) - 1, min(cfg.samples, len(written))).round().astype(int)
-    ]
-    chosen = np.unique(chosen)
     pre = PreprocessConfig(image_size=spec.image_size, exif_transpose="exif" in spec.crop)
     stored_psnr, float_psnr, errors = [], [], []
-    latents = store.array("latents")
     for b in range(0, len(chosen), cfg.batch_size):
         idx = chosen[b : b + cfg.batch_size]
         batch = collate([load_item(source, int(i), pre) for i in idx])
@@ -104,7 +132,7 @@ def decode_check(path: str | os.PathLike | LatentStore, cfg: DecodeCheckConfig) 
             raise SchemaMismatchError(
                 f"source image {source.key(batch.failures[0][0])} no longer decodes: {batch.failures[0][1]}"
             )
-        stored = dequantize(latents.get_orthogonal_selection(idx)[:, 0], spec.quant)
+        stored = dequantize(codes[b : b + cfg.batch_size, 0], spec.quant)
         keys = [source.key(int(i)) for i in idx]
         posterior = "mean" if spec.posterior == "moments" else spec.posterior
         fresh = encode_variants(vae, batch.crops, keys, flip=False, posterior=posterior)[0][:, 0]
@@ -119,6 +147,8 @@ def decode_check(path: str | os.PathLike | LatentStore, cfg: DecodeCheckConfig) 
         "psnr_float_db": float_db,
         "quantization_cost_db": float_db - stored_db,
         "latent_rmse": math.sqrt(torch.cat(errors).mean().item()),
+        "min_psnr_db": cfg.min_psnr,
+        "ok": stored_db >= cfg.min_psnr,
     }
     log.info("decode check: %s", result)
     return result

@@ -34,7 +34,7 @@ from latent_store import (
     finalize_store,
     open_store,
 )
-from pipeline.encode_config import EncodeConfig, parse_max_failures
+from pipeline.encode_config import FAILURE_RULE, EncodeConfig, parse_max_failures
 from pipeline.encode_graph import BatchLauncher, EncodeGraph
 from pipeline.loader import Batch, crop_loader, shard_batches
 from pipeline.source import open_source
@@ -287,8 +287,9 @@ def _finish(source, batch: Batch, buf: ShardBuffer, launched, bar, buffers, writ
 
 def _too_many(cfg: EncodeConfig, source, failed: int, limit: int, buf: ShardBuffer) -> str:
     example = f"latest: {buf.failures[-1].key}: {buf.failures[-1].reason}" if buf.failures else ""
+    rule = cfg.max_failures if cfg.max_failures is not None else f"(default: {FAILURE_RULE})"
     return (
-        f"{failed} images failed to decode, more than --max-failures {cfg.max_failures} allows "
+        f"{failed} images failed to decode, more than --max-failures {rule} allows "
         f"({limit} of {len(source)}; {example}). Complete shards are kept: fix or remove the "
         "bad files and re-run, or raise --max-failures"
     )

@@ -17,6 +17,16 @@ from pipeline.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig
 from pipeline.source import LABEL_KEY
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+# The default --max-failures: a handful of bad files is normal in a small folder (2 of 135 is
+# not a broken dataset), 1% is normal at scale, and more than a tenth of a source failing means
+# the wrong folder, a truncated download or a decoder problem.
+FAILURES_TOLERATED = 10
+FAILURE_FRACTION = 0.01
+FAILURE_SHARE_MAX = 0.10
+FAILURE_RULE = (
+    f"max({FAILURES_TOLERATED}, {FAILURE_FRACTION:.0%} of the images), "
+    f"never more than {FAILURE_SHARE_MAX:.0%}"
+)
 DEVICES = ("cpu", "cuda")
 
 
@@ -71,9 +81,10 @@ class EncodeConfig:
     """Webdataset tars: the json field holding each sample's class (a .cls member wins)."""
     include_unfinished: bool = False
     """Webdataset tars: also use tars that have no img2dataset `_stats.json` (unfinished)."""
-    max_failures: int | float | str = 0.01
+    max_failures: int | float | str | None = None
     """Undecodable images tolerated: a count (100), a fraction (0.01) or a percentage (1%) of the
-    source. Under torchrun each rank holds its own failures to this limit."""
+    source; default: max(10, 1% of the images), never more than 10%. Under torchrun each rank
+    holds its own failures to this limit."""
     exif_transpose: bool = False
     """Apply EXIF orientation before cropping (off: ImageNet parity)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -95,11 +106,12 @@ class EncodeConfig:
         positive = ("image_size", "batch_size", "shard_size", "chunk_size", "calibration_samples")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                flag = "--" + name.replace("_", "-")
+                raise LatentditError(f"{flag} must be at least 1, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+            raise LatentditError(f"--workers must be >= 0, got {self.workers}")
         if self.prefetch < 1:
-            raise ValueError(f"prefetch must be at least 1, got {self.prefetch}")
+            raise LatentditError(f"--prefetch must be at least 1, got {self.prefetch}")
         if self.shard_size % self.chunk_size:
             raise LatentditError(
                 f"--shard-size {self.shard_size} must be a multiple of --chunk-size {self.chunk_size}"
@@ -108,8 +120,9 @@ class EncodeConfig:
             raise LatentditError(f"--posterior {self.posterior!r}: use one of {POSTERIOR_MODES}")
         if self.dtype not in DTYPES:
             raise LatentditError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
-        if self.max_failures < 0 or (
-            isinstance(self.max_failures, float) and self.max_failures >= 1
+        if self.max_failures is not None and (
+            self.max_failures < 0
+            or (isinstance(self.max_failures, float) and self.max_failures >= 1)
         ):
             raise LatentditError(
                 f"--max-failures {self.max_failures}: a count >= 0 or a fraction in [0, 1)"
@@ -154,6 +167,9 @@ class EncodeConfig:
 
     def failure_limit(self, num_samples: int) -> int:
         """The most failures allowed for a source of `num_samples` images."""
+        if self.max_failures is None:
+            share = math.floor(FAILURE_SHARE_MAX * num_samples)
+            return min(max(FAILURES_TOLERATED, math.floor(FAILURE_FRACTION * num_samples)), share)
         if isinstance(self.max_failures, float):
             return math.floor(self.max_failures * num_samples)
         return self.max_failures

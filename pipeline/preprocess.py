@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from foundation.errors import LatentditError
+
 # Pillow's own warning threshold; an image with more pixels is treated as a decompression bomb.
 DEFAULT_MAX_PIXELS = 89_478_485
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
@@ -41,9 +43,9 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
-            raise ValueError(f"image_size must be at least 8, got {self.image_size}")
+            raise LatentditError(f"--image-size must be at least 8, got {self.image_size}")
         if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+            raise LatentditError(f"--max-pixels must be positive, got {self.max_pixels}")
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

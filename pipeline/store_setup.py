@@ -19,6 +19,7 @@ from latent_store import (
     LatentditError,
     QuantParams,
     SchemaMismatchError,
+    StoreExistsError,
     StoreNotFoundError,
     StoreSpec,
     calibrate,
@@ -95,7 +96,13 @@ def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfi
     wanted = store_spec(cfg, source, vae_info)
     out, options = cfg.out, cfg.store_options
     if _store_exists(out, options):
-        have = open_store(out, storage_options=options).spec
+        try:
+            have = open_store(out, storage_options=options).spec
+        except StoreNotFoundError:
+            raise StoreExistsError(
+                f"--out {out}: a folder that holds something other than a latent store; choose "
+                "a new or empty folder"
+            ) from None
         if diffs := have.differences(wanted, RESUME_FIELDS):
             raise SchemaMismatchError(
                 f"{out} holds a store made with another configuration: {'; '.join(diffs)}. "
@@ -112,6 +119,8 @@ def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfi
 def _store_exists(out: str | Path, storage_options: dict | None) -> bool:
     """Whether `out` holds something: a non-empty folder, or a store at an fsspec URL."""
     if not is_url(out):
+        if Path(out).exists() and not Path(out).is_dir():
+            raise StoreExistsError(f"--out {out}: a file, not a store folder; choose another --out")
         return Path(out).exists() and any(Path(out).iterdir())
     try:
         open_store(out, storage_options=storage_options)

@@ -143,6 +143,10 @@ def sample(cfg: SampleConfig) -> SampleResult:
     Under torchrun every rank makes its share of the batches (`sampler.ranks`); rank 0 writes the
     manifest, the grid and the final `.npz`.
     """
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise SamplerError(
+            f"--out {cfg.out}: a file, not a folder; choose a new or earlier --out folder"
+        )
     with ranks.process_group(cfg.device) as info:
         return _sample(cfg, info)
 

@@ -229,7 +229,7 @@ def tiny_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-run")
     options = {"store": str(write_store(root / "store.zarr", n=16)), "run": str(root / "run")}
     options.update(TINY_DIT, steps=2, batch_size=8, warmup_steps=0)
-    return train(resolve_config(None, options))
+    return train(resolve_config(None, options)).run
 
 
 # --- fixtures: sampler --------------------------------------------------------------------------

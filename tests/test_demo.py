@@ -28,6 +28,7 @@ from demo.verdict import (
     split_halves,
     verdict,
 )
+from foundation.errors import ConfigError
 
 # --- data ----------------------------------------------------------------------------------------
 
@@ -58,9 +59,9 @@ def test_load_split_returns_images_and_labels(demo_data):
 
 
 def test_data_config_rejects_bad_sizes(tmp_path):
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ConfigError, match="image_size"):
         DemoDataConfig(out=tmp_path, image_size=4)
-    with pytest.raises(ValueError, match="val_per_class"):
+    with pytest.raises(ConfigError, match="val_per_class"):
         DemoDataConfig(out=tmp_path, val_per_class=1)
 
 

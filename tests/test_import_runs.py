@@ -143,7 +143,7 @@ def test_train_fine_tunes_an_imported_dit_with_the_hybrid_loss(imported, tmp_pat
     options = {"store": str(store), "run": str(tmp_path / "run"), "model": "DiT-S/2", **TINY,
                "objective": "ddpm", "learn_sigma": True, "normalization": "vae_scaling",
                "init": str(imported["dit"]), "steps": 2, "batch_size": 8, "warmup_steps": 0}  # fmt: skip
-    run = train(resolve_config(None, options))
+    run = train(resolve_config(None, options)).run
     ckpt = load_checkpoint(run)
     assert ckpt.meta["objective"]["learn_sigma"] and ckpt.meta["model"]["config"]["learn_sigma"]
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -224,7 +224,7 @@ def test_train_fine_tunes_an_imported_sit_in_its_time(imported, tmp_path):
     options = {"store": str(store), "run": str(tmp_path / "run"), "model": "DiT-S/4", **TINY,
                "normalization": "vae_scaling", "init": str(imported["sit"]), "steps": 1,
                "batch_size": 8, "warmup_steps": 0, "timesteps": "uniform"}  # fmt: skip
-    meta = load_checkpoint(train(resolve_config(None, options))).meta
+    meta = load_checkpoint(train(resolve_config(None, options)).run).meta
     assert meta["objective"] == {
         **meta["objective"],
         "reverse_time": True,

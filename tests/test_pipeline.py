@@ -235,6 +235,25 @@ def test_too_many_failures_stop_the_run(image_tree, tiny_vae_dir, tmp_path):
         encode(job(image_tree, tmp_path / "s.zarr", tiny_vae_dir, max_failures=0.1))
 
 
+def test_default_max_failures_rule(image_tree, tiny_vae_dir, tmp_path):
+    """max(10, 1%), never more than 10%: 2 bad files of 135 pass, 4 of 22 (18%) stop the run."""
+    rule = EncodeConfig(source=tmp_path, out=tmp_path / "x")
+    assert [rule.failure_limit(n) for n in (22, 135, 1000, 1_281_167)] == [2, 10, 10, 12811]
+    with pytest.raises(TooManyFailuresError, match=r"default: max\(10, 1% of the images\)"):
+        encode(job(image_tree, tmp_path / "s.zarr", tiny_vae_dir, max_failures=None))
+
+
+def test_rerunning_encode_repairs_damaged_shards(reference, image_tree, tiny_vae_dir, tmp_path):
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(reference, damaged)
+    shard = damaged / "latents" / "c" / "1" / "0" / "0" / "0" / "0"
+    shard.write_bytes(bytes(len(shard.read_bytes())))  # zeros: the checksum no longer matches
+    assert not all(c.ok for c in validate_store(damaged))
+    encode(job(image_tree, damaged, tiny_vae_dir))  # the same command re-encodes shard 1 only
+    assert all(c.ok for c in validate_store(damaged))
+    assert _equal(store_contents(damaged), store_contents(reference))
+
+
 def test_mismatched_resume_is_refused(reference, image_tree, tiny_vae_dir, tmp_path):
     before = store_contents(reference)
     with pytest.raises(SchemaMismatchError, match=r"variants: \('image',\) \(store\)"):
@@ -355,7 +374,11 @@ def test_cli_encode_and_bad_input(image_tree, tiny_vae_dir, tmp_path, monkeypatc
 
 
 def test_validate_decode_check_reports_psnr(reference):
-    result = _invoke("validate", str(reference), "--decode-check", "5", "--json")
+    # the tiny random VAE decodes at ~10 dB: below the default floor, above --min-psnr 0
+    low = _invoke("validate", str(reference), "--decode-check", "5")
+    assert low.exit_code == 1 and "below --min-psnr 20 dB" in low.output, low.output
+    assert "INVALID" in low.output
+    result = _invoke("validate", str(reference), "--decode-check", "5", "--min-psnr", "0", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["ok"] and report["decode_check"]["samples"] == 5

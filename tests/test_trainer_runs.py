@@ -145,8 +145,9 @@ def test_kill_and_resume_is_exact(tmp_path, python):
     killed = tmp_path / "killed"
     assert [r["step"] for r in read_log(killed)] == [1, 2, 3, 4, 5]
     assert (killed / "checkpoints" / "latest").read_text().strip() == "0000003"
-    result = runner.invoke(app, ["train", *cli_args(options)])
+    result = runner.invoke(app, ["train", "--run", str(killed)])  # bare: the run's own config
     assert result.exit_code == 0, result.output
+    assert "step 7 (resumed at step 3)" in result.output and "latentdit sample" in result.output
     train(resolve_config(None, {**options, "run": str(tmp_path / "straight")}))
     resumed, straight = read_log(killed), read_log(tmp_path / "straight")
     assert [r["step"] for r in resumed] == list(range(1, 8))

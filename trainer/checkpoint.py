@@ -212,7 +212,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def read_meta(folder: Path) -> dict[str, Any]:
     """meta.json of a checkpoint folder, checked for format and version."""
-    meta = json.loads((folder / META).read_text())
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointMismatchError(
+            f"{folder / META} is unreadable ({str(e).splitlines()[0]}); the checkpoint is "
+            "damaged: use an earlier one (point checkpoints/latest at it) or retrain"
+        ) from None
+    if not isinstance(meta, dict):
+        raise CheckpointMismatchError(
+            f"{folder / META} is not a JSON object; the checkpoint is damaged"
+        )
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointMismatchError(
             f"{folder}: checkpoint format {meta.get('format')!r} v{meta.get('version')!r} is not "

@@ -85,6 +85,11 @@ class TrainConfig:
         "memory", "Data mode: memory (host RAM), gpu (on the device), stream (shards)."
     )
     shuffle_shards: int = option(4, "Stream mode: shards held in the shuffle buffer.")
+    verify: bool = option(
+        True,
+        "Verify the store's seal and every shard against its checksum and record as it loads "
+        "(--no-verify: skip, for a store you have just validated).",
+    )
     seed: int = option(0, "Seed of data order, noise, label dropout and initialization.")
     precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32.")
     compile: bool = option(False, "torch.compile the model.")
@@ -184,7 +189,7 @@ class TrainConfig:
 
 # Options that may change between a run and its resumption without changing what is learned.
 RESUMABLE_CHANGES = frozenset(
-    {"steps", "data", "shuffle_shards", "compile", "device", "log_every", "ckpt_every"}
+    {"steps", "data", "shuffle_shards", "compile", "device", "log_every", "ckpt_every", "verify"}
     | {"keep_last", "sample_every", "vae", "peak_tflops", "grad_checkpointing", "store", "run"}
     | {"compile_scope", "compile_cache", "attention", "prefetch", "ddp_bucket_mb"}
     | {"grad_as_bucket_view"}
@@ -198,13 +203,3 @@ def resolve_config(
 ) -> TrainConfig:
     """Defaults, then the file's options, then `overrides` (None values mean 'not given')."""
     return resolve_options(TrainConfig, config_file, overrides, command="train")
-
-
-def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:
-    """Options that differ from a run's saved config and would change what it learns."""
-    now = json.loads(new.to_json())
-    return [
-        f"{k}: {old.get(k)!r} (run) vs {now[k]!r} (now)"
-        for k in now
-        if k not in RESUMABLE_CHANGES and old.get(k) != now[k]
-    ]

@@ -27,6 +27,7 @@ import torch
 
 from latent_store import LatentArrays, LatentditError, LatentStore, dequantize, load_latents
 from latent_store.reader import iter_shards, shard_order
+from latent_store.verify import verify_store
 from trainer.normalization import LatentNormalization
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,10 @@ class ArrayBatches(_Batches):
         seed: int,
         device: torch.device,
         on_device: bool,
+        verify: bool = True,
     ) -> None:
         super().__init__(store, norm, device)
-        arrays = load_latents(store)
+        arrays = load_latents(store, verify=verify)
         self.layout, self.seed, self.n = layout, seed, len(arrays)
         if self.n < layout.batch_size:
             raise DataError(
@@ -155,9 +157,13 @@ class StreamBatches(_Batches):
         seed: int,
         device: torch.device,
         shuffle_shards: int,
+        verify: bool = True,
     ) -> None:
         super().__init__(store, norm, device)
         self.store, self.layout, self.seed, self.buffer = store, layout, seed, shuffle_shards
+        self.verify = verify
+        if verify:  # the seal now; each shard as it arrives (`iter_shards`)
+            verify_store(store)
         complete = store.require_complete()
         records = store.records()
         sizes = sorted(records[s].written for s in complete)
@@ -188,6 +194,7 @@ class StreamBatches(_Batches):
             epoch=epoch,
             rank=self.layout.rank,
             world_size=self.layout.world_size,
+            verify=self.verify,
         )
         held: list[LatentArrays] = []
         rest_codes = np.zeros((0, *self.store.spec.latent_shape), np.uint8)
@@ -237,12 +244,22 @@ def build_batches(
     seed: int,
     device: torch.device,
     shuffle_shards: int = 4,
+    verify: bool = True,
 ) -> ArrayBatches | StreamBatches:
-    """The batch source of a data mode: "memory", "gpu" or "stream"."""
+    """The batch source of a data mode: "memory", "gpu" or "stream"; `verify`: see the readers."""
     if mode == "stream":
         return StreamBatches(
-            store, norm, layout, seed=seed, device=device, shuffle_shards=shuffle_shards
+            store,
+            norm,
+            layout,
+            seed=seed,
+            device=device,
+            shuffle_shards=shuffle_shards,
+            verify=verify,
         )
     if mode == "gpu" and device.type != "cuda":
         raise DataError(f"--data gpu needs a CUDA device, got {device}; use --data memory")
-    return ArrayBatches(store, norm, layout, seed=seed, device=device, on_device=mode == "gpu")
+    on_device = mode == "gpu"
+    return ArrayBatches(
+        store, norm, layout, seed=seed, device=device, on_device=on_device, verify=verify
+    )

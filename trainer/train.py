@@ -8,7 +8,6 @@ Re-running the same command on a run folder resumes from its latest checkpoint, 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from foundation.distributed import (
 from foundation.distributed import teardown_distributed as teardown
 from foundation.urls import parse_storage_options
 from latent_store import LatentStore, open_store
+from latent_store.verify import verify_store
 from trainer.checkpoint import (
     CheckpointMismatchError,
     capture_rng_state,
@@ -36,18 +36,18 @@ from trainer.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from trainer.config import ConfigError, TrainConfig, config_changes
+from trainer.config import TrainConfig
 from trainer.data import BatchLayout, build_batches
 from trainer.metrics import TrainLogger, peak_flops
 from trainer.model import DiT, ModelConfigError, build_model, forward_flops
 from trainer.normalization import normalization_from_store
 from trainer.objective import DDPM, FlowMatching, Objective
 from trainer.prefetch import Prefetcher
+from trainer.run_dir import CONFIG_FILE, TrainSummary, check_resume
 from trainer.step import Trainee, lr_at, make_trainee, train_step
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
 SampleFn = Callable[[DiT, dict[str, Any], int, Path], None]
 """sample_fn(ema_model, meta, step, run_dir): called on rank 0 every `sample_every` steps and at
 the end, e.g. to write an EMA sample grid under run_dir through the sampler's decoder-only path."""
@@ -87,26 +87,17 @@ def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
 
 
 def prepare_run(cfg: TrainConfig, dist: DistInfo) -> Path:
-    """Create the run folder and write config.json (rank 0); refuse a resume with changed options."""
+    """Create the run folder and write config.json (rank 0), after `check_resume` passed."""
     run = Path(cfg.run)
-    saved = run / CONFIG_FILE
-    if (
-        saved.is_file() and latest_checkpoint(run) is not None
-    ):  # every rank checks, so all fail alike
-        changes = config_changes(json.loads(saved.read_text()), cfg)
-        if changes:
-            raise ConfigError(
-                f"{run} was trained with other options ({'; '.join(changes)}); use a new --run"
-            )
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        saved.write_text(cfg.to_json())
+        (run / CONFIG_FILE).write_text(cfg.to_json())
     barrier()
     return run
 
 
-def resume(run: Path, trainee: Trainee, meta: dict[str, Any]) -> int:
-    """Load the run's latest checkpoint into `trainee` (every rank) and return its step (0 if none).
+def resume(run: Path, trainee: Trainee, start: int) -> None:
+    """Load the run's latest checkpoint (of step `start`, checked) into `trainee` on every rank.
 
     Every rank must see the same latest checkpoint: a node that does not (a run folder on
     node-local disk) would start over while the others resume, so all ranks stop instead.
@@ -118,20 +109,14 @@ def resume(run: Path, trainee: Trainee, meta: dict[str, Any]) -> int:
             f"{run}: the ranks see different latest checkpoints ({seen}, by rank); the run "
             "folder must be one folder that every node shares (see docs/multinode.md)"
         )
-    if found is None:
-        return 0
+    if start == 0:
+        return
     ckpt = load_checkpoint(run)
-    if ckpt.meta["store"]["fingerprint"] != meta["store"]["fingerprint"]:
-        raise CheckpointMismatchError(
-            f"{ckpt.path} was trained on store {ckpt.meta['store']['path']} with other data "
-            f"(fingerprint {ckpt.meta['store']['fingerprint']} vs {meta['store']['fingerprint']}); use a new --run"
-        )
     trainee.model.load_state_dict(ckpt.model_state)
     trainee.ema.load_state_dict(ckpt.ema_state)
     trainee.optimizer.load_state_dict(ckpt.train_state["optimizer"])
     restore_rng_state(ckpt.train_state["rng"])
-    log.info("resuming %s from step %d", run, ckpt.meta["step"])
-    return ckpt.meta["step"]
+    log.info("resuming %s from step %d", run, start)
 
 
 def save(
@@ -160,8 +145,8 @@ def save(
 
 def train(
     cfg: TrainConfig, *, sample_fn: SampleFn | None = None, eval_fn: EvalFn | None = None
-) -> Path:
-    """Train (or resume) the run `cfg.run` on `cfg.store` up to `cfg.steps`; returns the run folder."""
+) -> TrainSummary:
+    """Train (or resume) the run `cfg.run` on `cfg.store` up to `cfg.steps`; what it did."""
     dist = setup_distributed(cfg.device)
     cache = Path(cfg.compile_cache) if cfg.compile and cfg.compile_cache else None
     try:
@@ -173,13 +158,19 @@ def train(
 
 def _train(
     cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None, eval_fn: EvalFn | None = None
-) -> Path:
+) -> TrainSummary:
     store = open_store(cfg.store, storage_options=parse_storage_options(cfg.storage_options))
+    if cfg.verify:  # before the summary's statistics become the normalization
+        verify_store(store)
     seed_everything(cfg.seed, dist.rank)
     model = build_model_for_store(cfg, store).to(dist.device)
     norm, objective = normalization_from_store(store, cfg.normalization), build_objective(cfg)
     if cfg.init and latest_checkpoint(cfg.run) is None:
         objective = init_weights(model, cfg.init, objective=objective, normalization=norm)
+    meta = checkpoint_meta(
+        preset=cfg.model, model=model, objective=objective, normalization=norm, store=store
+    )
+    start = check_resume(cfg, meta)  # reads only: a refused resume leaves the run as it was
     layout = BatchLayout(
         batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,
@@ -194,14 +185,13 @@ def _train(
         seed=cfg.seed,
         device=dist.device,
         shuffle_shards=cfg.shuffle_shards,
+        verify=cfg.verify,
     )
     data = Prefetcher(data, dist.device) if cfg.prefetch else data
     run = prepare_run(cfg, dist)
-    meta = checkpoint_meta(
-        preset=cfg.model, model=model, objective=objective, normalization=norm, store=store
-    )
     trainee = make_trainee(model, cfg, dist)
-    start = resume(run, trainee, meta)
+    resume(run, trainee, start)
+    began, loss = time.perf_counter(), None
     logger = TrainLogger(
         run, dist=dist, start_step=start, total_steps=cfg.steps, log_every=cfg.log_every, global_batch=cfg.batch_size,
         forward_flops=forward_flops(model.config), peak=peak_flops(dist.device, cfg.peak_tflops),
@@ -210,7 +200,7 @@ def _train(
         t0 = time.perf_counter()
         batches = data.get(*divmod(step, data.steps_per_epoch))
         data_s, lr = time.perf_counter() - t0, lr_at(step, cfg)
-        loss, grad_norm = train_step(
+        loss_t, grad_norm = train_step(
             trainee,
             objective,
             batches,
@@ -223,7 +213,8 @@ def _train(
         done = step + 1
         if cfg.prefetch and done < cfg.steps:  # gathered while this step runs on the device
             data.prefetch(*divmod(done, data.steps_per_epoch))
-        logger.update(done, loss, grad_norm, lr, data_s)
+        record = logger.update(done, loss_t, grad_norm, lr, data_s)
+        loss = record["loss"] if record else loss
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             save(
                 run,
@@ -248,5 +239,5 @@ def _train(
         ):
             logger.log_eval(done, eval_fn(trainee.ema, {**meta, "step": done}, done, run))
     logger.close()
-    log.info("run %s at step %d of %d", run, max(start, cfg.steps), cfg.steps)
-    return run
+    seconds = time.perf_counter() - began
+    return TrainSummary.of(cfg, model, start=start, seconds=seconds, loss=loss, rank=dist.rank)

@@ -1,0 +1,114 @@
+"""The cost of verifying a store while loading it: memory-mode load with and without verify.
+
+    python bench/bench_verify.py [--samples 1281167] [--out /tmp/bench_verify.zarr] [--repeats 3]
+
+Writes a store of the ImageNet-256 layout (4x32x32 uint8 latents, 1000 classes, 8192-sample
+shards) through the real writer, then times `load_latents` (the memory and gpu modes' reader)
+with verify off and on, alternating, page cache warm for both; and the store-wide checks alone
+(seal incl. the 1.28M keys, summary). Prints one JSON object. Target (DESIGN.md): verify adds at
+most 10% to the load time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+
+import numpy as np
+
+from latent_store import (
+    ClassInfo,
+    LatentStore,
+    QuantParams,
+    StoreSpec,
+    StoreWriter,
+    VaeInfo,
+    create_store,
+    finalize_store,
+    load_latents,
+)
+from latent_store.reader import LOAD_THREADS
+from latent_store.verify import verify_store
+
+LATENT = (4, 32, 32)
+CLASSES = 1000
+
+
+def write(out: str, samples: int) -> float:
+    """Seconds to create and write the store (random codes, every label in range)."""
+    shutil.rmtree(out, ignore_errors=True)
+    spec = StoreSpec(
+        num_samples=samples,
+        latent_shape=LATENT,
+        quant=QuantParams(offset=(-4.0,) * 4, scale=(8 / 255,) * 4),
+        vae=VaeInfo(id="bench/vae", scaling_factor=0.18215),
+        classes=tuple(ClassInfo(index=i, id=f"n{i:08d}") for i in range(CLASSES)),
+        source={"kind": "bench"},
+    )
+    t0 = time.perf_counter()
+    keys = [f"train/n{i % CLASSES:08d}/{i}.JPEG" for i in range(samples)]
+    store = create_store(out, spec, keys)
+    writer = StoreWriter(store)
+    rng = np.random.default_rng(0)
+    block = rng.integers(0, 256, (spec.shard_size, *spec.sample_shape), dtype=np.uint8)
+    for shard in range(spec.num_shards):
+        a, b = spec.shard_bounds(shard)
+        labels = (np.arange(a, b) % CLASSES).astype(np.int16)
+        writer.write_shard(shard, block[: b - a], labels)
+    finalize_store(store)
+    return time.perf_counter() - t0
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench(samples: int, out: str, repeats: int, threads: int) -> dict:
+    write_s = write(out, samples)
+    load_latents(out, verify=False, threads=threads)  # warm the page cache
+    plain, checked = [], []
+    for _ in range(repeats):
+        plain.append(timed(lambda: load_latents(out, verify=False, threads=threads)))
+        checked.append(timed(lambda: load_latents(out, verify=True, threads=threads)))
+    store_checks = timed(lambda: verify_store(LatentStore(out)))
+    best_plain, best_checked = min(plain), min(checked)
+    return {
+        "bench": "verify",
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
+        "samples": samples,
+        "latent_shape": list(LATENT),
+        "bytes": samples * int(np.prod(LATENT)),
+        "threads": threads,
+        "write_s": round(write_s, 2),
+        "load_s": [round(t, 3) for t in plain],
+        "load_verified_s": [round(t, 3) for t in checked],
+        "store_checks_s": round(store_checks, 3),
+        "load_GBps": round(samples * np.prod(LATENT) / best_plain / 1e9, 2),
+        "verify_overhead": round(best_checked / best_plain - 1, 4),
+        "target_overhead": 0.10,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=1_281_167)
+    parser.add_argument("--out", default="/tmp/bench_verify.zarr")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=LOAD_THREADS, help="reader threads")
+    parser.add_argument("--keep", action="store_true", help="keep the store afterwards")
+    args = parser.parse_args()
+    try:
+        print(json.dumps(bench(args.samples, args.out, args.repeats, args.threads), indent=2))
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -255,6 +255,24 @@ def generate_arrays(config: DemoDataConfig) -> dict[str, tuple[np.ndarray, np.nd
     return {split: load_split(config.out, split) for split in SPLITS}
 
 
+def generate_training_arrays(
+    image_size: int, train_per_class: int, val_per_class: int, seed: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`generate_arrays` in a temporary folder: the images a shipped asset is trained on."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return generate_arrays(
+            DemoDataConfig(
+                out=Path(tmp),
+                image_size=image_size,
+                train_per_class=train_per_class,
+                val_per_class=val_per_class,
+                seed=seed,
+            )
+        )
+
+
 def as_tensor(images: np.ndarray):
     """uint8 images (N, H, W, 3) -> float32 torch (N, 3, H, W) in [-1, 1], the VAE's input range."""
     import torch

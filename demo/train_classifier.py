@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 from demo.classifier import Classifier
-from demo.config import ClassifierTrainConfig, DemoDataConfig
-from demo.data import CLASSES, as_tensor, generate_arrays
+from demo.config import ClassifierTrainConfig
+from demo.data import CLASSES, as_tensor, generate_training_arrays
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +43,9 @@ def random_blur(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def train_classifier(config: ClassifierTrainConfig) -> dict:
     """Train, measure held-out accuracy, save; returns the metrics."""
     torch.manual_seed(config.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        data = generate_arrays(
-            DemoDataConfig(
-                out=Path(tmp),
-                image_size=config.image_size,
-                train_per_class=config.train_per_class,
-                val_per_class=config.val_per_class,
-                seed=config.data_seed,
-            )
-        )
+    data = generate_training_arrays(
+        config.image_size, config.train_per_class, config.val_per_class, config.data_seed
+    )
     x, y = as_tensor(data["train"][0]), torch.from_numpy(data["train"][1])
     model = Classifier(num_classes=len(CLASSES), image_size=config.image_size)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)

@@ -18,16 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
-from demo.config import DemoDataConfig, VaeTrainConfig
-from demo.data import as_tensor, generate_arrays
+from demo.config import VaeTrainConfig
+from demo.data import as_tensor, generate_training_arrays
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +85,9 @@ def reconstruction_psnr(vae: AutoencoderKL, x: torch.Tensor, batch_size: int = 2
 def train_vae(config: VaeTrainConfig) -> dict:
     """Train, set scaling_factor from the measured latent std, save; returns the metrics."""
     torch.manual_seed(config.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        data = generate_arrays(
-            DemoDataConfig(
-                out=Path(tmp),
-                image_size=config.image_size,
-                train_per_class=config.train_per_class,
-                val_per_class=config.val_per_class,
-                seed=config.data_seed,
-            )
-        )
+    data = generate_training_arrays(
+        config.image_size, config.train_per_class, config.val_per_class, config.data_seed
+    )
     train, val = as_tensor(data["train"][0]), as_tensor(data["val"][0])
     vae = build_vae(config)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)

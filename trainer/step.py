@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
-from foundation.distributed import DistInfo
+from foundation.distributed import DistInfo, broadcast_module
 from foundation.errors import ConfigError
 from foundation.precision import Precision, autocast, resolve_precision
 from trainer.config import TrainConfig
@@ -95,6 +95,7 @@ def make_trainee(model: DiT, cfg: TrainConfig, dist: DistInfo) -> Trainee:
     `cfg.bf16_weights` DDP wraps a bf16 copy instead, whose buckets a comm hook averages in fp32
     into the masters' gradients; AdamW, clipping and the EMA keep to the fp32 `model`.
     """
+    broadcast_module(model)  # rank 0's weights before the EMA and bf16 copies are made of them
     ema = make_ema(model)  # an eager copy, made before any block is compiled
     if cfg.bf16_weights and resolve_precision(cfg.precision, dist.device) is not Precision.bf16:
         raise ConfigError(

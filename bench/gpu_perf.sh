@@ -31,11 +31,11 @@ start=$SECONDS failed=0
 if [[ ${SMALL:-0} == 1 ]]; then
   DEV=cpu CH=8,16,16,16 PX=64 PX2=128 EB=8 EB2=16 EBS=4,16 EN=32 EN_LONG=64 EW=1
   XL=DiT-S/8 B=DiT-S/8 L=DiT-S/4 TB=4 TB2=8 TSTEPS=(--steps 2 --warmup 2 --log-every 2)
-  PSTEPS=1 TRAIN_CPU=(--threads 1) ATT=math DG=memory  # no cuDNN attention, no GPU data
+  PSTEPS=1 TRAIN_CPU=(--threads 1) ATT=math DG=memory CKB=3  # no cuDNN attention, no GPU data
 else
   DEV=cuda CH=128,256,512,512 PX=256 PX2=512 EB=128 EB2=32 EBS=64,256 EN=4096 EN_LONG=16384
   EW=15 XL=DiT-XL/2 B=DiT-B/2 L=DiT-L/2 TB=128 TB2=256 TSTEPS=(--steps 10 --warmup 5 --log-every 5)
-  PSTEPS=3 TRAIN_CPU=() ATT=cudnn DG=gpu
+  PSTEPS=3 TRAIN_CPU=() ATT=cudnn DG=gpu CKB=14
 fi
 
 # step NAME SECONDS CMD...: run CMD (stdout's JSON lines go to results.jsonl tagged with NAME),
@@ -76,6 +76,7 @@ enc=(--channels "$CH" --dtype bf16 --device "$DEV" --threads 4 --compile-cache "
 [[ $DEV == cpu ]] && enc=(--channels "$CH" --dtype fp32 --device cpu --threads 1 --compile-cache "$CC")
 tr=("${TSTEPS[@]}" --samples 2048 "${TRAIN_CPU[@]}" --compile-cache "$CC")
 blocks=(--compile --compile-scope blocks)
+bf16w=(--precision bf16 --bf16-weights)  # bf16 compute copy, fp32 masters (CPU too: explicit bf16)
 
 # Steps in order of importance (issue 15 = encode, 16 = train), alternating the two issues.
 # issue 15: the compiled graph over a long run: graph alone vs pipeline (goal >= 0.95), and its
@@ -86,6 +87,10 @@ step encode_compiled_long 150 $PY bench/bench_encode.py "${enc[@]}" --image-size
 # issue 16: DiT-XL/2 compiled block by block, batch sweep, data in GPU memory
 step train_xl_blocks_gpu 100 $PY bench/bench_train.py --models $XL --batch-size $TB $TB2 \
   "${tr[@]}" "${blocks[@]}" --data $DG
+# issue 16: the same at batch 256 with bf16 weights (no per-op weight casts; fp32 masters):
+# images/s against the step above's batch-256 record, and the losses within bf16 noise of it
+step train_xl_bf16_weights 60 $PY bench/bench_train.py --models $XL --batch-size $TB2 \
+  "${tr[@]}" "${blocks[@]}" --data $DG "${bf16w[@]}"
 # issue 16: kernel classes of one compiled XL/2 step, gaps, host syncs per step
 step profile_train_xl 45 $PY bench/profile_train.py --model $XL --batch-size $TB --steps $PSTEPS \
   "${blocks[@]}" --compile-cache "$CC" "${TRAIN_CPU[@]}"
@@ -106,6 +111,17 @@ step profile_encode_eager 25 $PY bench/profile_encode.py --channels "$CH" --imag
 # issue 16: the eager baseline at the same batch (its losses against the compiled run's)
 step train_xl_eager 45 $PY bench/bench_train.py --models $XL --batch-size $TB "${tr[@]}" \
   --data memory
+# issue 16: the profile again with bf16 weights: the weight casts should be gone from "cast"
+step profile_train_xl_bf16_weights 45 $PY bench/profile_train.py --model $XL --batch-size $TB \
+  --steps $PSTEPS "${blocks[@]}" --compile-cache "$CC" "${TRAIN_CPU[@]}" "${bf16w[@]}"
+# issue 16: torch.compile modes with bf16 weights at batch 256: CUDA graphs of each block
+# (reduce-overhead), then autotuned GEMM kernels without graphs (compiles longest)
+step train_xl_reduce_overhead 60 $PY bench/bench_train.py --models $XL --batch-size $TB2 \
+  "${tr[@]}" "${blocks[@]}" --compile-mode reduce-overhead --data $DG "${bf16w[@]}"
+# issue 16: batch 512 with half the blocks recomputed (bench/activation_memory.py: XL/2 keeps
+# ~318 MB per sample for backward, so 512 needs ~160 GB without, ~85 GB with 14 of 28 recomputed)
+step train_xl_checkpoint_blocks 60 $PY bench/bench_train.py --models $XL --batch-size $((2 * TB2)) \
+  "${tr[@]}" "${blocks[@]}" --checkpoint-blocks $CKB --data $DG "${bf16w[@]}"
 # issue 15: both variants in one batch (--flip)
 step encode_eager_flip 40 $PY bench/bench_encode.py "${enc[@]}" --image-size $PX --batch-size $EB \
   --images $((EN / 2)) --workers $EW --flip --no-unfused
@@ -120,6 +136,8 @@ step train_b_l_blocks 70 $PY bench/bench_train.py --models $B $L --batch-size $T
 # issue 15: 512 px once (eager, smaller batch)
 step encode_512 35 $PY bench/bench_encode.py "${enc[@]}" --image-size $PX2 --batch-size $EB2 \
   --images $((EN / 8)) --workers $EW --no-unfused
+step train_xl_max_autotune 120 $PY bench/bench_train.py --models $XL --batch-size $TB2 \
+  "${tr[@]}" "${blocks[@]}" --compile-mode max-autotune-no-cudagraphs --data $DG "${bf16w[@]}"
 # issue 16: the DDP-wrapped model compiled whole (today's --compile): compiles longest, so last
 step train_xl_model_scope 120 $PY bench/bench_train.py --models $XL --batch-size $TB "${tr[@]}" \
   --compile --compile-scope model --data $DG

@@ -3,6 +3,7 @@ what is learned: the same losses, checkpoints and resumes, one rank or two, on t
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 
@@ -13,6 +14,7 @@ from test_trainer import tiny_model
 from test_trainer_runs import cli_args, read_log, tiny_options
 
 from trainer.config import ConfigError, resolve_config
+from trainer.metrics import saved_activation_bytes
 from trainer.train import train
 
 BF16 = {"precision": "bf16", "bf16_weights": True}
@@ -112,28 +114,14 @@ def test_two_processes_with_bf16_weights_match_autocast_and_one(tmp_path, python
 # --- selective activation checkpointing -----------------------------------------------------------
 
 
-def saved_activation_bytes(model: torch.nn.Module, *args) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward, weights left out: one forward
-    under a saved_tensors_hooks counter (recomputed blocks keep only their inputs, unseen here)."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(*args)
-    del out
-    return sum(seen.values())
-
-
 def test_checkpoint_blocks_keep_the_gradients_and_save_activation_memory():
     """Recomputing the first N of 4 blocks: the same gradients, and the bytes autograd keeps
     fall with N (measured with saved_tensors_hooks: no CUDA allocator on the CPU)."""
-    x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([3.0, 7.0, 1.0, 9.0]), torch.tensor([0, 2, 1, 0])
+    x, t, y = (
+        torch.randn(4, 4, 8, 8),
+        torch.tensor([3.0, 7.0, 1.0, 9.0]),
+        torch.tensor([0, 2, 1, 0]),
+    )
     model = tiny_model(depth=4)
     saved, grads = [], []
     for n in range(5):
@@ -145,7 +133,7 @@ def test_checkpoint_blocks_keep_the_gradients_and_save_activation_memory():
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0])
     assert saved == sorted(saved, reverse=True) and len(set(saved)) == 5, saved
-    per_block = [a - b for a, b in zip(saved, saved[1:], strict=False)]
+    per_block = [a - b for a, b in itertools.pairwise(saved)]
     assert max(per_block) - min(per_block) <= 0.05 * max(per_block), per_block  # alike blocks
     assert saved[4] < 0.3 * saved[0], saved
 

@@ -5,8 +5,9 @@
 
 The search is pure: it doubles from `start` while `fits` holds (up to `cap`), then bisects between
 the last batch that fitted and the first that did not, until they are within 1/16 of each other.
-On CUDA, `cuda_fits` is one trial: a guided model call of 2b rows through the eager DiT, then a
-decode of b latents, under the run's autocast; it fails on `torch.cuda.OutOfMemoryError` or when
+On CUDA, `CudaFits` is one trial: a guided model call of 2b rows through the eager DiT, then a
+decode of b latents (in the decoder's chunks), under the run's autocast; it fails on running out
+of memory (`torch.cuda.OutOfMemoryError`, or cuBLAS without room for its workspace) or when
 the peak memory passes (1 - headroom) of what was free plus what the process holds, which leaves
 room for the allocator's fragmentation, the pinned copies and a compiled graph's buffers. On
 other devices the given batch size is kept: host memory is not what limits a CPU run.
@@ -111,13 +112,19 @@ class CudaFits:
                 images = self.decoder(x[:b])
                 del images
             torch.cuda.synchronize(self.device)
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as e:  # OutOfMemoryError, or cuBLAS failing to get its workspace
+            if not isinstance(e, torch.cuda.OutOfMemoryError) and not _out_of_memory(str(e)):
+                raise
             return False
         finally:
             x = t = y = None
             torch.cuda.empty_cache()
         self.last_peak = torch.cuda.max_memory_allocated(self.device)
         return self.last_peak <= self.budget
+
+
+def _out_of_memory(message: str) -> bool:
+    return "out of memory" in message or "ALLOC_FAILED" in message
 
 
 def pick_batch_size(

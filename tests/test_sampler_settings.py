@@ -271,3 +271,23 @@ def test_outside_the_guidance_interval_only_the_conditional_rows_run(objective, 
     )  # fmt: skip
     assert net.calls == calls
     assert z.shape == (3, 4, 4, 4) and torch.isfinite(z).all()
+
+
+def test_the_decoder_decodes_in_chunks(flow_run, tiny_vae_dir, monkeypatch):
+    """Its memory stays that of one chunk at any batch; the images are those of one call."""
+    from sampler import decoder as decoder_module
+    from trainer.checkpoint import load_for_inference
+
+    _, meta = load_for_inference(flow_run)
+    decoder = decoder_module.LatentDecoder.load(str(tiny_vae_dir), meta)
+    z = torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    whole = decoder(z)
+    sizes = []
+    real = decoder_module.decode_latents
+    monkeypatch.setattr(decoder_module, "DECODE_CHUNK", 2)
+    monkeypatch.setattr(
+        decoder_module, "decode_latents", lambda vae, x, **kw: sizes.append(len(x)) or real(vae, x, **kw)
+    )  # fmt: skip
+    chunked = decoder(z)
+    assert sizes == [2, 2, 1] and chunked.shape == whole.shape == (5, 32, 32, 3)
+    assert (chunked.int() - whole.int()).abs().max() <= 1

@@ -1,13 +1,14 @@
 """Where `latentdit sample` makes the host wait for the GPU: CUDA sync points by source line.
 
-    python bench/sample_syncs.py RUN --out /tmp/syncs --json syncs.json [--cfg-interval 0 0.7]
+    python bench/sample_syncs.py RUN --out /tmp/syncs --json syncs.json [--cfg-interval 0 0.6]
 
 Runs the real `sampler.sample.sample` on a checkpoint (a tiny one from `testkit.make_checkpoint`
-does) under `torch.cuda.set_sync_debug_mode("warn")`, and counts the synchronizing CUDA calls by
-the innermost line of this repository that made them. The claim it checks: between the decoder of
-batch k and the first model call of batch k + 1 nothing waits for the GPU, and without a guidance
-interval a solve reads nothing back (with one: one flag per model call, `sampler/guidance.py`).
-On a machine without CUDA it runs the same command and reports `"cuda": false`. Prints JSON.
+does) twice, without and with a guidance interval, under `torch.cuda.set_sync_debug_mode("warn")`,
+and counts the synchronizing CUDA calls by the innermost line of this repository that made them.
+The claim it checks: between the decoder of batch k and the first model call of batch k + 1
+nothing waits for the GPU, and without a guidance interval a solve reads nothing back (with one:
+one flag per model call, `sampler/guidance.py`). Loading the checkpoint and the final `.npz` may
+sync; they happen once. Without CUDA it runs on the CPU and reports `"cuda": false`. Prints JSON.
 """
 
 from __future__ import annotations
@@ -41,17 +42,8 @@ def repo_site(stack: list[traceback.FrameSummary]) -> str:
     return "outside the repository"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run")
-    p.add_argument("--out", required=True)
-    p.add_argument("--json", default=None)
-    p.add_argument("--n", type=int, default=12, help="images (of class 0)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=None)
-    args = p.parse_args()
-    cuda = torch.cuda.is_available()
+def count_syncs(args, interval: tuple[float, float] | None, out: Path, cuda: bool) -> dict:
+    """Run `sample` once under the sync debug mode; its sync points by site."""
     sites: Counter[str] = Counter()
     lock = threading.Lock()
 
@@ -60,12 +52,10 @@ def main() -> None:
             with lock:
                 sites[repo_site(traceback.extract_stack()[:-1])] += 1
 
-    solve = SolveConfig(
-        steps=args.steps, cfg=2.0, cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None
-    )  # fmt: skip
     cfg = SampleConfig(
-        checkpoint=args.run, out=args.out, classes=("0",), n=args.n, batch_size=args.batch_size,
-        npz=True, solve=solve, device="cuda" if cuda else "cpu",
+        checkpoint=args.run, out=str(out), classes=("0",), n=args.n, batch_size=args.batch_size,
+        npz=True, solve=SolveConfig(steps=args.steps, cfg=2.0, cfg_interval=interval),
+        device="cuda" if cuda else "cpu",
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -77,17 +67,34 @@ def main() -> None:
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode("default")
-    batches = -(-args.n // args.batch_size)
-    model_calls = 2 * args.steps  # the default flow solver, heun: two calls per step
+    return {
+        "cfg_interval": list(interval) if interval else None,
+        "images": result.made,
+        "syncs": sum(sites.values()),
+        "by_site": dict(sites.most_common()),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run")
+    p.add_argument("--out", required=True, help="a folder for the runs' images")
+    p.add_argument("--json", default=None)
+    p.add_argument("--n", type=int, default=12, help="images (of class 0)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 0.6), help="second run's")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
     report = {
         "bench": "sample_syncs",
         "cuda": cuda,
-        "images": result.made,
-        "batches": batches,
-        "model_calls_per_batch": model_calls,
-        "cfg_interval": args.cfg_interval,
-        "syncs": sum(sites.values()),
-        "by_site": dict(sites.most_common()),
+        "batches": -(-args.n // args.batch_size),
+        "model_calls_per_batch": 2 * args.steps,  # the default flow solver, heun: 2 per step
+        "runs": [
+            count_syncs(args, None, Path(args.out) / "no_interval", cuda),
+            count_syncs(args, tuple(args.cfg_interval), Path(args.out) / "interval", cuda),
+        ],
     }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

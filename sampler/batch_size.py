@@ -98,29 +98,31 @@ class CudaFits:
         self.budget = (free + torch.cuda.memory_allocated(device)) * (1 - headroom)
         self.last_peak: int | None = None
 
-    @torch.no_grad()
     def __call__(self, b: int) -> bool:
         torch.cuda.reset_peak_memory_stats(self.device)
         self.last_peak = None
+        fitted = self._trial(b)  # the failed trial's tensors are released once it has returned
+        torch.cuda.empty_cache()
+        if not fitted:
+            return False
+        self.last_peak = torch.cuda.max_memory_allocated(self.device)
+        return self.last_peak <= self.budget
+
+    @torch.no_grad()
+    def _trial(self, b: int) -> bool:
         try:
             x = torch.randn(2 * b, *self.latent_shape, device=self.device)
             t = torch.full((2 * b,), 0.5, device=self.device)
             y = torch.zeros(2 * b, dtype=torch.long, device=self.device)
             with autocast(self.device, self.precision):
-                out = self.model(x, t, y)
-                del out
-                images = self.decoder(x[:b])
-                del images
+                self.model(x, t, y)  # outputs unused: freed at once
+                self.decoder(x[:b])
             torch.cuda.synchronize(self.device)
         except RuntimeError as e:  # OutOfMemoryError, or cuBLAS failing to get its workspace
             if not isinstance(e, torch.cuda.OutOfMemoryError) and not _out_of_memory(str(e)):
                 raise
             return False
-        finally:
-            x = t = y = None
-            torch.cuda.empty_cache()
-        self.last_peak = torch.cuda.max_memory_allocated(self.device)
-        return self.last_peak <= self.budget
+        return True
 
 
 def _out_of_memory(message: str) -> bool:
@@ -145,8 +147,8 @@ def pick_batch_size(
         return batch_size, None
     probe = probe_batch_size(make_fits(), start=batch_size, cap=auto_batch)
     log.info(
-        "--auto-batch %d: batch %d fits (%d trials in %.1f s: %s)",
-        auto_batch, probe.batch, len(probe.trials), probe.seconds,
+        "--auto-batch: batch %d fits (up to %d; %d trials in %.1f s: %s)",
+        probe.batch, auto_batch, len(probe.trials), probe.seconds,
         ", ".join(f"{b}{'' if ok else ' no'}" for b, ok, _ in probe.trials),
     )  # fmt: skip
     return probe.batch, probe

@@ -178,6 +178,52 @@ def test_auto_batch_probes_on_cuda_only():
     assert batch == probe.batch == 100 and made == [1]
 
 
+class FakeCuda:
+    """torch.cuda's memory functions for a device of `total` bytes, its peak set by the model."""
+
+    def __init__(self, monkeypatch, total: int) -> None:
+        self.peak, self.total = 0, total
+        for name, fn in {
+            "empty_cache": lambda: None,
+            "synchronize": lambda device=None: None,
+            "mem_get_info": lambda device=None: (self.total, self.total),
+            "memory_allocated": lambda device=None: 0,
+            "reset_peak_memory_stats": lambda device=None: setattr(self, "peak", 0),
+            "max_memory_allocated": lambda device=None: self.peak,
+        }.items():
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+
+def test_a_cuda_trial_fails_on_out_of_memory_and_above_the_headroom(monkeypatch):
+    """CudaFits on the CPU with torch.cuda's memory calls faked: 1 byte per model row."""
+    from sampler.batch_size import HEADROOM, CudaFits
+
+    cuda = FakeCuda(monkeypatch, total=1000)
+    rows = []
+
+    def model(x, t, y):
+        rows.append(len(x))
+        if len(x) > 1200:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if len(x) == 666:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        cuda.peak = len(x)
+        return x
+
+    decoded = []
+    fits = CudaFits(
+        model, lambda z: decoded.append(len(z)), latent_shape=(4, 2, 2),
+        device=torch.device("cpu"), precision="fp32",
+    )  # fmt: skip
+    assert fits.budget == 1000 * (1 - HEADROOM)
+    assert fits(400) and fits.last_peak == 800 and rows == [800] and decoded == [400]
+    assert not fits(460) and fits.last_peak == 920  # fits in memory, not in the headroom
+    assert not fits(700) and fits.last_peak is None  # out of memory
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # not a miss: raised
+        fits(333)
+    assert probe_batch_size(fits, start=16, cap=1024).batch == 448  # 2 x 448 rows <= 900
+
+
 def test_auto_batch_on_the_cpu_keeps_the_batch_size(flow_run, tmp_path):
     result = sample(
         config(flow_run, tmp_path / "o", classes=("0",), n=3, batch_size=2, auto_batch=64)

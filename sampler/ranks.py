@@ -66,3 +66,8 @@ def on_main(fn: Callable[[], T], info: DistInfo) -> T:
 def total(count: int) -> int:
     """The sum of `count` over all ranks."""
     return sum(all_gather_objects(count))
+
+
+def smallest(value: int) -> int:
+    """The smallest `value` over all ranks."""
+    return min(all_gather_objects(value))

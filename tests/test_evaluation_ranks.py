@@ -109,7 +109,7 @@ def test_evaluate_on_two_ranks_gives_the_result_of_one_process(
 
 def test_evaluate_on_two_ranks_with_the_real_network(inputs, tmp_path):
     """The cached ADM-matching port: rank 1's share (images 4..13) featurized there and gathered
-    gives the pool_3 and spatial features of one process."""
+    gives the pool_3 and spatial features of one process, bit for bit."""
     evaluate(EvaluateConfig(samples=inputs / "stored.npz", save_stats=tmp_path / "one.npz",
                             batch_size=4, workers=0))  # fmt: skip
     done = torchrun("evaluate", inputs / "stored.npz", "--batch-size", 4, "--device", "cpu",
@@ -119,7 +119,7 @@ def test_evaluate_on_two_ranks_with_the_real_network(inputs, tmp_path):
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert a["pool_3"].shape == (13, 2048)
         for key in ("pool_3", "spatial", "mu_s"):
-            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_an_error_on_one_rank_stops_both(tmp_path, tiny_inception):

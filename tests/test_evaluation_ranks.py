@@ -76,6 +76,21 @@ def test_rebatch_runs_across_chunks():
                                                               [8, 9, 10, 11]]  # fmt: skip
 
 
+def test_gathers_of_two_ranks(tmp_path):
+    """Rows of uneven counts arrive in rank order on rank 0; a rank without rows is skipped;
+    an error of one rank is raised on both; rank 0's result reaches both."""
+    out = tmp_path / "seen.json"
+    job = [*TORCHRUN, str(ROOT / "tests/jobs/gather_job.py"), str(out)]
+    done = subprocess.run(job, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    assert seen["uneven"] == [[0, 1, 2], [100, 101, 102], [103, 104, 105]]
+    assert seen["only_rank_1"] == [[100, 101, 102], [103, 104, 105]]
+    assert seen["none"] is None
+    assert seen["on_all"] == "rank 1 failed"  # on rank 0, which did not fail itself
+    assert seen["on_main"] == ["from 0", "from 0"]
+
+
 def test_evaluate_on_two_ranks_gives_the_result_of_one_process(
     inputs, tmp_path, tiny_vae_dir, tiny_inception_logits
 ):

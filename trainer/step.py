@@ -95,13 +95,15 @@ def make_trainee(model: DiT, cfg: TrainConfig, dist: DistInfo) -> Trainee:
     `cfg.bf16_weights` DDP wraps a bf16 copy instead, whose buckets a comm hook averages in fp32
     into the masters' gradients; AdamW, clipping and the EMA keep to the fp32 `model`.
     """
-    broadcast_module(model)  # rank 0's weights before the EMA and bf16 copies are made of them
-    ema = make_ema(model)  # an eager copy, made before any block is compiled
     if cfg.bf16_weights and resolve_precision(cfg.precision, dist.device) is not Precision.bf16:
         raise ConfigError(
             f"--bf16-weights needs bf16 compute; --precision {cfg.precision} is fp32 on "
             f"{dist.device.type}: give --precision bf16, or drop --bf16-weights"
         )
+    # The ranks were seeded apart, so their inits differ: rank 0's weights everywhere before the
+    # EMA and the bf16 copy are made (DDP's own broadcast reaches only the module it wraps).
+    broadcast_module(model)
+    ema = make_ema(model)  # an eager copy, made before any block is compiled
     compute = bf16_compute_copy(model) if cfg.bf16_weights else model
     mode = None if cfg.compile_mode == "default" else cfg.compile_mode
     if cfg.compile and cfg.compile_scope == "blocks":

@@ -7,6 +7,8 @@
 #   bash bench/gpu_perf.sh                   # there (device run, carry [".whl"]), OUT=/some/dir
 #   SMALL=1 bash bench/gpu_perf.sh           # on a CPU: tiny sizes, checks the script runs
 #   ONLY='encode_512|model_scope' bash bench/gpu_perf.sh   # a second call: the steps skipped
+#   e.g. ONLY='profile_train_xl_bf16|reduce_overhead|checkpoint_blocks|max_autotune' (issue 16's
+#   bf16-weight profile, compile modes and recomputed blocks, past the first call's budget)
 #
 # Steps run in order of importance; each has a time limit, and a step is skipped (recorded as
 # such) once the next one would overrun BUDGET seconds (default 420). Everything uses random

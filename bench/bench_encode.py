@@ -2,8 +2,10 @@
 
     python bench/bench_encode.py [--images 96] [--image-size 256] [--workers 1] [--device cpu]
                                  [--flip] [--compile] [--dtype bf16] [--sweep 64,128,256]
+                                 [--compile --compile-mode reduce-overhead --mode-sweep default]
 
-Prints one JSON object (with --sweep, one per extra batch size first): decode+crop images/s of
+Prints one JSON object (with --sweep, one per extra batch size first; with --mode-sweep, one per
+extra compile mode, each with its codes against the unfused path): decode+crop images/s of
 one worker; the unfused path alone (`encode_variants` + `quantize` + a copy to the host, as every
 batch ran before the encode graph); the encode graph alone (uint8 crops to uint8 codes on the
 device, pipelined as the encode job launches it, compiled with --compile); the whole pipeline (the
@@ -45,6 +47,7 @@ from pipeline.vae import encode_variants, load_vae
 from testkit import make_vae
 
 IMAGENET_SIZE = (500, 375)  # the most common ImageNet train resolution
+WARMUP_BATCHES = 3  # before timing the graph: compile, then (CUDA graph modes) warm up and record
 
 
 def make_tree(root: Path, images: int, classes: int = 4, distinct: int = 1024) -> None:
@@ -124,7 +127,8 @@ def forward_figures(
     each keeps its best time (for noisy machines)."""
     batches = make_batches(items, source, cfg.batch_size, n)
     launcher = make_launcher(cfg, vae, spec)
-    compile_s, _ = timed(lambda: run_graph(launcher, batches[:1]), device)
+    # warm-up: compiles; in a CUDA graph mode the 1st call runs eagerly, the 2nd records the graph
+    compile_s, _ = timed(lambda: run_graph(launcher, batches[:WARMUP_BATCHES]), device)
     some = batches[: max(1, unfused_images // cfg.batch_size)] if unfused_images else batches
     if unfused:
         run_unfused(cfg, vae, spec.quant, batches[:1])  # warm-up
@@ -167,6 +171,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--flip", action="store_true", help="encode each crop's flip too")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encode graph")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode with --compile")
+    ap.add_argument(
+        "--mode-sweep", default="", help="with --compile, more modes for the graph alone: default"
+    )
     ap.add_argument("--compile-cache", type=Path, default=None, help="torch.compile cache folder")
     ap.add_argument("--cudnn-benchmark", action="store_true")
     ap.add_argument("--no-unfused", action="store_true", help="skip timing the unfused path")
@@ -182,6 +190,8 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch intra-op threads of the main process"
     )
     args = ap.parse_args()
+    if args.mode_sweep and not args.compile:
+        ap.error("--mode-sweep times other compile modes: add --compile")
     torch.set_num_threads(args.threads)
     channels = tuple(int(c) for c in args.channels.split(","))
     device, n = args.device, args.images
@@ -202,10 +212,11 @@ def main() -> None:
             shard_size=min(n, 4096),  # several shards: writes overlap the encoding
             chunk_size=min(n, 1024),
             compile=args.compile,
+            compile_mode=args.compile_mode if args.compile else None,
             compile_cache=args.compile_cache,
             cudnn_benchmark=args.cudnn_benchmark,
             calibration_samples=args.batch_size,
-        )
+        ).for_device(torch.device(device).type)
         source = open_source(cfg.source)
         vae, vae_info = load_vae(cfg.vae_config(device))  # as `encode` loads it
         pre = cfg.preprocess_config()
@@ -225,6 +236,7 @@ def main() -> None:
             "dtype": args.dtype,
             "flip": args.flip,
             "compile": args.compile,
+            "compile_mode": cfg.compile_mode,
             "images": n,
             "threads": args.threads,
         }
@@ -236,6 +248,22 @@ def main() -> None:
                 sized = replace(cfg, batch_size=size)
                 figures = forward_figures(sized, vae, spec, items, source, n, device, False)
                 print(json.dumps({**context, "sweep": True, **figures}), flush=True)
+            for mode in [m for m in args.mode_sweep.split(",") if m]:
+                moded = replace(cfg, compile_mode=mode)
+                figures = forward_figures(
+                    moded,
+                    vae,
+                    spec,
+                    items,
+                    source,
+                    n,
+                    device,
+                    not args.no_unfused,
+                    1,
+                    args.unfused_images,
+                )
+                sweep = {"sweep": True, "compile_mode": mode}
+                print(json.dumps({**context, **sweep, **figures}), flush=True)
             forward = forward_figures(
                 cfg,
                 vae,

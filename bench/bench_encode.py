@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -126,6 +127,7 @@ def forward_figures(
     `unfused_images`, its rate scaled), at cfg.batch_size; with `repeats`, the two alternate and
     each keeps its best time (for noisy machines)."""
     batches = make_batches(items, source, cfg.batch_size, n)
+    skips = counters["inductor"]["cudagraph_skips"]
     launcher = make_launcher(cfg, vae, spec)
     # warm-up: compiles; in a CUDA graph mode the 1st call runs eagerly, the 2nd records the graph
     compile_s, _ = timed(lambda: run_graph(launcher, batches[:WARMUP_BATCHES]), device)
@@ -145,6 +147,8 @@ def forward_figures(
         "graph_warmup_s": round(compile_s, 2),
         "graph_images_per_s": rate(n, graph_s),
     }
+    if launcher.cuda_graphs:  # graphs torch would not replay as CUDA graphs (its log says why)
+        figures["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     if unfused:
         d = (torch.cat(codes[: len(want)]).int() - torch.cat(want).int()).abs()
         figures |= {

@@ -226,8 +226,9 @@ def cudnn_benchmark(enabled: bool):
 
 
 def make_launcher(cfg: EncodeConfig, vae, spec: StoreSpec) -> BatchLauncher:
-    """This job's encode graph (compiled with --compile in --compile-mode, for one static batch
-    shape) and launcher; `cfg` has its speed options resolved (`EncodeConfig.for_device`)."""
+    """This job's encode graph (compiled with --compile in --compile-mode) and its launcher, which
+    pads every batch to one shape when the graph is compiled or cuDNN autotunes. `cfg` has its
+    speed options resolved (`EncodeConfig.for_device`)."""
     assert cfg.compile is not None, "resolve the speed options first: cfg.for_device(...)"
     graph = EncodeGraph(
         vae,
@@ -244,7 +245,8 @@ def make_launcher(cfg: EncodeConfig, vae, spec: StoreSpec) -> BatchLauncher:
         latent_shape=spec.latent_shape,
         variants=len(spec.variants),
         posterior=cfg.posterior,
-        static_batch=cfg.batch_size if cfg.compile else None,
+        # one shape for a compiled graph, and for cuDNN's autotuning (which times every new shape)
+        static_batch=cfg.batch_size if cfg.compile or cfg.cudnn_benchmark else None,
         cuda_graphs=cfg.compile and uses_cuda_graphs(cfg.compile_mode),
     )
 

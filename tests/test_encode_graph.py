@@ -133,6 +133,15 @@ def test_cuda_graph_modes_mark_every_launch_a_new_step(vae, crops, monkeypatch):
         assert len(marks) == want, mode
 
 
+def test_one_batch_shape_when_compiled_or_autotuned(vae, crops):
+    """Padded to --batch-size when compiled or under --cudnn-benchmark (cuDNN times each new
+    shape again); eager and untuned, batches run as they come (bit for bit the unfused path)."""
+    spec = SimpleNamespace(quant=None, logstd_quant=None, latent_shape=(4, 4, 4), variants=(0,))
+    spec.quant = calibrate(encode_variants(vae, crops, KEYS, flip=False, posterior="mean")[0])
+    for changes, static in [({}, None), ({"cudnn_benchmark": True}, 8), ({"compile": True}, 8)]:
+        assert make_launcher(replace(CFG, **changes), vae, spec).static_batch == static, changes
+
+
 def test_cuda_graph_modes_are_torchs():
     """The modes that replay CUDA graphs are those torch's mode table turns them on in."""
     table = torch._inductor.list_mode_options()
@@ -150,7 +159,7 @@ def test_every_compile_mode_gives_the_eager_codes(vae, crops, mode):
     spec = SimpleNamespace(quant=quant, logstd_quant=None, latent_shape=(4, 4, 4), variants=(0, 1))
     want = quantize(mean, quant)[0]
     launcher = make_launcher(replace(CFG, compile=True, compile_mode=mode, flip=True), vae, spec)
-    assert launcher.static_batch == CFG.batch_size
+    assert launcher.static_batch == CFG.batch_size  # one shape: no recompiles, CUDA graphs
     launched = [launcher.launch(crops[: len(KEYS) - i], KEYS[: len(KEYS) - i]) for i in range(3)]
     for i, got in enumerate(x.wait() for x in launched):
         diff = (got.codes.int() - want[: len(KEYS) - i].int()).abs()

@@ -244,42 +244,24 @@ def main() -> None:
             "images": n,
             "threads": args.threads,
         }
+
+        def figures(c: EncodeConfig, unfused: bool = not args.no_unfused, repeats: int = 1):
+            return forward_figures(
+                c, vae, spec, items, source, n, device, unfused, repeats, args.unfused_images
+            )
+
         with (
             compile_cache(args.compile_cache if args.compile else None),
             cudnn_benchmark(args.cudnn_benchmark),
         ):
             for size in [int(b) for b in args.sweep.split(",") if b]:
-                sized = replace(cfg, batch_size=size)
-                figures = forward_figures(sized, vae, spec, items, source, n, device, False)
-                print(json.dumps({**context, "sweep": True, **figures}), flush=True)
+                sized = figures(replace(cfg, batch_size=size), unfused=False)
+                print(json.dumps({**context, "sweep": True, **sized}), flush=True)
             for mode in [m for m in args.mode_sweep.split(",") if m]:
-                moded = replace(cfg, compile_mode=mode)
-                figures = forward_figures(
-                    moded,
-                    vae,
-                    spec,
-                    items,
-                    source,
-                    n,
-                    device,
-                    not args.no_unfused,
-                    1,
-                    args.unfused_images,
-                )
+                moded = figures(replace(cfg, compile_mode=mode))
                 sweep = {"sweep": True, "compile_mode": mode}
-                print(json.dumps({**context, **sweep, **figures}), flush=True)
-            forward = forward_figures(
-                cfg,
-                vae,
-                spec,
-                items,
-                source,
-                n,
-                device,
-                not args.no_unfused,
-                args.repeats,
-                args.unfused_images,
-            )
+                print(json.dumps({**context, **sweep, **moded}), flush=True)
+            forward = figures(cfg, repeats=args.repeats)
             create_store(cfg.out, spec, [source.key(i) for i in range(len(source))])
             writer = StoreWriter(LatentStore(cfg.out))
             info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(device))

@@ -7,8 +7,8 @@
 #   bash bench/gpu_perf.sh                   # there (device run, carry [".whl"]), OUT=/some/dir
 #   SMALL=1 bash bench/gpu_perf.sh           # on a CPU: tiny sizes, checks the script runs
 #   ONLY='encode_512|model_scope' bash bench/gpu_perf.sh   # a second call: the steps skipped
-#   e.g. ONLY='profile_train_xl_bf16|reduce_overhead|checkpoint_blocks|max_autotune' (issue 16's
-#   bf16-weight profile, compile modes and recomputed blocks, past the first call's budget)
+#   e.g. ONLY='bf16|reduce_overhead|checkpoint_blocks|max_autotune|...' (issue 16's bf16 weights,
+#   compile modes and recomputed blocks come after the first call's 420 s)
 #
 # Steps run in order of importance; each has a time limit, and a step is skipped (recorded as
 # such) once the next one would overrun BUDGET seconds (default 420). Everything uses random
@@ -89,13 +89,19 @@ step encode_compiled_long 150 $PY bench/bench_encode.py "${enc[@]}" --image-size
 # issue 16: DiT-XL/2 compiled block by block, batch sweep, data in GPU memory
 step train_xl_blocks_gpu 100 $PY bench/bench_train.py --models $XL --batch-size $TB $TB2 \
   "${tr[@]}" "${blocks[@]}" --data $DG
-# issue 16: the same at batch 256 with bf16 weights (no per-op weight casts; fp32 masters):
-# images/s against the step above's batch-256 record, and the losses within bf16 noise of it
-step train_xl_bf16_weights 60 $PY bench/bench_train.py --models $XL --batch-size $TB2 \
-  "${tr[@]}" "${blocks[@]}" --data $DG "${bf16w[@]}"
 # issue 16: kernel classes of one compiled XL/2 step, gaps, host syncs per step
 step profile_train_xl 45 $PY bench/profile_train.py --model $XL --batch-size $TB --steps $PSTEPS \
   "${blocks[@]}" --compile-cache "$CC" "${TRAIN_CPU[@]}"
+# issue 15: CUDA graphs: the graph compiled in reduce-overhead (graph alone and pipeline) against
+# default mode (graph alone; compiled by encode_compiled_long, so loaded from the cache), each with
+# its codes against the eager unfused path (share equal, max difference)
+step encode_cuda_graphs 110 $PY bench/bench_encode.py "${enc[@]}" --image-size $PX \
+  --batch-size $TB2 --images $EN --workers $EW --compile --compile-mode reduce-overhead \
+  --mode-sweep default --cudnn-benchmark --unfused-images $((EN / 4))
+# issue 16: train_xl_blocks_gpu at batch 256 with bf16 weights (no per-op weight casts; fp32 masters):
+# images/s against train_xl_blocks_gpu's batch-256 record, and the losses within bf16 noise of it
+step train_xl_bf16_weights 60 $PY bench/bench_train.py --models $XL --batch-size $TB2 \
+  "${tr[@]}" "${blocks[@]}" --data $DG "${bf16w[@]}"
 # issue 15: eager: the unfused path vs the graph, a batch sweep of the graph, the pipeline
 step encode_eager 50 $PY bench/bench_encode.py "${enc[@]}" --image-size $PX --batch-size $EB \
   --sweep $EBS --images $((EN / 2)) --workers $EW

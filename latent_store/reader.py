@@ -84,12 +84,14 @@ def load_latents(
     the reads.
     """
     store = open_store(path)
-    records = store.records() if verify else [None] * store.spec.num_shards
-    todo = store.require_complete(shards, allow_incomplete=allow_incomplete)
+    records = store.records()
+    todo = store.require_complete(shards, allow_incomplete=allow_incomplete, records=records)
+    checked = records if verify else [None] * len(records)
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        sealed = pool.submit(verify_store, store) if verify else None  # overlaps the shard reads
+        # the store-wide checks overlap the shard reads
+        sealed = pool.submit(verify_store, store, records=records) if verify else None
         try:
-            parts = list(pool.map(lambda s: _shard_arrays(store, s, records[s]), todo))
+            parts = list(pool.map(lambda s: _shard_arrays(store, s, checked[s]), todo))
         finally:  # a broken seal explains shard problems: it is reported first
             if sealed is not None:
                 sealed.result()
@@ -118,12 +120,15 @@ def iter_shards(
     current one; with `verify` the store's seal is checked first.
     """
     store = open_store(path)
-    records = _verified_records(store, verify)
-    complete = store.require_complete(allow_incomplete=allow_incomplete)
+    records = store.records()
+    if verify:
+        verify_store(store, records=records)
+    complete = store.require_complete(allow_incomplete=allow_incomplete, records=records)
+    checked = records if verify else [None] * len(records)
     order = shard_order(len(complete), seed=seed, epoch=epoch, rank=rank, world_size=world_size)
 
     def fetch(i: int) -> LatentArrays:
-        return _shard_arrays(store, complete[i], records[complete[i]])
+        return _shard_arrays(store, complete[i], checked[complete[i]])
 
     with ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch") as pool:
         ahead = [pool.submit(fetch, i) for i in order[:PREFETCH]]
@@ -132,11 +137,3 @@ def iter_shards(
             if k + PREFETCH < len(order):
                 ahead.append(pool.submit(fetch, order[k + PREFETCH]))
             yield shard
-
-
-def _verified_records(store: LatentStore, verify: bool) -> list[ShardRecord | None]:
-    """The records to check shards against after the store-wide checks (all None: no verify)."""
-    if not verify:
-        return [None] * store.spec.num_shards
-    verify_store(store)
-    return store.records()

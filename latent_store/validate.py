@@ -143,7 +143,7 @@ def validate_store(
     if not checks[0].ok:  # reading shards through wrong shapes would only add noise
         return checks
     records = store.records()
-    summary = summarize_records(store)
+    summary = summarize_records(store, records)
     checks += [check_completion(store, records), *check_shards(store, records), check_keys(store)]
     checks.append(check_summary(store, records))
     checks += [check_quantization(store, summary, max_clipped), check_statistics(store, summary)]

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from latent_store.config import DEFAULT_MAX_CLIPPED
-from latent_store.provenance import provenance_problems
+from latent_store.provenance import UNSEALED, provenance_problems
 from latent_store.quantize import QMAX
 from latent_store.schema import ShardRecord
 from latent_store.store import LatentStore, _format_ranges, open_store
@@ -55,6 +55,8 @@ def check_arrays(store: LatentStore) -> Check:
 
 def check_provenance(store: LatentStore) -> Check:
     problems = provenance_problems(store.attrs, read_keys(store))
+    if UNSEALED in problems:
+        problems = [f"{UNSEALED}; seal it with `latentdit validate {store.path} --seal`"]
     return _check("provenance", problems, "metadata matches its seal (quantization, VAE, keys...)")
 
 

@@ -18,13 +18,17 @@ from typing import Any
 import numpy as np
 
 from latent_store.errors import LatentditError, StoreCorruptError, StoreReadError
-from latent_store.provenance import provenance_problems
+from latent_store.provenance import UNSEALED, provenance_problems
 from latent_store.schema import LABEL_FILL, ShardRecord
 from latent_store.store import CHECKSUMS, LatentStore, checksum_algorithm, shard_checksum
 
 SHARD_FIX = (
     "run `latentdit validate {path}` for every problem, then re-run the store's encode command "
     "(it re-encodes damaged shards)"
+)
+SEAL_FIX = (
+    "if it was written before seals existed, seal it with `latentdit validate {path} --seal` "
+    "(it checks every shard first), else restore it from a copy or re-encode it"
 )
 STORE_FIX = (
     "run `latentdit validate {path}` for every problem; restore the store from a copy, or "
@@ -203,7 +207,7 @@ def verify_store(
 ) -> None:
     """Refuse (StoreCorruptError, one line) a store whose metadata was edited or is inconsistent."""
     if problems := store_problems(store, summary=summary, records=records):
-        fix = STORE_FIX.format(path=store.path)
+        fix = (SEAL_FIX if UNSEALED in problems else STORE_FIX).format(path=store.path)
         raise StoreCorruptError(f"{store.path}: {'; '.join(problems)}; {fix}")
 
 

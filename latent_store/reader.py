@@ -16,7 +16,7 @@ import numpy as np
 
 from latent_store.schema import LABEL_FILL, ShardRecord, StoreSpec
 from latent_store.store import LatentStore, open_store
-from latent_store.verify import verify_shard, verify_store
+from latent_store.verify import verify_shard, verify_store, verify_summary
 
 LOAD_THREADS = 16  # shards fetched at once by load_latents (object stores: requests in flight)
 PREFETCH = 1  # shards iter_shards fetches ahead of the one it yields
@@ -84,17 +84,22 @@ def load_latents(
     the reads.
     """
     store = open_store(path)
-    records = store.records()
-    todo = store.require_complete(shards, allow_incomplete=allow_incomplete, records=records)
-    checked = records if verify else [None] * len(records)
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        # the store-wide checks overlap the shard reads
-        sealed = pool.submit(verify_store, store, records=records) if verify else None
+        # the store-wide checks (their requests too, at a URL) overlap the records and shards
+        sealed = pool.submit(verify_store, store, summary=False) if verify else None
+        records = None
         try:
+            records = store.records()
+            todo = store.require_complete(
+                shards, allow_incomplete=allow_incomplete, records=records
+            )
+            checked = records if verify else [None] * len(records)
             parts = list(pool.map(lambda s: _shard_arrays(store, s, checked[s]), todo))
-        finally:  # a broken seal explains shard problems: it is reported first
+        finally:  # a broken seal or summary explains shard problems: it is reported first
             if sealed is not None:
                 sealed.result()
+                if records is not None:
+                    verify_summary(store, records)
     return _concat(parts, store.spec)
 
 

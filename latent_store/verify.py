@@ -206,7 +206,16 @@ def verify_store(
     records: Sequence[ShardRecord | None] | None = None,
 ) -> None:
     """Refuse (StoreCorruptError, one line) a store whose metadata was edited or is inconsistent."""
-    if problems := store_problems(store, summary=summary, records=records):
+    _refuse(store, store_problems(store, summary=summary, records=records))
+
+
+def verify_summary(store: LatentStore, records: Sequence[ShardRecord | None]) -> None:
+    """Refuse a store whose summary the records contradict (`verify_store`'s last check)."""
+    _refuse(store, summary_problems(store, records))
+
+
+def _refuse(store: LatentStore, problems: list[str]) -> None:
+    if problems:
         fix = (SEAL_FIX if UNSEALED in problems else STORE_FIX).format(path=store.path)
         raise StoreCorruptError(f"{store.path}: {'; '.join(problems)}; {fix}")
 

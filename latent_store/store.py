@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -147,6 +149,7 @@ class LatentStore:
         self.path = str(path)
         self.storage_options = storage_options
         self._arrays: dict[str, zarr.Array] = {}
+        self._lock = threading.Lock()
         self.group = _open_group(path, "r+" if mode != "r" else "r", storage_options)
         attrs = self.group.attrs.asdict()
         if ATTRS_KEY not in attrs:
@@ -158,15 +161,17 @@ class LatentStore:
         self.summary = self.attrs.get(SUMMARY_KEY)
 
     def array(self, name: str) -> zarr.Array:
-        """An array of the store, opened once (on an object store each opening is a request)."""
-        if name not in self._arrays:
-            try:
-                self._arrays[name] = self.group[name]
-            except KeyError:
-                raise SchemaMismatchError(f"{self.path}: array {name!r} is missing") from None
-            except MALFORMED as e:
-                raise _malformed(f"{self.path}/{name}/zarr.json", e) from None
-        return self._arrays[name]
+        """An array of the store, opened once (on an object store each opening is a request;
+        the lock keeps reader threads from each opening it)."""
+        with self._lock:
+            if name not in self._arrays:
+                try:
+                    self._arrays[name] = self.group[name]
+                except KeyError:
+                    raise SchemaMismatchError(f"{self.path}: array {name!r} is missing") from None
+                except MALFORMED as e:
+                    raise _malformed(f"{self.path}/{name}/zarr.json", e) from None
+            return self._arrays[name]
 
     def reopen(self, mode: str) -> LatentStore:
         """The same store (same URL and storage options) opened again, e.g. for writing."""
@@ -248,12 +253,20 @@ class LatentStore:
     def read_shard(self, shard: int) -> dict[str, np.ndarray]:
         """Read one shard's data arrays (latents, labels and logstd if present) into RAM.
 
-        Each array's shard is one object, fetched whole; a failed fetch is retried, then raises
+        Each array's shard is one object, fetched whole, the arrays' objects at once (on an
+        object store: concurrent requests); a failed fetch is retried, then raises
         StoreReadError naming the shard.
         """
         start, stop = self.spec.shard_bounds(shard)
+        names = self.data_arrays
+
+        async def read(arrays: list[zarr.Array]) -> list:
+            return await asyncio.gather(
+                *(a.async_array.getitem(slice(start, stop)) for a in arrays)
+            )
+
         return self.fetch(
-            lambda: {name: self.array(name)[start:stop] for name in self.data_arrays},
+            lambda: dict(zip(names, sync(read([self.array(n) for n in names])), strict=True)),
             f"{self.path}: shard {shard}",
         )
 

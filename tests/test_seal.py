@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from latent_store import LatentStore, StoreCorruptError, load_latents, validate_store
+from latent_store.store import shard_checksum
 
 TRAIN = [a for k, v in TINY_DIT.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 TRAIN += ["--batch-size", "8", "--warmup-steps", "0", "--steps", "2", "--device", "cpu"]
@@ -86,6 +89,17 @@ def test_an_old_store_is_refused_then_sealed_then_loads(old, tmp_path):
 
 def test_an_old_store_loads_unchanged_without_verify(old):
     assert len(load_latents(old, verify=False)) == 39
+
+
+def test_a_sealed_store_of_blake2b_records_validates_and_loads(tmp_path):
+    """Stores written this morning (seals, blake2b-128 records) need nothing: no --seal."""
+    old = partial(shard_checksum, algorithm="blake2b-128")
+    with mock.patch("latent_store.writer.shard_checksum", old):
+        store = write_store(tmp_path / "s.zarr", n=40, failures=(5,))
+    assert LatentStore(store).records()[2].checksum.startswith("blake2b-128:")
+    assert all(c.ok for c in validate_store(store))
+    new = load_latents(write_store(tmp_path / "new.zarr", n=40, failures=(5,)))
+    assert np.array_equal(load_latents(store).latents, new.latents)
 
 
 @pytest.mark.parametrize(

@@ -284,9 +284,11 @@ def evaluate(cfg: EvaluateConfig, as_json: bool) -> None:
     """FID, sFID, Inception Score, precision/recall of SAMPLES against --ref, as ADM's evaluator."""
     from evaluation.evaluate import evaluate as run_evaluate
     from evaluation.evaluate import format_result
+    from foundation.distributed import launch_rank
 
-    result = run_evaluate(cfg)
-    typer.echo(json.dumps(result, indent=2) if as_json else format_result(result))
+    result = run_evaluate(cfg)  # under torchrun: the same result on every rank; rank 0 prints it
+    if launch_rank() == 0:
+        typer.echo(json.dumps(result, indent=2) if as_json else format_result(result))
 
 
 # --- the demo ------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@
 Runs the sampler's own code: `make_latents` (guidance, solver) on an `InferenceModel` of a DiT with
 random weights (they time the same as trained ones), then `LatentDecoder` through the decoder-only
 path from an AutoencoderKL saved with `save_pretrained`. A row is
-SAMPLER:STEPS:BATCH[:timed=K][:cfg=S][:interval=LO-HI]; the objective follows the solver (DDPM for
+SAMPLER:STEPS:BATCH[:timed=K][:cfg=S][:interval=LO-HI] (BATCH auto: what `--auto-batch MAX` found
+with the sampler's own probe, `sampler.batch_size`); the objective follows the solver (DDPM for
 ddpm/ddim/dpm++2m, flow matching otherwise). With timed=K < STEPS only the first K steps of the
 STEPS-step schedule run and the solve time is scaled by STEPS/K: exact for DDPM solvers, whose steps
 all cost the same, not for rows with a guidance interval (run those in full). Each variant (eager,
@@ -31,6 +32,7 @@ from kernel_profile import profile_call
 from torch.profiler import record_function
 
 from foundation.precision import autocast, parse_precision
+from sampler.batch_size import HEADROOM, CudaFits, probe_batch_size
 from sampler.config import SolveConfig
 from sampler.decoder import LatentDecoder
 from sampler.inference import InferenceModel
@@ -60,9 +62,10 @@ def meta_for(latent_size: int) -> dict:
 
 
 def parse_row(spec: str) -> dict:
-    """SAMPLER:STEPS:BATCH[:timed=K][:cfg=S][:interval=LO-HI] -> row settings."""
+    """SAMPLER:STEPS:BATCH[:timed=K][:cfg=S][:interval=LO-HI] -> row settings (BATCH may be auto)."""
     name, steps, batch, *extra = spec.split(":")
-    row = {"sampler": name, "steps": int(steps), "batch": int(batch), "cfg": 4.0, "interval": None}
+    batch = batch if batch == "auto" else int(batch)
+    row = {"sampler": name, "steps": int(steps), "batch": batch, "cfg": 4.0, "interval": None}
     row["timed"] = row["steps"]
     for item in extra:
         key, value = item.split("=")
@@ -198,6 +201,23 @@ def profile_step(model, decoder, row: dict, args) -> dict:
             "decoder": decode}  # fmt: skip
 
 
+def probe_batch(model, decoder, args) -> dict:
+    """--auto-batch: the sampler's own probe (a guided call of 2b rows, a decode of b) on CUDA."""
+    if args.dev.type != "cuda":  # what `latentdit sample --auto-batch` does off CUDA
+        return {"batch": args.auto_start, "probed": False, "note": "CUDA only: start batch kept"}
+    fits = CudaFits(
+        model, lambda z: decoder(z, to_cpu=False), latent_shape=(4, args.latent_size, args.latent_size),
+        device=args.dev, precision=args.precision,
+    )  # fmt: skip
+    probe = probe_batch_size(fits, start=args.auto_start, cap=args.auto_batch)
+    return {
+        "batch": probe.batch, "probed": True, "cap": args.auto_batch, "headroom": HEADROOM,
+        "budget_gib": round(fits.budget / 2**30, 2), "seconds": round(probe.seconds, 2),
+        "trials": [{"batch": b, "fits": ok, "peak_gib": None if p is None else round(p / 2**30, 2)}
+                   for b, ok, p in probe.trials],
+    }  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="DiT-S/8")
@@ -210,6 +230,9 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="kernel classes of the first row's step")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     p.add_argument("--json", default=None, help="also write the report here, after every row")
+    p.add_argument("--auto-batch", type=int, default=None, help="probe the largest batch up to "
+                   "this cap (CUDA); rows with BATCH auto use it")  # fmt: skip
+    p.add_argument("--auto-start", type=int, default=16, help="the probe's first batch")
     args = p.parse_args()
     args.dev, args.precision = torch.device(args.device), parse_precision(args.precision)
     if args.threads:
@@ -246,6 +269,14 @@ def main() -> None:
         vae_dir = make_vae(Path(tmp) / "vae", **(SD_VAE if args.sd_vae else SMALL_VAE))
         decoder = LatentDecoder.load(str(vae_dir), meta_for(args.latent_size), device=args.dev)
         report["decoder_params"] = sum(w.numel() for w in decoder.vae.parameters())
+        if args.auto_batch:
+            report["auto_batch"] = probe_batch(model, decoder, args)
+            for row in rows:
+                row["batch"] = (
+                    report["auto_batch"]["batch"] if row["batch"] == "auto" else row["batch"]
+                )
+        elif any(row["batch"] == "auto" for row in rows):
+            raise SystemExit("--rows: BATCH auto needs --auto-batch MAX")
         if args.profile:
             report["profile"] = profile_step(model, decoder, rows[0], args)
             if args.json:

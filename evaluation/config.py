@@ -35,7 +35,9 @@ class EvaluateConfig:
     vae: str | None = option(None, "VAE to decode a latent store with (default: the store's).")
     batch_size: int = option(100, "Images per network batch.", min=1)
     workers: int = option(4, "DataLoader workers decoding image files.", min=0)
-    device: str | None = option(None, "Torch device (default: cuda when there is one).")
+    device: str | None = option(
+        None, "Torch device (default: cuda:LOCAL_RANK when there is CUDA, else cpu)."
+    )
 
     def __post_init__(self) -> None:
         if self.save_stats is not None and Path(self.save_stats).suffix != ".npz":

@@ -6,6 +6,12 @@
 
 SAMPLES and REF may each be any input of `evaluation.inputs`. Without --ref only the Inception
 Score is computed; a metric the inputs or the network cannot give is null, with its reason.
+
+    torchrun --standalone --nproc_per_node=8 cli.py -- evaluate samples.npz --ref ref.npz --json
+
+Under torchrun each rank featurizes its share of every image set (`evaluation.features.featurize`);
+rank 0 computes the statistics and the metrics and writes --save-stats; every rank returns the
+same result.
 """
 
 from __future__ import annotations
@@ -39,9 +45,13 @@ class SetStats:
     images_per_s: float | None = None
 
 
-def summarize(path: Path, cfg: EvaluateConfig, net, device: str) -> SetStats:
-    """Open `path`, featurize its images (if it has any) and compute ADM's statistics."""
-    from evaluation.features import extract_features
+def summarize(path: Path, cfg: EvaluateConfig, net, device: str) -> SetStats | None:
+    """Open `path`, featurize its images (if it has any) and compute ADM's statistics.
+
+    Every rank must call it (each featurizes its share); the statistics are on rank 0, None on
+    the other ranks.
+    """
+    from evaluation.features import featurize
     from evaluation.inputs import StatsFile, open_input
 
     opened = open_input(path, limit=cfg.limit, workers=cfg.workers, vae=cfg.vae, device=device)
@@ -54,8 +64,10 @@ def summarize(path: Path, cfg: EvaluateConfig, net, device: str) -> SetStats:
         return SetStats("stats", str(path), opened.count, opened.stats, opened.pool, opened.spatial)
     if opened.count < 2:
         raise EvaluationError(f"{path}: {opened.count} image(s); statistics need at least 2")
-    s = set_stats(opened.kind, path, extract_features(opened, net, batch_size=cfg.batch_size,
-                                                     device=device))  # fmt: skip
+    f = featurize(opened, net, batch_size=cfg.batch_size, device=device)
+    if f is None:  # another rank than 0
+        return None
+    s = set_stats(opened.kind, path, f)
     if opened.stats:  # a reference batch's own statistics win, as in ADM
         s.stats = opened.stats
     return s
@@ -138,15 +150,25 @@ def compare(
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Score cfg.samples (against cfg.ref); write --save-stats; return the result record."""
-    import torch
+    """Score cfg.samples (against cfg.ref); write --save-stats; return the result record.
 
+    Under torchrun (or inside a process group) every rank featurizes its share of each set and
+    returns the same record; rank 0 alone writes --save-stats.
+    """
     from evaluation.network import load_inception
+    from foundation.distributed import on_main, process_group
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    net = load_inception(cfg.inception, device=device)
-    samples = summarize(cfg.samples, cfg, net, device)
-    ref = summarize(cfg.ref, cfg, net, device) if cfg.ref is not None else None
+    with process_group(cfg.device) as info:
+        device = str(info.device)
+        net = load_inception(cfg.inception, device=device)
+        samples = summarize(cfg.samples, cfg, net, device)
+        ref = summarize(cfg.ref, cfg, net, device) if cfg.ref is not None else None
+        return on_main(lambda: _score(cfg, samples, ref, net, device, ranks=info.world_size))
+
+
+def _score(cfg: EvaluateConfig, samples: SetStats, ref: SetStats | None, net, device: str,
+           ranks: int) -> dict[str, Any]:  # fmt: skip
+    """The result record of `evaluate` from both sets' statistics (on rank 0)."""
     if cfg.save_stats is not None:
         save_stats(samples, Path(cfg.save_stats), net.sha1)
     values, reasons, warnings = compare(samples, ref, net, device)
@@ -166,6 +188,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "samples": describe(samples),
         "ref": describe(ref),
         "network": {"name": net.name, "sha1": net.sha1},
+        "ranks": ranks,
         "warnings": warnings,
         "save_stats": None if cfg.save_stats is None else str(cfg.save_stats),
     }

@@ -1,10 +1,15 @@
 """Inception features of an image set, batched on the device while the next batch loads.
 
     feats = extract_features(image_set, net, batch_size=250, device="cuda")
+    feats = featurize(image_set, net, batch_size=250, device=info.device)  # under torchrun
 
 The network runs in float32 with TF32 off (ADM's features are float32; TF32 matmuls would move
 them by ~1e-3). Batches arrive from the input's own loader (DataLoader workers for folders) and
 one background thread keeps the next batch ready while the device works on this one.
+
+Under torchrun, `featurize` has every rank extract the features of its share of the set (a
+contiguous run of the whole batches one process would cut: `ImageSet.share`) and gathers them,
+in rank order, on rank 0: the same batches through the same network, so the same features.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from evaluation.errors import EvaluationError
 from evaluation.inputs import ImageSet
 from evaluation.network import InceptionFeatures
 from evaluation.resize import inception_input
+from foundation.distributed import all_gather_objects, gather_rows, on_all, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,7 @@ class SetFeatures:
     pool: np.ndarray
     spatial: np.ndarray
     seconds: float
+    image_shape: tuple[int, ...] | None = None  # (H, W, 3) of the images
 
     @property
     def images_per_s(self) -> float:
@@ -98,4 +105,31 @@ def extract_features(
         pool=np.concatenate(pools),
         spatial=np.concatenate(spatials),
         seconds=seconds,
+        image_shape=None if shape is None else tuple(shape),
     )
+
+
+def featurize(
+    images: ImageSet, net: InceptionFeatures, *, batch_size: int = 100, device="cpu"
+) -> SetFeatures | None:
+    """The features of the whole set, each rank extracting its share: on rank 0, None on the
+    others (one process: `extract_features`). Every rank must call it; a LatentditError of any
+    rank is raised on all. `seconds` is the wall time of the slowest rank."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return extract_features(images, net, batch_size=batch_size, device=device)
+    part = images.share(batch_size, rank, world)
+    log.info("rank %d of %d: images [%d, %d) of %d in %s", rank, world, part.first,
+             part.first + part.count, images.count, images.path)  # fmt: skip
+    t0 = time.perf_counter()
+    mine = on_all(lambda: extract_features(part, net, batch_size=batch_size, device=device)
+                  if part.count else None)  # fmt: skip
+    seconds = time.perf_counter() - t0  # on_all waited for the slowest rank
+    shapes = sorted({s for s in all_gather_objects(mine and mine.image_shape) if s is not None})
+    if len(shapes) > 1:
+        raise EvaluationError(f"{images.path}: images of sizes {shapes[0]} and {shapes[1]}; "
+                              "every image of a set must have one size")  # fmt: skip
+    pool, spatial = gather_rows(mine and mine.pool), gather_rows(mine and mine.spatial)
+    if rank != 0:
+        return None
+    return SetFeatures(pool=pool, spatial=spatial, seconds=seconds, image_shape=shapes[0])

@@ -10,43 +10,88 @@ store         a latent store, decoded through its VAE decoder (the reconstructio
 
 from __future__ import annotations
 
+import math
+import struct
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from evaluation.errors import EvaluationError
+from foundation.distributed import rank_range
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 SAMPLE_MANIFEST = "sample.json"  # written by `latentdit sample` (sampler.outputs.MANIFEST)
 SAMPLE_IMAGES = "images"
 STORE_MARKER = "zarr.json"
+ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 
 
 @dataclass
 class ImageSet:
-    """uint8 (b, H, W, 3) batches of one image set; `count` images (after `limit`)."""
+    """uint8 (b, H, W, 3) batches of images [first, first + count) of one image set.
+
+    `read(batch_size, start, stop)` yields images [start, stop) in batches of batch_size from
+    start (the last may be shorter); `first` is 0 but for a rank's share of the set.
+    """
 
     kind: str
     path: Path
     count: int
-    batches: Callable[[int], Iterator[np.ndarray]]  # batches(batch_size)
+    read: Callable[[int, int, int], Iterator[np.ndarray]]
     stats: dict[str, np.ndarray] = field(default_factory=dict)  # a reference batch's own
+    first: int = 0
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """The set's images in batches of `batch_size` (the last may be shorter)."""
+        return self.read(batch_size, self.first, self.first + self.count)
+
+    def share(self, batch_size: int, rank: int, world: int) -> ImageSet:
+        """Rank `rank`'s part: a contiguous run of the whole batches a one-process run cuts,
+        dealt out in rank order (n // world batches or one more; none when there are fewer
+        batches than ranks)."""
+        mine = rank_range(math.ceil(self.count / batch_size), rank, world)
+        start = self.first + mine.start * batch_size
+        stop = min(self.first + mine.stop * batch_size, self.first + self.count)
+        return replace(self, first=start, count=max(stop - start, 0))
+
+
+def cuts(start: int, stop: int, batch_size: int) -> Iterator[tuple[int, int]]:
+    """(begin, end) of the batches of [start, stop), batch_size long from start."""
+    for i in range(start, stop, batch_size):
+        yield i, min(i + batch_size, stop)
+
+
+def rebatch(chunks: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """Rows of successive chunks regrouped into batches of batch_size (the last may be shorter)."""
+    held: list[np.ndarray] = []
+    size = 0
+    for chunk in chunks:
+        while len(chunk):
+            take = chunk[: batch_size - size]
+            held.append(take)
+            size, chunk = size + len(take), chunk[len(take) :]
+            if size == batch_size:
+                yield np.concatenate(held)
+                held, size = [], 0
+    if held:
+        yield np.concatenate(held)
 
 
 def array_images(kind: str, name: str | Path, images: np.ndarray) -> ImageSet:
     """An in-memory uint8 (N, H, W, 3) array as an image set."""
 
-    def batches(batch_size: int) -> Iterator[np.ndarray]:
-        for i in range(0, len(images), batch_size):
-            yield images[i : i + batch_size]
+    def read(batch_size: int, start: int, stop: int) -> Iterator[np.ndarray]:
+        for a, b in cuts(start, stop, batch_size):
+            yield images[a:b]
 
-    return ImageSet(kind, Path(name), len(images), batches)
+    return ImageSet(kind, Path(name), len(images), read)
 
 
 @dataclass
@@ -134,16 +179,31 @@ def _open_npz(path: Path, limit: int | None, kind: str | None = None) -> ImageSe
     count = shape[0] if limit is None else min(limit, shape[0])
     image_bytes = int(np.prod(shape[1:]))
 
-    def batches(batch_size: int) -> Iterator[np.ndarray]:
-        with zf.open("arr_0.npy") as f:
-            _read_header(f)
-            for start in range(0, count, batch_size):
-                n = min(batch_size, count - start)
-                yield np.frombuffer(bytearray(f.read(n * image_bytes)), np.uint8).reshape(
-                    n, *shape[1:]
-                )
+    def read(batch_size: int, start: int, stop: int) -> Iterator[np.ndarray]:
+        with _open_arr0(zf, path) as f:
+            f.seek(start * image_bytes, 1)  # cur is the array's first byte
+            for a, b in cuts(start, stop, batch_size):
+                data = bytearray(f.read((b - a) * image_bytes))
+                yield np.frombuffer(data, np.uint8).reshape(b - a, *shape[1:])
 
-    return ImageSet(kind or ("reference" if stats else "npz"), path, count, batches, stats)
+    return ImageSet(kind or ("reference" if stats else "npz"), path, count, read, stats)
+
+
+def _open_arr0(zf: zipfile.ZipFile, path: Path) -> BinaryIO:
+    """arr_0's data as a file positioned at its first byte. A stored (np.savez) member is read
+    from the file itself, so seeking to a rank's share is free; a compressed one
+    (np.savez_compressed) through the zip, where a seek decompresses everything before it."""
+    info = zf.getinfo("arr_0.npy")
+    if info.compress_type == zipfile.ZIP_STORED:
+        f = open(path, "rb")  # noqa: SIM115 (the caller closes it)
+        f.seek(info.header_offset)
+        signature, name_len, extra_len = ZIP_LOCAL_HEADER.unpack(f.read(ZIP_LOCAL_HEADER.size))
+        assert signature == b"PK\x03\x04", path
+        f.seek(name_len + extra_len, 1)
+    else:
+        f = zf.open(info)
+    _read_header(f)
+    return f
 
 
 def _maybe(data, key: str) -> np.ndarray | None:
@@ -174,21 +234,22 @@ def _open_folder(folder: Path, limit: int | None, workers: int, kind: str) -> Im
         raise EvaluationError(f"{folder}: no PNG or JPEG images in it (searched recursively)")
     files = files[:limit]
 
-    def batches(batch_size: int) -> Iterator[np.ndarray]:
+    def read(batch_size: int, start: int, stop: int) -> Iterator[np.ndarray]:
+        part = files[start:stop]
         loader = torch.utils.data.DataLoader(
-            _Files(files), batch_size=batch_size, num_workers=workers, collate_fn=list
+            _Files(part), batch_size=batch_size, num_workers=workers, collate_fn=list
         )
         first = None
         for items in loader:
             for i, image in items:
                 if isinstance(image, str):
-                    raise EvaluationError(f"{files[i]}: {image}")
-                first = first or (files[i], image.shape)
+                    raise EvaluationError(f"{part[i]}: {image}")
+                first = first or (part[i], image.shape)
                 if image.shape != first[1]:
                     raise EvaluationError(
-                        f"{files[i]} is {image.shape[1]}x{image.shape[0]} but {first[0]} is "
+                        f"{part[i]} is {image.shape[1]}x{image.shape[0]} but {first[0]} is "
                         f"{first[1][1]}x{first[1][0]}: every image of a set must have one size"
                     )
             yield np.stack([image for _, image in items])
 
-    return ImageSet(kind, folder, len(files), batches)
+    return ImageSet(kind, folder, len(files), read)

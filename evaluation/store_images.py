@@ -6,6 +6,8 @@ Scored against real images, these give the reconstruction floor: the FID a gener
 reproduced the stored latents exactly would reach. Shards are read whole, in order; the image
 variant (not the flip) of each written sample is decoded with the decoder-only loader the
 sampler uses (`foundation.vae.load_vae_decoder`), the encoder's weights never being read.
+Batches run across shard boundaries (cut at multiples of the batch size from sample 0), so a
+rank's share of whole batches reads only the shards it overlaps.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.inputs import ImageSet
+from evaluation.inputs import ImageSet, rebatch
 from foundation.vae import decode_latents, load_vae_decoder
 from latent_store import LatentStore, dequantize, load_latents
 
@@ -34,17 +36,23 @@ def open_store_images(
     count = total if limit is None else min(limit, total)
     spec = store.spec
 
-    def batches(batch_size: int) -> Iterator[np.ndarray]:
+    def read(batch_size: int, start: int, stop: int) -> Iterator[np.ndarray]:
         decoder = load_vae_decoder(vae or spec.vae.id, revision=None if vae else spec.vae.revision,
                                    device=device)  # fmt: skip
-        left = count
-        for shard in shards:
-            codes = load_latents(store, shards=[shard]).latents[:left, IMAGE_VARIANT]
-            for i in range(0, len(codes), batch_size):
-                z = dequantize(torch.from_numpy(codes[i : i + batch_size]), spec.quant)
-                yield decode_latents(decoder, z).numpy()
-            left -= len(codes)
-            if left <= 0:
-                return
+        for codes in rebatch(_codes(store, shards, counts, start, stop), batch_size):
+            z = dequantize(torch.from_numpy(codes), spec.quant)
+            yield decode_latents(decoder, z).numpy()
 
-    return ImageSet("store", Path(path), count, batches)
+    return ImageSet("store", Path(path), count, read)
+
+
+def _codes(store: LatentStore, shards: list[int], counts: list[int], start: int, stop: int):
+    """The image variant's codes of written samples [start, stop), one chunk per shard read."""
+    offset = 0
+    for shard in shards:
+        a, b = max(start - offset, 0), min(stop - offset, counts[shard])
+        if a < b:
+            yield load_latents(store, shards=[shard]).latents[a:b, IMAGE_VARIANT]
+        offset += counts[shard]
+        if offset >= stop:
+            return

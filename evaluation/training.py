@@ -6,6 +6,12 @@ Every call samples `samples` class-balanced images from the EMA model (image i i
 i mod num_classes, with its own fixed noise, so successive evaluations differ only by the
 weights), decodes them through the sampler's decoder-only path (the seam of the sample grids),
 and scores them against the reference (statistics loaded once) with ADM's formulas.
+
+Under torchrun the trainer calls it on every rank: each rank samples and featurizes its share of
+the images (a contiguous run of whole batches, `ImageSet.share`: each class within one image of
+its share), rank 0 gathers the features and scores them, and every rank returns its metrics, so
+all ranks go back to training together. Image i's class and noise depend only on i: the features
+are those of one process.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ import numpy as np
 import torch
 
 from evaluation.evaluate import EvaluateConfig, compare, set_stats, summarize
-from evaluation.features import extract_features
-from evaluation.inputs import ImageSet
+from evaluation.features import featurize
+from evaluation.inputs import ImageSet, cuts
 from evaluation.network import load_inception
+from foundation.distributed import on_main, rank_and_world
 from sampler.decoder import LatentDecoder
 from sampler.latents import SolveConfig, make_latents
 from sampler.plan import ImageNoise
@@ -36,13 +43,13 @@ EVAL_STEPS = 25  # solver steps (Heun for flow matching: 2 model calls each)
 EVAL_BATCH = 50
 
 
-def ema_images(ema: DiT, meta: dict[str, Any], decoder: LatentDecoder, *, count: int,
+def ema_images(ema: DiT, meta: dict[str, Any], decoder: LatentDecoder, *, start: int, stop: int,
                steps: int, cfg: float, batch_size: int) -> Iterator[np.ndarray]:  # fmt: skip
-    """uint8 (b, H, W, 3) batches of `count` class-balanced EMA samples with fixed noise."""
+    """uint8 (b, H, W, 3) batches of class-balanced EMA samples [start, stop) with fixed noise."""
     device = next(ema.parameters()).device
     classes = len(meta["classes"])
-    for start in range(0, count, batch_size):
-        index = range(start, min(start + batch_size, count))
+    for a, b in cuts(start, stop, batch_size):
+        index = range(a, b)
         z = make_latents(
             ema,
             objective_from_meta(meta["objective"]),
@@ -58,7 +65,10 @@ def ema_images(ema: DiT, meta: dict[str, Any], decoder: LatentDecoder, *, count:
 
 def fid_hook(vae_id: str, ref: str | Path, *, samples: int = 5000, steps: int = EVAL_STEPS,
              cfg: float = 1.0, inception: Path | None = None, batch_size: int = EVAL_BATCH):  # fmt: skip
-    """A `trainer.train.EvalFn`: FID, sFID, IS, precision and recall of EMA samples against `ref`."""
+    """A `trainer.train.EvalFn`: FID, sFID, IS, precision and recall of EMA samples against `ref`.
+
+    Call it on every rank of the group (each makes its share); every rank gets the metrics.
+    """
     loaded: dict[str, Any] = {}
 
     def eval_fn(ema: DiT, meta: dict[str, Any], step: int, run_dir: Path) -> dict[str, Any]:
@@ -71,14 +81,19 @@ def fid_hook(vae_id: str, ref: str | Path, *, samples: int = 5000, steps: int = 
                                       loaded["net"], str(device))  # fmt: skip
         images = ImageSet(
             "ema samples", run_dir, samples,
-            lambda b: ema_images(ema, meta, loaded["decoder"], count=samples, steps=steps,
-                                 cfg=cfg, batch_size=b),
+            lambda b, start, stop: ema_images(ema, meta, loaded["decoder"], start=start,
+                                              stop=stop, steps=steps, cfg=cfg, batch_size=b),
         )  # fmt: skip
-        f = extract_features(images, loaded["net"], batch_size=batch_size, device=device)
-        mine = set_stats("ema samples", run_dir, f)
-        values, _, _ = compare(mine, loaded["ref"], loaded["net"], str(device))
-        values.update(eval_samples=samples, eval_seconds=time.perf_counter() - t0)
-        log.info("step %d: FID %.3f of %d EMA samples", step, values["fid"], samples)
-        return values
+        f = featurize(images, loaded["net"], batch_size=batch_size, device=device)
+
+        def score() -> dict[str, Any]:  # rank 0, which holds every rank's features
+            mine = set_stats("ema samples", run_dir, f)
+            values, _, _ = compare(mine, loaded["ref"], loaded["net"], str(device))
+            values.update(eval_samples=samples, eval_ranks=rank_and_world()[1],
+                          eval_seconds=time.perf_counter() - t0)  # fmt: skip
+            log.info("step %d: FID %.3f of %d EMA samples", step, values["fid"], samples)
+            return values
+
+        return on_main(score)
 
     return eval_fn

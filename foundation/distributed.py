@@ -16,15 +16,19 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from foundation.errors import ConfigError
+from foundation.errors import ConfigError, LatentditError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TIMEOUT = datetime.timedelta(minutes=30)  # generous: rank 0 may write a large checkpoint
 
@@ -67,13 +71,18 @@ def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def launch_rank() -> int:
+    """This process's RANK as torchrun set it (0 without torchrun), with or without a group."""
+    return int(os.environ.get("RANK", 0))
+
+
 def setup_distributed(device: str | None = None, *, tf32: bool = True) -> DistInfo:
     """Join the process group described by torchrun's RANK/WORLD_SIZE/LOCAL_RANK (or make one of size 1).
 
     NCCL on CUDA, gloo on CPU. `device` overrides the default cuda:LOCAL_RANK / cpu. `tf32`: allow
     TF32 for fp32 matmuls on CUDA (training does; sampling keeps fp32 exact).
     """
-    rank = int(os.environ.get("RANK", 0))
+    rank = launch_rank()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = resolve_device(device, local_rank)
@@ -102,6 +111,21 @@ def setup_distributed(device: str | None = None, *, tf32: bool = True) -> DistIn
 def teardown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: str | None) -> Iterator[DistInfo]:
+    """Join torchrun's process group (or make one of size 1); leave it only if it was made here.
+
+    fp32 matmuls stay exact on CUDA (no TF32): for sampling and evaluation, fp32 means fp32.
+    """
+    made_here = not dist.is_initialized()
+    info = setup_distributed(device, tf32=False)
+    try:
+        yield info
+    finally:
+        if made_here:
+            teardown_distributed()
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -133,6 +157,74 @@ def all_gather_objects(value) -> list:
     gathered = [None] * world
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def rank_range(n: int, rank: int, world: int) -> range:
+    """This rank's contiguous run of n items: n // world or one more, in rank order."""
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+def on_all(fn: Callable[[], T]) -> T:
+    """fn() on every rank; a LatentditError raised on any rank is raised on all (the lowest
+    rank's), so that no rank waits in a later collective for one that has stopped."""
+    result, error = None, None
+    try:
+        result = fn()
+    except LatentditError as e:
+        error = e
+    errors = [e for e in all_gather_objects(error) if e is not None]
+    if errors:
+        raise errors[0]
+    return result
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """fn() run on rank 0; its result, or its LatentditError raised, on every rank."""
+    result, error = None, None
+    if rank_and_world()[0] == 0:
+        try:
+            result = fn()
+        except LatentditError as e:
+            error = e
+    result, error = all_gather_objects((result, error))[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def _collective_device() -> torch.device:
+    """Where tensors of a collective live: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_rows(rows: np.ndarray | None) -> np.ndarray | None:
+    """Every rank's rows, concatenated in rank order, on rank 0 (None on the others).
+
+    `rows` (n_r, ...) share their trailing shape and dtype across ranks; None is a rank with
+    no rows. Each rank's rows are padded to the longest rank's and all-gathered as one tensor
+    (gloo and NCCL alike), so the values arrive bit for bit. Rank 0 gets None if no rank had any.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return rows
+    shapes = all_gather_objects(None if rows is None else (rows.shape, rows.dtype.str))
+    known = [s for s in shapes if s is not None]
+    if not known:
+        return None
+    (_, *tail), dtype = known[0][0], np.dtype(known[0][1])
+    assert all((tuple(s[1:]), d) == (tuple(tail), dtype.str) for (s, d) in known), known
+    counts = [0 if s is None else s[0][0] for s in shapes]
+    padded = torch.zeros((max(counts), *tail), dtype=torch.from_numpy(np.empty(0, dtype)).dtype,
+                         device=_collective_device())  # fmt: skip
+    if rows is not None and len(rows):
+        padded[: len(rows)] = torch.from_numpy(np.ascontiguousarray(rows))
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    if rank != 0:
+        return None
+    return np.concatenate([p[:c].cpu().numpy() for p, c in zip(parts, counts, strict=True)])
 
 
 def barrier() -> None:

@@ -146,6 +146,9 @@ class SampleConfig:
     """Run seed; image i's noise comes from its own generator seeded by (seed, i)."""
     batch_size: int = 16
     """Images per batch (guided batches run 2x rows through the model)."""
+    auto_batch: int | None = option(None, min=1)
+    """On CUDA: the largest batch up to this cap that fits (found by trial at start, from
+    --batch-size up); on the CPU --batch-size is kept. None: --batch-size."""
     png: bool = True
     """Write one PNG per image."""
     grid: bool = True
@@ -170,6 +173,10 @@ class SampleConfig:
         checks = [
             (self.n >= 1, f"--n must be >= 1, got {self.n}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (
+                self.auto_batch is None or self.auto_batch >= 1,
+                f"--auto-batch must be >= 1, got {self.auto_batch}",
+            ),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
             (self.first_index >= 0, f"--first-index must be >= 0, got {self.first_index}"),
             (self.weights in WEIGHTS, f"--weights must be one of {WEIGHTS}, got {self.weights!r}"),

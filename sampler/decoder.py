@@ -20,6 +20,10 @@ from foundation.vae import decode_latents, downsampling, load_vae_decoder
 from sampler.errors import VaeMismatchError
 from trainer.normalization import LatentNormalization
 
+DECODE_CHUNK = 64
+"""Images per decoder call. At 256 px the SD-VAE decoder holds (chunk, 128, 256, 256) activations:
+64 images keep each under 2^31 elements and ~1 GiB in bf16, and still fill a GPU."""
+
 
 def check_vae_fits(meta: Mapping[str, Any], vae, vae_id: str) -> None:
     """Refuse a VAE whose latents differ from the checkpoint's, naming both values."""
@@ -78,5 +82,13 @@ class LatentDecoder:
         return cls(vae, meta["normalization"])
 
     def __call__(self, z: Tensor, *, to_cpu: bool = True) -> Tensor:
-        """uint8 images (B, H, W, 3) on the CPU (or the VAE's device) from normalized latents z."""
-        return decode_latents(self.vae, self.normalization.denormalize(z.float()), to_cpu=to_cpu)
+        """uint8 images (B, H, W, 3) on the CPU (or the VAE's device) from normalized latents z.
+
+        Decoded DECODE_CHUNK images at a time: the decoder's memory stays that of one chunk
+        whatever the sampling batch (`--auto-batch` sizes the batch for the DiT).
+        """
+        images = [
+            decode_latents(self.vae, self.normalization.denormalize(part.float()), to_cpu=to_cpu)
+            for part in z.split(DECODE_CHUNK)
+        ]
+        return images[0] if len(images) == 1 else torch.cat(images)

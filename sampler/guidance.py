@@ -35,22 +35,24 @@ def guided(
     Conditional and unconditional predictions come from one batched forward of 2B rows. With
     `interval` = (lo, hi), guidance applies only where lo <= t <= hi (t in the solver's time; the
     limited interval of Kynkäänniemi et al. 2024), elsewhere the conditional prediction is used,
-    and steps with no row inside the interval skip the unconditional rows. With `channels` = N,
-    only output channels :N are guided; the others stay conditional.
+    and steps with no row inside the interval skip the unconditional rows (deciding that reads
+    one flag back from the device per call; without an interval nothing is read back, so the
+    host queues work ahead of the device). With `channels` = N, only output channels :N are
+    guided; the others stay conditional.
     """
     null = torch.full_like(y, null_class)
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:
-        inside = torch.ones_like(t, dtype=torch.bool)
-        if interval is not None:
-            inside = (t >= interval[0]) & (t <= interval[1])
-        if scale == 1.0 or not bool(inside.any()):
+        inside = None if interval is None else (t >= interval[0]) & (t <= interval[1])
+        if scale == 1.0 or (inside is not None and not bool(inside.any())):  # reads a flag back
             return net_fn(x, t, y)
         out = net_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         cond, uncond = out.chunk(2)
         mixed = uncond + scale * (cond - uncond)
         if channels is not None:
             mixed = torch.cat([mixed[:, :channels], cond[:, channels:]], dim=1)
+        if inside is None:
+            return mixed
         return torch.where(inside.view(-1, *[1] * (x.dim() - 1)), mixed, cond)
 
     return model_fn

@@ -18,7 +18,7 @@ from sampler.config import SolveConfig
 from sampler.errors import SamplerError
 from sampler.guidance import guided
 from sampler.inference import InferenceModel
-from sampler.plan import ImageNoise
+from sampler.plan import ImageNoise, to_device
 from sampler.solvers import DEFAULT_SOLVER, SOLVERS, Callback, Solver, solvers_for
 from sampler.solvers import ddpm_timesteps as solver_times
 from trainer.model import DiT
@@ -114,7 +114,7 @@ def make_latents(
     per_t = _per_t(objective)
     interval = None if cfg.cfg_interval is None else tuple(v * per_t for v in cfg.cfg_interval)
     model_fn = guided(
-        net_fn, labels.to(device), scale=cfg.cfg, null_class=model.null_class, interval=interval,
+        net_fn, to_device(labels, device), scale=cfg.cfg, null_class=model.null_class, interval=interval,
         channels=min(cfg.cfg_channels or channels, channels),
     )  # fmt: skip
     if solver.takes_noise:

@@ -1,6 +1,6 @@
-"""What the sampler writes: PNGs, a grid, the ADM `.npz`, and the run manifest that makes resume safe.
+"""What the sampler writes: PNGs, a grid, the ADM `.npz` (the run manifest: `sampler.manifest`).
 
-    OUT/sample.json                         the settings that determine the images (checked on resume)
+    OUT/sample.json                         the settings that determine the images (`sampler.manifest`)
     OUT/images/000017-n01440764-seed0.png   one PNG per image: index, class id, run seed
     OUT/grid.png                            the first images in a grid
     OUT/npz_parts/0000000-0000256.npy       uint8 (n, H, W, 3) per finished batch (with --npz)
@@ -15,15 +15,13 @@ so an interrupted and resumed run writes the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import shutil
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from einops import rearrange
@@ -73,31 +71,6 @@ def make_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
     tiles = np.pad(tiles, ((0, 0), (0, pad), (0, pad), (0, 0)), constant_values=255)
     grid = rearrange(tiles, "(r c) h w ch -> (r h) (c w) ch", r=rows, c=cols)
     return grid[:-pad, :-pad]
-
-
-# --- the run manifest ---------------------------------------------------------------------------
-
-
-def check_manifest(out: Path, settings: Mapping[str, Any]) -> None:
-    """Write OUT/sample.json, or check that an existing one holds the same settings."""
-    path = out / MANIFEST
-    if path.is_file():
-        before = json.loads(path.read_text())
-        diffs = [
-            f"{k} {before.get(k)!r} there vs {v!r} now"
-            for k, v in settings.items()
-            if before.get(k) != v
-        ]
-        if diffs:
-            raise SamplerError(
-                f"{out} holds samples made with other settings ({'; '.join(diffs[:3])}); "
-                "choose another --out or delete it"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps(dict(settings), indent=2))
-    os.replace(tmp, path)
 
 
 # --- the ADM .npz, written incrementally ----------------------------------------------------------

@@ -74,6 +74,15 @@ def plan_labels(
     return np.random.default_rng([seed, k]).integers(0, k, size=n, dtype=np.int64)
 
 
+def to_device(host: Tensor, device: torch.device | str) -> Tensor:
+    """`host` on `device`; to CUDA through pinned memory without waiting (a pageable copy would
+    wait for every queued kernel, e.g. the previous batch's decoder, before the next is queued)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def image_seed(seed: int, index: int) -> int:
     """The 64-bit generator seed of image `index` in a run seeded `seed`."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
@@ -90,7 +99,7 @@ class ImageNoise:
 
     def __call__(self, like: Tensor) -> Tensor:
         rows = [torch.randn(like.shape[1:], generator=g) for g in self.generators]
-        return torch.stack(rows).to(like.device, like.dtype)
+        return to_device(torch.stack(rows), like.device).to(like.dtype)
 
     def initial(self, shape: Sequence[int], device: torch.device | str) -> Tensor:
         """The starting latents (B, *shape), float32."""
@@ -113,4 +122,4 @@ class FileNoise(ImageNoise):
             raise SamplerError(
                 f"--noise rows are {tuple(self.rows.shape[1:])}, the model's latents {tuple(shape)}"
             )
-        return self.rows.to(device)
+        return to_device(self.rows, device)

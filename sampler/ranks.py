@@ -11,58 +11,32 @@ Rank 0 alone decides what is left to make (from the finished parts) and writes t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TypeVar
 
-import torch.distributed as dist
-
-from foundation.distributed import (
-    DistInfo,
-    all_gather_objects,
-    setup_distributed,
-    teardown_distributed,
-)
-from foundation.errors import LatentditError
+from foundation import distributed
+from foundation.distributed import DistInfo, all_gather_objects, process_group, rank_range
 
 T = TypeVar("T")
-
-
-@contextmanager
-def process_group(device: str | None) -> Iterator[DistInfo]:
-    """Join torchrun's process group (or make one of size 1); leave it only if it was made here.
-
-    fp32 matmuls stay exact on CUDA (no TF32): sampling in fp32 means fp32.
-    """
-    made_here = not dist.is_initialized()
-    info = setup_distributed(device, tf32=False)
-    try:
-        yield info
-    finally:
-        if made_here:
-            teardown_distributed()
+__all__ = ["on_main", "process_group", "share", "total"]
 
 
 def share(batches: list[list[int]], info: DistInfo) -> list[list[int]]:
     """This rank's contiguous run of batches: len // world or one more, in rank order."""
-    n, world, rank = len(batches), info.world_size, info.rank
-    return batches[rank * n // world : (rank + 1) * n // world]
+    mine = rank_range(len(batches), info.rank, info.world_size)
+    return batches[mine.start : mine.stop]
 
 
 def on_main(fn: Callable[[], T], info: DistInfo) -> T:
-    """fn() run on rank 0; its result, or its LatentditError raised, on every rank."""
-    result, error = None, None
-    if info.is_main:
-        try:
-            result = fn()
-        except LatentditError as e:
-            error = e
-    result, error = all_gather_objects((result, error))[0]
-    if error is not None:
-        raise error
-    return result
+    """fn() run on rank 0 (`info`'s group); its result, or its LatentditError raised, on every rank."""
+    return distributed.on_main(fn)
 
 
 def total(count: int) -> int:
     """The sum of `count` over all ranks."""
     return sum(all_gather_objects(count))
+
+
+def smallest(value: int) -> int:
+    """The smallest `value` over all ranks."""
+    return min(all_gather_objects(value))

@@ -8,7 +8,6 @@ yet finished in OUT, so re-running the same command resumes an interrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -21,11 +20,13 @@ from tqdm.auto import tqdm
 from foundation.distributed import DistInfo, barrier
 from foundation.precision import Precision, autocast, resolve_precision
 from sampler import outputs, ranks
+from sampler.batch_size import BatchProbe, CudaFits, pick_batch_size
 from sampler.config import SampleConfig
 from sampler.decoder import LatentDecoder
 from sampler.errors import SamplerError
 from sampler.inference import InferenceModel
 from sampler.latents import make_latents, pick_solver
+from sampler.manifest import check_manifest, legacy_defaults, run_settings
 from sampler.plan import FileNoise, ImageNoise, plan_labels
 from sampler.writer import BatchWriter, HostImages
 from trainer.checkpoint import load_for_inference, resolve_checkpoint
@@ -43,46 +44,8 @@ class SampleResult:
     total: int
     npz: Path | None
     seconds: float
-
-
-def _settings(
-    cfg: SampleConfig, sampler: str, folder: Path, meta: dict, labels: np.ndarray
-) -> dict:
-    """The settings that determine the images; a resumed run must match them exactly."""
-    solve = cfg.solve
-    return {
-        "checkpoint": str(folder.resolve()),
-        "step": meta.get("step"),
-        "weights": cfg.weights,
-        "sampler": sampler,
-        **{k: getattr(solve, k) for k in ("steps", "cfg", "shift", "eta")},
-        "cfg_interval": list(solve.cfg_interval) if solve.cfg_interval else None,
-        "seed": cfg.seed,
-        "first_index": cfg.first_index,
-        "vae": cfg.vae or meta["vae"]["id"],
-        "count": len(labels),
-        "labels_blake2b": hashlib.blake2b(labels.tobytes(), digest_size=16).hexdigest(),
-        **_import_settings(cfg),
-    }
-
-
-def _import_settings(cfg: SampleConfig) -> dict:
-    """The settings of the official protocols (only when set: older manifests stay valid)."""
-    solve = cfg.solve
-    found = {
-        "cfg_channels": solve.cfg_channels,
-        "variance": solve.variance,
-        "spacing": None if solve.spacing == "trailing" else solve.spacing,
-        "diffusion": None if solve.diffusion == 1.0 else solve.diffusion,
-        "last_step": solve.last_step,
-        "noise_blake2b": _file_digest(cfg.noise) if cfg.noise else None,
-        "save_latents": cfg.save_latents or None,
-    }
-    return {k: v for k, v in found.items() if v is not None}
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    batch_size: int  # the batch size used (what --auto-batch found, on CUDA)
+    probe: BatchProbe | None = None  # the --auto-batch trials, when it probed
 
 
 def _read_noise(cfg: SampleConfig, count: int, latent_shape: tuple[int, ...]) -> np.ndarray | None:
@@ -167,7 +130,7 @@ def _sample(cfg: SampleConfig, info: DistInfo) -> SampleResult:
     sampler_name = pick_solver(cfg.solve, objective, learn_sigma=model.config.get("learn_sigma"))[0]
     noise_rows = _read_noise(cfg, len(labels), latent_shape)
     out = Path(cfg.out)
-    settings = _settings(cfg, sampler_name, folder, meta, labels)
+    settings = run_settings(cfg, sampler_name, folder, meta, labels, precision=precision)
     image_shape = (*(d * decoder.downsampling for d in latent_shape[1:]), 3)
     npz = outputs.npz_path(out, len(labels), image_shape) if cfg.npz else None
 
@@ -176,11 +139,12 @@ def _sample(cfg: SampleConfig, info: DistInfo) -> SampleResult:
     class_ids = {i: classes[c]["id"] for i, c in class_of.items()}
 
     def todo() -> list[int]:
-        outputs.check_manifest(out, settings)
+        check_manifest(out, settings, legacy=legacy_defaults(device))
         return [] if npz is not None and npz.is_file() else _todo(cfg, out, indices, class_ids)
 
     todo_all = ranks.on_main(todo, info)
-    mine = ranks.share(_batches(todo_all, cfg.batch_size), info)
+    batch_size, probe = _batch_size(cfg, net, decoder, latent_shape, precision, len(todo_all), info)
+    mine = ranks.share(_batches(todo_all, batch_size), info)
     log.info(
         "sampling %d of %d images (%s, %d steps, cfg %s) from %s step %s on %d rank(s)",
         len(todo_all), len(labels), sampler_name, cfg.solve.steps, cfg.solve.cfg, folder,
@@ -222,7 +186,35 @@ def _sample(cfg: SampleConfig, info: DistInfo) -> SampleResult:
     if info.is_main and cfg.save_latents and not (out / outputs.LATENTS).is_file():
         log.info("wrote %s", outputs.assemble_latents(out, cfg.first_index, len(labels)))
     barrier()  # the npz is complete when any rank returns
-    return SampleResult(out=out, made=made, total=len(labels), npz=npz, seconds=seconds)
+    return SampleResult(
+        out=out, made=made, total=len(labels), npz=npz, seconds=seconds, batch_size=batch_size,
+        probe=probe,
+    )  # fmt: skip
+
+
+def _batch_size(
+    cfg: SampleConfig,
+    net: InferenceModel,
+    decoder: LatentDecoder,
+    latent_shape: tuple[int, ...],
+    precision: Precision,
+    todo: int,
+    info: DistInfo,
+) -> tuple[int, BatchProbe | None]:
+    """(batch size, probe): --batch-size, or with --auto-batch on CUDA the largest that fits on
+    every rank (the smallest of the ranks' finds, so that all cut the same batches)."""
+    if todo == 0:
+        return cfg.batch_size, None
+
+    def fits() -> CudaFits:
+        return CudaFits(
+            net.model, lambda z: decoder(z, to_cpu=False), latent_shape=latent_shape,
+            device=info.device, precision=precision,
+        )  # fmt: skip
+
+    cap = None if cfg.auto_batch is None else min(cfg.auto_batch, todo)
+    found, probe = pick_batch_size(cfg.batch_size, cap, info.device, fits)
+    return ranks.smallest(found), probe
 
 
 def _write_batch(

@@ -132,7 +132,10 @@ class TrainLogger:
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
 
     def log_eval(self, step: int, metrics: dict[str, Any]) -> None:
-        """Append an evaluation record {"step", "eval": true, fid, ...} (rank 0) and its scalars."""
+        """Append an evaluation record {"step", "eval": true, fid, ...} and its scalars (rank 0;
+        the other ranks' calls do nothing)."""
+        if not self.dist.is_main:
+            return
         record = {"step": step, "eval": True, **metrics}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

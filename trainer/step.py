@@ -88,7 +88,8 @@ def make_trainee(model: DiT, cfg: TrainConfig, dist: DistInfo) -> Trainee:
         device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
         bucket_cap_mb=cfg.ddp_bucket_mb,
         gradient_as_bucket_view=cfg.grad_as_bucket_view,
-    )
+    )  # broadcasts rank 0's weights: the ranks were seeded apart, so their inits differ
+    ema.load_state_dict(model.state_dict())  # and every rank's EMA starts from those weights too
     forward = torch.compile(ddp) if cfg.compile and cfg.compile_scope == "model" else ddp
     optimizer = build_optimizer(model, cfg, dist.device)
     return Trainee(model=model, ddp=ddp, forward=forward, ema=ema, optimizer=optimizer)

@@ -52,8 +52,9 @@ SampleFn = Callable[[DiT, dict[str, Any], int, Path], None]
 """sample_fn(ema_model, meta, step, run_dir): called on rank 0 every `sample_every` steps and at
 the end, e.g. to write an EMA sample grid under run_dir through the sampler's decoder-only path."""
 EvalFn = Callable[[DiT, dict[str, Any], int, Path], dict[str, Any]]
-"""eval_fn(ema_model, meta, step, run_dir) -> metrics: called on rank 0 every `eval_every` steps and
-at the end (e.g. FID of EMA samples, `evaluation.training.fid_hook`); logged to log.jsonl."""
+"""eval_fn(ema_model, meta, step, run_dir) -> metrics: called on every rank every `eval_every` steps
+and at the end, so that the ranks can share the work (e.g. FID of EMA samples,
+`evaluation.training.fid_hook`); rank 0's metrics are logged to log.jsonl."""
 
 
 def build_objective(cfg: TrainConfig) -> Objective:
@@ -232,11 +233,7 @@ def _train(
             and (done == cfg.steps or done % (cfg.sample_every or cfg.steps) == 0)
         ):
             sample_fn(trainee.ema, {**meta, "step": done}, done, run)
-        if (
-            eval_fn
-            and dist.is_main
-            and (done == cfg.steps or done % (cfg.eval_every or cfg.steps) == 0)
-        ):
+        if eval_fn and (done == cfg.steps or done % (cfg.eval_every or cfg.steps) == 0):
             logger.log_eval(done, eval_fn(trainee.ema, {**meta, "step": done}, done, run))
     logger.close()
     seconds = time.perf_counter() - began

@@ -2,8 +2,10 @@
 
     python bench/bench_encode.py [--images 96] [--image-size 256] [--workers 1] [--device cpu]
                                  [--flip] [--compile] [--dtype bf16] [--sweep 64,128,256]
+                                 [--compile --compile-mode reduce-overhead --mode-sweep default]
 
-Prints one JSON object (with --sweep, one per extra batch size first): decode+crop images/s of
+Prints one JSON object (with --sweep, one per extra batch size first; with --mode-sweep, one per
+extra compile mode, each with its codes against the unfused path): decode+crop images/s of
 one worker; the unfused path alone (`encode_variants` + `quantize` + a copy to the host, as every
 batch ran before the encode graph); the encode graph alone (uint8 crops to uint8 codes on the
 device, pipelined as the encode job launches it, compiled with --compile); the whole pipeline (the
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,6 +48,7 @@ from pipeline.vae import encode_variants, load_vae
 from testkit import make_vae
 
 IMAGENET_SIZE = (500, 375)  # the most common ImageNet train resolution
+WARMUP_BATCHES = 3  # before timing the graph: compile, then (CUDA graph modes) warm up and record
 
 
 def make_tree(root: Path, images: int, classes: int = 4, distinct: int = 1024) -> None:
@@ -123,8 +127,10 @@ def forward_figures(
     `unfused_images`, its rate scaled), at cfg.batch_size; with `repeats`, the two alternate and
     each keeps its best time (for noisy machines)."""
     batches = make_batches(items, source, cfg.batch_size, n)
+    skips = counters["inductor"]["cudagraph_skips"]
     launcher = make_launcher(cfg, vae, spec)
-    compile_s, _ = timed(lambda: run_graph(launcher, batches[:1]), device)
+    # warm-up: compiles; in a CUDA graph mode the 1st call runs eagerly, the 2nd records the graph
+    compile_s, _ = timed(lambda: run_graph(launcher, batches[:WARMUP_BATCHES]), device)
     some = batches[: max(1, unfused_images // cfg.batch_size)] if unfused_images else batches
     if unfused:
         run_unfused(cfg, vae, spec.quant, batches[:1])  # warm-up
@@ -141,6 +147,8 @@ def forward_figures(
         "graph_warmup_s": round(compile_s, 2),
         "graph_images_per_s": rate(n, graph_s),
     }
+    if launcher.cuda_graphs:  # graphs torch would not replay as CUDA graphs (its log says why)
+        figures["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     if unfused:
         d = (torch.cat(codes[: len(want)]).int() - torch.cat(want).int()).abs()
         figures |= {
@@ -167,6 +175,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--flip", action="store_true", help="encode each crop's flip too")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encode graph")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode with --compile")
+    ap.add_argument(
+        "--mode-sweep", default="", help="with --compile, more modes for the graph alone: default"
+    )
     ap.add_argument("--compile-cache", type=Path, default=None, help="torch.compile cache folder")
     ap.add_argument("--cudnn-benchmark", action="store_true")
     ap.add_argument("--no-unfused", action="store_true", help="skip timing the unfused path")
@@ -182,6 +194,8 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch intra-op threads of the main process"
     )
     args = ap.parse_args()
+    if args.mode_sweep and not args.compile:
+        ap.error("--mode-sweep times other compile modes: add --compile")
     torch.set_num_threads(args.threads)
     channels = tuple(int(c) for c in args.channels.split(","))
     device, n = args.device, args.images
@@ -202,10 +216,11 @@ def main() -> None:
             shard_size=min(n, 4096),  # several shards: writes overlap the encoding
             chunk_size=min(n, 1024),
             compile=args.compile,
+            compile_mode=args.compile_mode if args.compile else None,
             compile_cache=args.compile_cache,
             cudnn_benchmark=args.cudnn_benchmark,
             calibration_samples=args.batch_size,
-        )
+        ).for_device(torch.device(device).type)
         source = open_source(cfg.source)
         vae, vae_info = load_vae(cfg.vae_config(device))  # as `encode` loads it
         pre = cfg.preprocess_config()
@@ -225,29 +240,28 @@ def main() -> None:
             "dtype": args.dtype,
             "flip": args.flip,
             "compile": args.compile,
+            "compile_mode": cfg.compile_mode,
             "images": n,
             "threads": args.threads,
         }
+
+        def figures(c: EncodeConfig, unfused: bool = not args.no_unfused, repeats: int = 1):
+            return forward_figures(
+                c, vae, spec, items, source, n, device, unfused, repeats, args.unfused_images
+            )
+
         with (
             compile_cache(args.compile_cache if args.compile else None),
             cudnn_benchmark(args.cudnn_benchmark),
         ):
             for size in [int(b) for b in args.sweep.split(",") if b]:
-                sized = replace(cfg, batch_size=size)
-                figures = forward_figures(sized, vae, spec, items, source, n, device, False)
-                print(json.dumps({**context, "sweep": True, **figures}), flush=True)
-            forward = forward_figures(
-                cfg,
-                vae,
-                spec,
-                items,
-                source,
-                n,
-                device,
-                not args.no_unfused,
-                args.repeats,
-                args.unfused_images,
-            )
+                sized = figures(replace(cfg, batch_size=size), unfused=False)
+                print(json.dumps({**context, "sweep": True, **sized}), flush=True)
+            for mode in [m for m in args.mode_sweep.split(",") if m]:
+                moded = figures(replace(cfg, compile_mode=mode))
+                sweep = {"sweep": True, "compile_mode": mode}
+                print(json.dumps({**context, **sweep, **moded}), flush=True)
+            forward = figures(cfg, repeats=args.repeats)
             create_store(cfg.out, spec, [source.key(i) for i in range(len(source))])
             writer = StoreWriter(LatentStore(cfg.out))
             info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(device))

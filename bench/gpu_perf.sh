@@ -89,6 +89,12 @@ step train_xl_blocks_gpu 100 $PY bench/bench_train.py --models $XL --batch-size 
 # issue 16: kernel classes of one compiled XL/2 step, gaps, host syncs per step
 step profile_train_xl 45 $PY bench/profile_train.py --model $XL --batch-size $TB --steps $PSTEPS \
   "${blocks[@]}" --compile-cache "$CC" "${TRAIN_CPU[@]}"
+# issue 15: CUDA graphs: the graph compiled in reduce-overhead (graph alone and pipeline) against
+# default mode (graph alone; compiled by encode_compiled_long, so loaded from the cache), each with
+# its codes against the eager unfused path (share equal, max difference)
+step encode_cuda_graphs 110 $PY bench/bench_encode.py "${enc[@]}" --image-size $PX \
+  --batch-size $TB2 --images $EN --workers $EW --compile --compile-mode reduce-overhead \
+  --mode-sweep default --cudnn-benchmark --unfused-images $((EN / 4))
 # issue 15: eager: the unfused path vs the graph, a batch sweep of the graph, the pipeline
 step encode_eager 50 $PY bench/bench_encode.py "${enc[@]}" --image-size $PX --batch-size $EB \
   --sweep $EBS --images $((EN / 2)) --workers $EW

@@ -11,6 +11,7 @@ import sys
 FIGURES = {  # key in a result -> column label
     "batch_size": "batch",
     "model": "model",
+    "compile_mode": "mode",
     "graph_images_per_s": "graph img/s",
     "unfused_images_per_s": "unfused img/s",
     "graph_over_unfused": "graph/unfused",
@@ -18,6 +19,7 @@ FIGURES = {  # key in a result -> column label
     "pipeline_over_graph": "pipe/graph",
     "codes_equal_to_unfused": "codes equal",
     "codes_max_diff": "max diff",
+    "cudagraph_skips": "CUDA graph skips",
     "images_per_s": "img/s",
     "mfu": "MFU",
     "data_fraction": "data share",

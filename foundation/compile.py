@@ -20,8 +20,18 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""torch.compile's modes; "reduce-overhead" and "max-autotune" replay CUDA graphs (on CUDA)."""
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch._inductor.list_mode_options()
 ARTIFACTS = "artifacts.bin"  # torch.compiler.save_cache_artifacts of the last process that saved
 ENV_DIRS = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+
+
+def uses_cuda_graphs(mode: str) -> bool:
+    """Whether torch.compile in `mode` replays CUDA graphs on CUDA: each replay then writes its
+    outputs into the same static buffers, so a caller must copy (or clone) what it keeps before
+    the next call, and mark each call a new step (`torch.compiler.cudagraph_mark_step_begin`)."""
+    return mode in CUDA_GRAPH_MODES
 
 
 @contextlib.contextmanager

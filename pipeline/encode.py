@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from foundation.compile import compile_cache
+from foundation.compile import compile_cache, uses_cuda_graphs
 from foundation.distributed import DistInfo, barrier, setup_distributed, teardown_distributed
 from latent_store import (
     LABEL_FILL,
@@ -76,6 +76,7 @@ def _broadcast_error(error: LatentditError | None) -> None:
 
 
 def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
+    cfg = cfg.for_device(info.device.type)  # the speed options left unset, at the device's default
     source = open_source(
         cfg.source,
         val_labels=cfg.val_labels,
@@ -225,7 +226,10 @@ def cudnn_benchmark(enabled: bool):
 
 
 def make_launcher(cfg: EncodeConfig, vae, spec: StoreSpec) -> BatchLauncher:
-    """This job's encode graph (compiled with --compile, for one static batch shape) and launcher."""
+    """This job's encode graph (compiled with --compile in --compile-mode) and its launcher, which
+    pads every batch to one shape when the graph is compiled or cuDNN autotunes. `cfg` has its
+    speed options resolved (`EncodeConfig.for_device`)."""
+    assert cfg.compile is not None, "resolve the speed options first: cfg.for_device(...)"
     graph = EncodeGraph(
         vae,
         quant=spec.quant,
@@ -234,14 +238,16 @@ def make_launcher(cfg: EncodeConfig, vae, spec: StoreSpec) -> BatchLauncher:
         logstd_quant=spec.logstd_quant,
     )
     if cfg.compile:
-        graph = torch.compile(graph, dynamic=False)
+        graph = torch.compile(graph, mode=cfg.compile_mode, dynamic=False)
     return BatchLauncher(
         graph,
         device=vae.device,
         latent_shape=spec.latent_shape,
         variants=len(spec.variants),
         posterior=cfg.posterior,
-        static_batch=cfg.batch_size if cfg.compile else None,
+        # one shape for a compiled graph, and for cuDNN's autotuning (which times every new shape)
+        static_batch=cfg.batch_size if cfg.compile or cfg.cudnn_benchmark else None,
+        cuda_graphs=cfg.compile and uses_cuda_graphs(cfg.compile_mode),
     )
 
 

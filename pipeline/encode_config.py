@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from foundation.compile import COMPILE_MODES
 from foundation.config import option
 from foundation.precision import NAMES as DTYPES
 from foundation.urls import check_options_apply, parse_storage_options
@@ -28,6 +29,13 @@ FAILURE_RULE = (
     f"never more than {FAILURE_SHARE_MAX:.0%}"
 )
 DEVICES = ("cpu", "cuda")
+# What the speed options mean when left unset (None): SPEED_DEFAULTS on every device, except where
+# CUDA_DEFAULTS says otherwise on a GPU. bench/gpu_perf.sh (its encode_* steps) times each option
+# against these defaults on one GPU, side by side, with the codes' agreement with eager bf16; one
+# that measurably wins becomes one line of CUDA_DEFAULTS, e.g. "compile": True,
+# "compile_mode": "reduce-overhead", "cudnn_benchmark": True (then update docs/encode.md).
+SPEED_DEFAULTS = {"compile": False, "compile_mode": "default", "cudnn_benchmark": False}
+CUDA_DEFAULTS: dict[str, object] = {}  # nothing measured yet: no GPU has run the sweep
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,14 +58,19 @@ class EncodeConfig:
     """VAE compute dtype: fp32, bf16 or fp16."""
     device: str | None = None
     """cpu, cuda or cuda:N; default: cuda when available."""
-    compile: bool = False
+    compile: bool | None = None
     """torch.compile the encode graph (uint8 crops to uint8 codes: encoder, posterior and
-    quantization in one graph, one static batch shape)."""
+    quantization in one graph, one static batch shape); None: the device's default (off)."""
+    compile_mode: str | None = None
+    """torch.compile mode of --compile: default, reduce-overhead (CUDA graphs), max-autotune
+    (autotuned kernels and CUDA graphs: compiles for minutes) or max-autotune-no-cudagraphs;
+    None: the device's default (default)."""
     compile_cache: Path | None = None
     """Folder for torch.compile's caches and artifacts, so that a resumed run or another rank
     (on any node that sees the folder) does not compile again; None: torch's default cache."""
-    cudnn_benchmark: bool = False
-    """Let cuDNN time its convolution algorithms (CUDA; may change float rounding between runs)."""
+    cudnn_benchmark: bool | None = None
+    """Let cuDNN time its convolution algorithms (CUDA; may change float rounding between runs);
+    None: the device's default (off)."""
     image_size: int = 256
     """Side of the ADM center crop in pixels."""
     flip: bool = False
@@ -118,6 +131,14 @@ class EncodeConfig:
             )
         if self.posterior not in POSTERIOR_MODES:
             raise LatentditError(f"--posterior {self.posterior!r}: use one of {POSTERIOR_MODES}")
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise LatentditError(
+                f"--compile-mode {self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}"
+            )
+        if self.compile_mode is not None and self.compile is False:
+            raise LatentditError(
+                f"--compile-mode {self.compile_mode} sets how --compile compiles: add --compile"
+            )
         if self.dtype not in DTYPES:
             raise LatentditError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.max_failures is not None and (
@@ -137,6 +158,16 @@ class EncodeConfig:
     @property
     def variants(self) -> tuple[str, ...]:
         return VARIANTS if self.flip else VARIANTS[:1]
+
+    def for_device(self, device_type: str) -> EncodeConfig:
+        """This config with its unset speed options (None) at the defaults of `device_type`
+        (SPEED_DEFAULTS, and CUDA_DEFAULTS on "cuda"); options given are kept. Uncompiled, the
+        mode stays None (a --compile-mode given is refused when the device does not compile)."""
+        defaults = {**SPEED_DEFAULTS, **(CUDA_DEFAULTS if device_type == "cuda" else {})}
+        unset = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if not unset.get("compile", self.compile):
+            unset.pop("compile_mode", None)
+        return replace(self, **unset)
 
     def vae_config(self, device: str) -> VaeConfig:
         """How this job loads and runs its VAE on `device`."""

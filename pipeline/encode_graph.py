@@ -109,20 +109,26 @@ def _by_variant(x: torch.Tensor, b: int) -> torch.Tensor:
 
 
 class Launched:
-    """One batch on its way to the host: its outputs in (pinned) host memory once `wait` returns."""
+    """One batch on its way to the host: its outputs in (pinned) host memory once `wait` returns.
+
+    The copies are taken here, when the batch is launched, never later: a graph replayed as a CUDA
+    graph (torch.compile's reduce-overhead) writes every call's outputs into the same buffers, so
+    batch k's must be copied out before batch k+1 is launched. On a GPU the copies are queued on
+    the outputs' stream right behind the graph (the next replay queues behind them); on the CPU
+    they are made at once.
+    """
 
     def __init__(self, outputs: tuple, rows: int) -> None:
         out = EncodedBatch(*outputs)
-        cuda = out.codes.is_cuda
         self._host = EncodedBatch(
-            codes=_to_host(out.codes, rows, cuda),
-            clipped=_to_host(out.clipped, rows, cuda),
-            logstd=None if out.logstd is None else _to_host(out.logstd, rows, cuda),
+            codes=_to_host(out.codes, rows),
+            clipped=_to_host(out.clipped, rows),
+            logstd=None if out.logstd is None else _to_host(out.logstd, rows),
         )
         self._done = None
-        if cuda:
+        if out.codes.is_cuda:  # on the outputs' device, whichever device is current
             self._done = torch.cuda.Event()
-            self._done.record()
+            self._done.record(torch.cuda.current_stream(out.codes.device))
 
     def wait(self) -> EncodedBatch:
         """The batch's outputs on the CPU (waits for this batch only, not later launches)."""
@@ -131,11 +137,12 @@ class Launched:
         return self._host
 
 
-def _to_host(t: torch.Tensor, rows: int, cuda: bool) -> torch.Tensor:
-    """The first `rows` of t, copied to pinned memory without blocking (CUDA) or as they are."""
+def _to_host(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """A copy of the first `rows` of t in host memory: pinned and not waited for (CUDA), or made
+    now (CPU). Never a view: the graph may write its next outputs into t's memory."""
     t = t[:rows]
-    if not cuda:
-        return t
+    if not t.is_cuda:
+        return t.clone()
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
@@ -144,7 +151,9 @@ class BatchLauncher:
 
     With `static_batch`, every batch is padded to that many crops (the pad rows are dropped before
     anything leaves the device), so a compiled graph sees one shape and never recompiles for a
-    shard's last batch or a batch with failed images.
+    shard's last batch or a batch with failed images. With `cuda_graphs` (a graph compiled in a
+    mode that replays CUDA graphs) every launch is marked a new step for torch's CUDA graph trees:
+    the previous launch's outputs, already copied out, may be overwritten from then on.
     """
 
     def __init__(
@@ -156,9 +165,11 @@ class BatchLauncher:
         variants: int,
         posterior: str,
         static_batch: int | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self.graph, self.device, self.latent_shape = graph, device, latent_shape
         self.variants, self.posterior, self.static_batch = variants, posterior, static_batch
+        self.cuda_graphs = cuda_graphs
 
     @torch.inference_mode()
     def launch(self, crops: torch.Tensor, keys: list[str]) -> Launched:
@@ -177,4 +188,6 @@ class BatchLauncher:
             if self.device.type == "cuda":
                 noise = noise.pin_memory()
             noise = noise.to(self.device, non_blocking=True)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         return Launched(self.graph(crops, noise), b)

@@ -85,6 +85,13 @@ def setup_distributed(device: str | None = None, *, tf32: bool = True) -> DistIn
     rank = launch_rank()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if local_world > 1 and device is not None and device.strip().startswith("cuda:"):
+        raise ConfigError(
+            f"--device {device} under torchrun with {local_world} processes per node puts every "
+            "rank on that one GPU; give --device cuda (rank r uses cuda:LOCAL_RANK) and choose "
+            "GPUs with CUDA_VISIBLE_DEVICES"
+        )
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)

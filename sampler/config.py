@@ -117,7 +117,8 @@ def protocol_options(name: str) -> dict[str, Any]:
 
 WEIGHTS = ("ema", "model")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-"""torch.compile modes for --compile: "reduce-overhead" replays CUDA graphs (on CUDA)."""
+"""torch.compile modes for --compile: "reduce-overhead" and "max-autotune" replay CUDA graphs (on
+CUDA; see foundation.compile.uses_cuda_graphs)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,7 +166,7 @@ class SampleConfig:
     """Also write OUT/latents.npy: the final latents as the VAE decoder takes them (denormalized)."""
     compile: str | None = None
     """torch.compile the DiT with this mode: default, reduce-overhead (CUDA graphs) or
-    max-autotune; None: eager. Matches eager to float rounding, not bit for bit."""
+    max-autotune (CUDA graphs too); None: eager. Matches eager to float rounding, not bit for bit."""
     cast_weights: bool = False
     """Cast the DiT's weights once to the bf16/fp16 --precision (half the memory; not bit-identical)."""
 

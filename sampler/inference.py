@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from foundation.compile import uses_cuda_graphs
 from sampler.config import COMPILE_MODES
 from trainer.model import DiT
-
-CUDA_GRAPH_MODES = ("reduce-overhead",)
 
 
 class InferenceModel:
@@ -34,7 +33,7 @@ class InferenceModel:
             model = model.to(weights_dtype)
         self.model = model.eval().requires_grad_(False)
         self.null_class, self.config = model.null_class, model.config
-        self.cuda_graphs = compile in CUDA_GRAPH_MODES
+        self.cuda_graphs = compile is not None and uses_cuda_graphs(compile)
         self.forward = (
             model if compile is None else torch.compile(model, mode=compile, dynamic=False)
         )

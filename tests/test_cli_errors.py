@@ -168,3 +168,21 @@ def test_bad_invocation_is_one_line(world, case):
         assert len(errors) == 1 and lines[-1] == errors[0], result.output
         assert match in errors[0], result.output
     assert sorted(p.name for p in world["w"].iterdir()) == before  # nothing made on the way
+
+
+@pytest.mark.parametrize("case", ["train device", "sample device", "encode out a file"])
+def test_one_gpu_index_for_every_local_rank_is_refused(world, monkeypatch, case):
+    """Under torchrun with several processes per node, `--device cuda:1` would put every rank on
+    GPU 1 (NCCL then fails far from the cause): refused before anything starts, naming the fix."""
+    args = list(_cases(world)[case][0])
+    args[args.index("--device") + 1] = "cuda:1"
+    if case.startswith("encode"):
+        args[-1] = str(world["w"] / "o-new.zarr")  # a good --out: only the device is wrong
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    before = sorted(p.name for p in world["w"].iterdir())
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: --device cuda:1 under torchrun with 2 processes per node"), last
+    assert sorted(p.name for p in world["w"].iterdir()) == before

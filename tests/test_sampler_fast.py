@@ -13,7 +13,7 @@ from conftest import ROOT
 
 from foundation.distributed import DistInfo
 from sampler import outputs, ranks
-from sampler.config import SampleConfig, SolveConfig
+from sampler.config import COMPILE_MODES, SampleConfig, SolveConfig
 from sampler.errors import SamplerError
 from sampler.inference import InferenceModel
 from sampler.latents import make_latents
@@ -134,6 +134,18 @@ def test_compiled_model_function_matches_eager_and_never_recompiles_across_steps
     assert close(latents(compiled, interval), latents(model, interval))
     assert counters["stats"]["unique_graphs"] == 2  # + the B-row shape, for all unguided calls
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", [None, *COMPILE_MODES])
+def test_every_cuda_graph_mode_clones_outputs_and_marks_steps(mode):
+    """Under a mode that replays CUDA graphs ("max-autotune" as well as "reduce-overhead") a
+    replay overwrites the last outputs, which Heun keeps across calls: the model function must
+    clone them and mark each call a new step, exactly for the modes torch records graphs in."""
+    from foundation.compile import uses_cuda_graphs
+
+    net = InferenceModel(tiny_dit().eval(), compile=mode)
+    assert net.cuda_graphs == (mode is not None and uses_cuda_graphs(mode))
+    assert InferenceModel(tiny_dit().eval(), compile="max-autotune").cuda_graphs
 
 
 def test_cast_weights_stay_within_bf16_tolerance_of_autocast():

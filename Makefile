@@ -35,11 +35,12 @@ format: setup  ## apply ruff fixes and formatting
 bench-store: setup  ## store write / load / random-batch throughput (JSON)
 	$(PY) bench/bench_store.py
 
-bench-verify: setup  ## cost of verifying a 1.28M-sample store while loading it (JSON)
-	$(PY) bench/bench_verify.py
+bench-verify: setup  ## checksum candidates; cost of verifying a 1.28M-sample store while loading it, new and old checksums (JSON)
+	$(PY) bench/bench_checksum.py
+	$(PY) bench/bench_verify.py --checksums xxh3-128 blake2b-128 $(VERIFY_ARGS)
 
-bench-objstore: setup  ## memory-mode load of one store from a local S3 server (moto) vs local disk (JSON)
-	$(PY) bench/bench_objstore.py
+bench-objstore: setup  ## memory-mode load from a local S3 server (moto) vs local disk; BASELINE=CHECKOUT times another checkout beside (JSON)
+	$(PY) bench/bench_objstore.py $(if $(BASELINE),--baseline $(BASELINE))
 
 # --- encode ---
 .PHONY: encode bench-encode

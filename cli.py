@@ -118,10 +118,10 @@ def inspect_store(cfg: InspectConfig, as_json: bool) -> None:
 @command(app, "validate", ValidateConfig, config_file=False, extra=(JSON,))
 def validate(cfg: ValidateConfig, as_json: bool) -> None:
     """Check a store before training on it; exit 0 only when every check passes."""
-    from latent_store import validate_store
+    from latent_store import seal_store, validate_store
 
     store = _open(cfg.store, cfg.storage_options)
-    checks = validate_store(store, max_clipped=cfg.max_clipped)
+    checks = (seal_store if cfg.seal else validate_store)(store, max_clipped=cfg.max_clipped)
     ok = all(c.ok for c in checks)
     decoded = _decode_check(cfg, store) if cfg.decode_check and ok else None  # sound stores only
     ok = ok and (decoded is None or decoded["ok"])

@@ -27,6 +27,7 @@ _HOMES = {
     "StoreIncompleteError": "errors",
     "StoreNotFoundError": "errors",
     "StoreReadError": "errors",
+    "StoreSealError": "errors",
     "StoreSpec": "schema",
     "StoreWriter": "writer",
     "VARIANTS": "schema",
@@ -39,6 +40,7 @@ _HOMES = {
     "iter_shards": "reader",
     "load_latents": "reader",
     "open_store": "store",
+    "seal_store": "sealing",
     "shard_order": "reader",
     "validate_store": "validate",
 }

@@ -1,7 +1,7 @@
 """The options of the store's own commands, `inspect` and `validate` (importable without zarr).
 
 latentdit inspect STORE [--json]
-latentdit validate STORE [--json] [--decode-check N]
+latentdit validate STORE [--json] [--decode-check N] [--seal]
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ class ValidateConfig:
     min_psnr: float = DEFAULT_MIN_PSNR
     """--decode-check fails when the mean PSNR from stored latents is below this (dB;
     sd-vae-ft-ema averages 23.8 dB on COCO at 256 px, a broken store ~10 dB)."""
+    seal: bool = option(False, flags=("--seal",))
+    """Seal a store written before seals existed (readers refuse it unsealed): when every other
+    check passes, write the seal over its metadata and keys; refused, with nothing written, when
+    a check fails or the store is sealed already with other contents."""
     storage_options: str | None = None
     """JSON object of fsspec options for a store URL, e.g. '{"endpoint_url": "http://minio:9000"}'; default: the environment (AWS_*, AWS_ENDPOINT_URL), ~/.aws, fsspec config."""
 

@@ -40,3 +40,7 @@ class StoreCorruptError(StoreError):
 
 class StoreReadError(StoreError):
     """Reading from the store kept failing (network, credentials, endpoint) after retries."""
+
+
+class StoreSealError(StoreError):
+    """A store cannot be sealed: a check fails, or it is sealed already with other contents."""

@@ -36,6 +36,7 @@ SEALED = (
     "shard_size",
 )
 DIGEST = "blake2b-128"
+UNSEALED = "no sealed provenance in its metadata (removed, or written by an older latentdit)"
 
 
 def _digest(data: bytes) -> str:
@@ -63,7 +64,7 @@ def provenance_problems(attrs: Mapping[str, Any], keys: np.ndarray | None) -> li
     """What differs from the sealed provenance ([] when intact). `keys` None: not readable."""
     block = attrs.get(PROVENANCE_KEY)
     if not isinstance(block, Mapping) or not isinstance(block.get("fields"), Mapping):
-        return ["no sealed provenance in its metadata (removed, or written by an older latentdit)"]
+        return [UNSEALED]
     sealed = dict(block["fields"])
     if block.get("digest") != _digest(_canonical(sealed)):
         return ["its provenance block was edited (the digest does not cover its field digests)"]

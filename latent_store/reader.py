@@ -16,7 +16,7 @@ import numpy as np
 
 from latent_store.schema import LABEL_FILL, ShardRecord, StoreSpec
 from latent_store.store import LatentStore, open_store
-from latent_store.verify import verify_shard, verify_store
+from latent_store.verify import verify_shard, verify_store, verify_summary
 
 LOAD_THREADS = 16  # shards fetched at once by load_latents (object stores: requests in flight)
 PREFETCH = 1  # shards iter_shards fetches ahead of the one it yields
@@ -84,15 +84,22 @@ def load_latents(
     the reads.
     """
     store = open_store(path)
-    records = store.records() if verify else [None] * store.spec.num_shards
-    todo = store.require_complete(shards, allow_incomplete=allow_incomplete)
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        sealed = pool.submit(verify_store, store) if verify else None  # overlaps the shard reads
+        # the store-wide checks (their requests too, at a URL) overlap the records and shards
+        sealed = pool.submit(verify_store, store, summary=False) if verify else None
+        records = None
         try:
-            parts = list(pool.map(lambda s: _shard_arrays(store, s, records[s]), todo))
-        finally:  # a broken seal explains shard problems: it is reported first
+            records = store.records()
+            todo = store.require_complete(
+                shards, allow_incomplete=allow_incomplete, records=records
+            )
+            checked = records if verify else [None] * len(records)
+            parts = list(pool.map(lambda s: _shard_arrays(store, s, checked[s]), todo))
+        finally:  # a broken seal or summary explains shard problems: it is reported first
             if sealed is not None:
                 sealed.result()
+                if records is not None:
+                    verify_summary(store, records)
     return _concat(parts, store.spec)
 
 
@@ -118,12 +125,15 @@ def iter_shards(
     current one; with `verify` the store's seal is checked first.
     """
     store = open_store(path)
-    records = _verified_records(store, verify)
-    complete = store.require_complete(allow_incomplete=allow_incomplete)
+    records = store.records()
+    if verify:
+        verify_store(store, records=records)
+    complete = store.require_complete(allow_incomplete=allow_incomplete, records=records)
+    checked = records if verify else [None] * len(records)
     order = shard_order(len(complete), seed=seed, epoch=epoch, rank=rank, world_size=world_size)
 
     def fetch(i: int) -> LatentArrays:
-        return _shard_arrays(store, complete[i], records[complete[i]])
+        return _shard_arrays(store, complete[i], checked[complete[i]])
 
     with ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch") as pool:
         ahead = [pool.submit(fetch, i) for i in order[:PREFETCH]]
@@ -132,11 +142,3 @@ def iter_shards(
             if k + PREFETCH < len(order):
                 ahead.append(pool.submit(fetch, order[k + PREFETCH]))
             yield shard
-
-
-def _verified_records(store: LatentStore, verify: bool) -> list[ShardRecord | None]:
-    """The records to check shards against after the store-wide checks (all None: no verify)."""
-    if not verify:
-        return [None] * store.spec.num_shards
-    verify_store(store)
-    return store.records()

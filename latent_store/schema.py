@@ -174,7 +174,7 @@ class ShardRecord:
     shard: int
     start: int
     stop: int
-    checksum: str  # "blake2b-128:<hex>" over the shard's latents, logstd and labels bytes
+    checksum: str  # "xxh3-128:<hex>" (older: "blake2b-128:<hex>") over latents, logstd, labels
     failures: tuple[Failure, ...] = ()
     image_modes: Mapping[str, int] = field(
         default_factory=dict

@@ -30,10 +30,10 @@ def describe_store(path: str | os.PathLike | LatentStore, *, verify: bool = True
     """
     store = open_store(path)
     spec = store.spec
-    if verify:
-        verify_store(store)
     records = store.records()
-    summary = summarize_records(store)
+    if verify:
+        verify_store(store, records=records)
+    summary = summarize_records(store, records)
     labels = verify_labels(store) if verify else store.array("labels")[:]
     counts = np.bincount(labels[labels != LABEL_FILL], minlength=spec.num_classes)
     failures = [asdict(f) for r in records if r for f in r.failures]

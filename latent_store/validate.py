@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from latent_store.config import DEFAULT_MAX_CLIPPED
-from latent_store.provenance import provenance_problems
+from latent_store.provenance import UNSEALED, provenance_problems
 from latent_store.quantize import QMAX
 from latent_store.schema import ShardRecord
 from latent_store.store import LatentStore, _format_ranges, open_store
@@ -55,6 +55,8 @@ def check_arrays(store: LatentStore) -> Check:
 
 def check_provenance(store: LatentStore) -> Check:
     problems = provenance_problems(store.attrs, read_keys(store))
+    if UNSEALED in problems:
+        problems = [f"{UNSEALED}; seal it with `latentdit validate {store.path} --seal`"]
     return _check("provenance", problems, "metadata matches its seal (quantization, VAE, keys...)")
 
 
@@ -143,7 +145,7 @@ def validate_store(
     if not checks[0].ok:  # reading shards through wrong shapes would only add noise
         return checks
     records = store.records()
-    summary = summarize_records(store)
+    summary = summarize_records(store, records)
     checks += [check_completion(store, records), *check_shards(store, records), check_keys(store)]
     checks.append(check_summary(store, records))
     checks += [check_quantization(store, summary, max_clipped), check_statistics(store, summary)]

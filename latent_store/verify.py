@@ -3,27 +3,32 @@
     data = verify_shard(store, shard, record)   # a shard's arrays, or StoreCorruptError
     verify_store(store)                         # provenance, array layout, summary
 
-A shard passes when its files are there and readable, its record matches its place in the store,
-its bytes match the record's checksum, its labels lie in [0, num_classes) and it holds the fill
-value exactly at its recorded failures. `validate` reports the same problems as checks; readers
+A shard passes when it is readable, its record matches its place in the store, its bytes match
+the record's checksum (of either kind in `store.CHECKSUMS`), its labels lie in [0, num_classes)
+and it holds the fill value exactly at its recorded failures. `validate` reports the same problems as checks; readers
 refuse with the first one, in one line that names the shard and the fix.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from latent_store.errors import LatentditError, StoreCorruptError, StoreReadError
-from latent_store.provenance import provenance_problems
+from latent_store.provenance import UNSEALED, provenance_problems
 from latent_store.schema import LABEL_FILL, ShardRecord
-from latent_store.store import LatentStore, shard_checksum
+from latent_store.store import CHECKSUMS, LatentStore, checksum_algorithm, shard_checksum
 
 SHARD_FIX = (
     "run `latentdit validate {path}` for every problem, then re-run the store's encode command "
     "(it re-encodes damaged shards)"
+)
+SEAL_FIX = (
+    "if it was written before seals existed, seal it with `latentdit validate {path} --seal` "
+    "(it checks every shard first), else restore it from a copy or re-encode it"
 )
 STORE_FIX = (
     "run `latentdit validate {path}` for every problem; restore the store from a copy, or "
@@ -75,25 +80,40 @@ def record_problems(store: LatentStore, shard: int, record: ShardRecord) -> list
 def check_shard(
     store: LatentStore, shard: int, record: ShardRecord
 ) -> tuple[dict[str, np.ndarray] | None, list[str], list[str]]:
-    """Read and check one complete shard: (its arrays or None, data problems, label problems)."""
+    """Read and check one complete shard: (its arrays or None, data problems, label problems).
+
+    The data is read first and its files looked up only when it fails its checksum (to name a
+    missing one): on an object store each lookup is a request, and data that matches its
+    checksum is what was written, whether zarr stored it or left it as the fill value.
+    """
     if problems := record_problems(store, shard, record):
         return None, problems, []
-    lost = [k for k in store.shard_files(shard) if not store.has_key(k)]
-    if lost:
-        return None, [f"shard {shard}: data file missing ({', '.join(lost)})"], []
+    if (algorithm := checksum_algorithm(record.checksum)) is None:
+        kind = record.checksum.partition(":")[0][:40]
+        known = " or ".join(CHECKSUMS)
+        return None, [f"shard {shard}: a checksum of unknown kind {kind!r} (known: {known})"], []
     try:
         data = store.read_shard(shard)
     except LatentditError:
         raise
     except Exception as e:  # whatever zarr's codecs raise on damaged bytes (crc32c, reshape...)
         reason = str(e).splitlines()[0][:120] if str(e) else ""
-        return None, [f"shard {shard}: unreadable ({type(e).__name__}: {reason})"], []
+        unreadable = f"shard {shard}: unreadable ({type(e).__name__}: {reason})"
+        return None, _lost(store, shard) or [unreadable], []
     problems = []
-    if (actual := shard_checksum(data)) != record.checksum:
+    if (actual := shard_checksum(data, algorithm)) != record.checksum:
+        if lost := _lost(store, shard):
+            return None, lost, []
         problems.append(
             f"shard {shard}: checksum mismatch (recorded {record.checksum}, data {actual})"
         )
     return data, problems, label_problems(store.spec.num_classes, record, data["labels"])
+
+
+def _lost(store: LatentStore, shard: int) -> list[str]:
+    """The shard's data files that are missing, as a problem ([] when all are there)."""
+    lost = [k for k in store.shard_files(shard) if not store.has_key(k)]
+    return [f"shard {shard}: data file missing ({', '.join(lost)})"] if lost else []
 
 
 def verify_shard(store: LatentStore, shard: int, record: ShardRecord) -> dict[str, np.ndarray]:
@@ -141,13 +161,13 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def summary_problems(store: LatentStore, records: list[ShardRecord | None]) -> list[str]:
+def summary_problems(store: LatentStore, records: Sequence[ShardRecord | None]) -> list[str]:
     """A finalized summary (statistics the trainer normalizes with) that the records contradict."""
     from latent_store.writer import summarize_records
 
     if store.summary is None or any(r is None for r in records):
         return []  # not finalized yet, or incomplete (completion reports that)
-    if _canonical(store.summary) != _canonical(summarize_records(store)):
+    if _canonical(store.summary) != _canonical(summarize_records(store, records)):
         return ["its summary (counts, channel statistics) does not match the shard records"]
     return []
 
@@ -162,17 +182,41 @@ def read_keys(store: LatentStore) -> np.ndarray | None:
         return None
 
 
-def store_problems(store: LatentStore, *, summary: bool = True) -> list[str]:
-    """Everything wrong with the store as a whole: array layout, seal, and (`summary`) summary."""
+def store_problems(
+    store: LatentStore,
+    *,
+    summary: bool = True,
+    records: Sequence[ShardRecord | None] | None = None,
+) -> list[str]:
+    """Everything wrong with the store as a whole: array layout, seal, and (`summary`) summary.
+
+    `records`: the shard records if the caller read them already (default: read them here).
+    """
     problems = array_problems(store)
     problems += provenance_problems(store.attrs, None if problems else read_keys(store))
-    return problems + (summary_problems(store, store.records()) if summary else [])
+    if not summary:
+        return problems
+    return problems + summary_problems(store, store.records() if records is None else records)
 
 
-def verify_store(store: LatentStore, *, summary: bool = True) -> None:
+def verify_store(
+    store: LatentStore,
+    *,
+    summary: bool = True,
+    records: Sequence[ShardRecord | None] | None = None,
+) -> None:
     """Refuse (StoreCorruptError, one line) a store whose metadata was edited or is inconsistent."""
-    if problems := store_problems(store, summary=summary):
-        fix = STORE_FIX.format(path=store.path)
+    _refuse(store, store_problems(store, summary=summary, records=records))
+
+
+def verify_summary(store: LatentStore, records: Sequence[ShardRecord | None]) -> None:
+    """Refuse a store whose summary the records contradict (`verify_store`'s last check)."""
+    _refuse(store, summary_problems(store, records))
+
+
+def _refuse(store: LatentStore, problems: list[str]) -> None:
+    if problems:
+        fix = (SEAL_FIX if UNSEALED in problems else STORE_FIX).format(path=store.path)
         raise StoreCorruptError(f"{store.path}: {'; '.join(problems)}; {fix}")
 
 

@@ -85,7 +85,7 @@ class StoreWriter:
         data = {"latents": np.ascontiguousarray(latents), "labels": labels}
         if logstd is not None:
             data["logstd"] = np.ascontiguousarray(logstd)
-        # checksum and statistics (hashlib and numpy release the GIL) overlap the zarr write
+        # checksum and statistics (xxhash and numpy release the GIL) overlap the zarr write
         checksum = self._pool.submit(shard_checksum, data)
         sums = self._pool.submit(self._channel_sums, latents, labels)
         for name, values in data.items():
@@ -164,9 +164,12 @@ class StoreWriter:
                 os.close(fd)
 
 
-def summarize_records(store: LatentStore) -> dict:
-    """Aggregate the shard records into the store's summary (counts, failures, statistics)."""
-    records = store.records()
+def summarize_records(
+    store: LatentStore, records: Sequence[ShardRecord | None] | None = None
+) -> dict:
+    """Aggregate the shard records (default: read now) into the store's summary (counts,
+    failures, statistics)."""
+    records = store.records() if records is None else records
     done = [r for r in records if r is not None]
     modes: Counter[str] = Counter()
     for r in done:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -17,8 +19,13 @@ from latent_store import (
     calibrate,
     create_store,
     finalize_store,
+    open_store,
 )
+from latent_store.provenance import PROVENANCE_KEY
 from latent_store.quantize import quantize
+from latent_store.schema import ATTRS_KEY
+from latent_store.sealing import LEGACY_CHECKSUM
+from latent_store.store import shard_checksum
 
 
 def random_latents(n: int, channels: int = 4, size: int = 8, variants: int = 1, seed: int = 0):
@@ -60,13 +67,27 @@ def make_spec(
 
 
 def write_random_store(
-    path: str | Path, n: int = 40, *, failures: Iterable[int] = (), seed: int = 0, **spec_kw
+    path: str | Path,
+    n: int = 40,
+    *,
+    failures: Iterable[int] = (),
+    seed: int = 0,
+    legacy: bool = False,
+    **spec_kw,
 ) -> str | Path:
     """Create a store (a folder, or at a URL) and write all its shards; `failures` are sample indices left unwritten.
 
     Labels cycle through the classes (sample i has class i % classes); keys look like ImageNet
     paths. `spec_kw` goes to `make_spec` (channels, size, variants, classes, chunk, shard, ...).
+    `legacy`: the store as a latentdit before seals existed left it: blake2b-128 shard records
+    (the real writer with the old checksum) and no sealed provenance.
     """
+    if legacy:
+        old = partial(shard_checksum, algorithm=LEGACY_CHECKSUM)
+        with mock.patch("latent_store.writer.shard_checksum", old):
+            write_random_store(path, n, failures=failures, seed=seed, **spec_kw)
+        unseal(path)
+        return path if is_url(path) else Path(path)
     failures = list(failures)
     spec = make_spec(n, **spec_kw)
     store = create_store(
@@ -92,3 +113,11 @@ def write_random_store(
         )
     finalize_store(store)
     return path if is_url(path) else Path(path)  # a URL stays a string: Path() drops a slash
+
+
+def unseal(path: str | Path) -> None:
+    """Remove a store's sealed provenance, as stores written before seals existed lack it."""
+    group = open_store(path, mode="r+").group
+    attrs = dict(group.attrs[ATTRS_KEY])
+    del attrs[PROVENANCE_KEY]
+    group.attrs[ATTRS_KEY] = attrs

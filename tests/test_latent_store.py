@@ -215,4 +215,4 @@ def test_validate_flags_excess_clipping(tmp_path):
 def test_records_are_json_with_checksums(store_path):
     records = zarr.open_group(str(store_path), mode="r")["shard_records"][:]
     rec = json.loads(str(records[0]))
-    assert rec["checksum"].startswith("blake2b-128:") and rec["start"] == 0 and rec["stop"] == 16
+    assert rec["checksum"].startswith("xxh3-128:") and rec["start"] == 0 and rec["stop"] == 16

@@ -86,7 +86,7 @@ CORRUPTIONS = {
     "record torn": (lambda s: _cut(s / RECORD, 50), r"no completion marker for shards 1", r"not complete \(shards 1\)", False),
     "record bounds edited": (lambda s: _edit_record(s, 1, stop=28), r"shard 1: its record describes .* \[16, 32\)", "shard records", True),
     "record failures edited": (lambda s: _edit_record(s, 0, failures=[]), "shard 0: 1 samples hold the fill value", "shard records", True),
-    "checksum edited": (lambda s: _edit_record(s, 1, checksum="blake2b-128:" + "0" * 32), "shard 1: checksum mismatch", None, False),
+    "checksum edited": (lambda s: _edit_record(s, 1, checksum="xxh3-128:" + "0" * 32), "shard 1: checksum mismatch", None, False),
     "labels swapped": (lambda s: _edit_array(s, "labels", lambda v: _set(v, slice(16, 18), v[16:18][::-1].copy())), "shard 1: checksum mismatch", None, False),
     "label set to -7": (lambda s: _edit_array(s, "labels", lambda v: _set(v, 17, -7)), "first -7 at sample 17", "shard 1: checksum mismatch", True),
     "label set to num_classes": (lambda s: _edit_array(s, "labels", lambda v: _set(v, 17, 3)), "first 3 at sample 17", "shard 1: checksum mismatch", True),

@@ -162,10 +162,10 @@ class StreamBatches(_Batches):
         super().__init__(store, norm, device)
         self.store, self.layout, self.seed, self.buffer = store, layout, seed, shuffle_shards
         self.verify = verify
-        if verify:  # the seal now; each shard as it arrives (`iter_shards`)
-            verify_store(store)
-        complete = store.require_complete()
         records = store.records()
+        if verify:  # the seal now; each shard as it arrives (`iter_shards`)
+            verify_store(store, records=records)
+        complete = store.require_complete(records=records)
         sizes = sorted(records[s].written for s in complete)
         per_rank = len(complete) // layout.world_size
         if per_rank == 0:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from testkit import write_random_store
 from trainer.config import (
     ATTENTION_BACKENDS,
+    COMPILE_MODES,
     COMPILE_SCOPES,
     DATA_MODES,
     PRECISIONS,
@@ -86,7 +87,10 @@ def bench_model(
             "warmup_steps": 0,
             "compile": args.compile,
             "compile_scope": args.compile_scope,
+            "compile_mode": args.compile_mode,
             "compile_cache": args.compile_cache,
+            "bf16_weights": args.bf16_weights,
+            "checkpoint_blocks": args.checkpoint_blocks,
             "attention": args.attention,
             "prefetch": args.prefetch,
             "grad_as_bucket_view": args.grad_as_bucket_view,
@@ -119,6 +123,9 @@ def bench_model(
         "precision": args.precision,
         "compile": args.compile,
         "compile_scope": args.compile_scope if args.compile else None,
+        "compile_mode": args.compile_mode if args.compile else None,
+        "bf16_weights": args.bf16_weights,
+        "checkpoint_blocks": args.checkpoint_blocks,
         "attention": args.attention,
         "prefetch": args.prefetch,
         "grad_as_bucket_view": args.grad_as_bucket_view,
@@ -154,7 +161,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--compile-scope", default="model", choices=COMPILE_SCOPES)
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     parser.add_argument("--compile-cache", default=None, help="torch.compile cache folder")
+    parser.add_argument(
+        "--bf16-weights", action="store_true", help="bf16 compute copy, fp32 masters (bf16 only)"
+    )
+    parser.add_argument(
+        "--checkpoint-blocks", type=int, default=None, help="recompute the first N blocks"
+    )
     parser.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS)
     parser.add_argument("--prefetch", action="store_true", help="make the next batch ahead")
     parser.add_argument("--grad-as-bucket-view", action="store_true")

@@ -7,6 +7,8 @@
 #   bash bench/gpu_perf.sh                   # there (device run, carry [".whl"]), OUT=/some/dir
 #   SMALL=1 bash bench/gpu_perf.sh           # on a CPU: tiny sizes, checks the script runs
 #   ONLY='encode_512|model_scope' bash bench/gpu_perf.sh   # a second call: the steps skipped
+#   e.g. ONLY='bf16|reduce_overhead|checkpoint_blocks|max_autotune|...' (issue 16's bf16 weights,
+#   compile modes and recomputed blocks come after the first call's 420 s)
 #
 # Steps run in order of importance; each has a time limit, and a step is skipped (recorded as
 # such) once the next one would overrun BUDGET seconds (default 420). Everything uses random
@@ -31,11 +33,11 @@ start=$SECONDS failed=0
 if [[ ${SMALL:-0} == 1 ]]; then
   DEV=cpu CH=8,16,16,16 PX=64 PX2=128 EB=8 EB2=16 EBS=4,16 EN=32 EN_LONG=64 EW=1
   XL=DiT-S/8 B=DiT-S/8 L=DiT-S/4 TB=4 TB2=8 TSTEPS=(--steps 2 --warmup 2 --log-every 2)
-  PSTEPS=1 TRAIN_CPU=(--threads 1) ATT=math DG=memory  # no cuDNN attention, no GPU data
+  PSTEPS=1 TRAIN_CPU=(--threads 1) ATT=math DG=memory CKB=3  # no cuDNN attention, no GPU data
 else
   DEV=cuda CH=128,256,512,512 PX=256 PX2=512 EB=128 EB2=32 EBS=64,256 EN=4096 EN_LONG=16384
   EW=15 XL=DiT-XL/2 B=DiT-B/2 L=DiT-L/2 TB=128 TB2=256 TSTEPS=(--steps 10 --warmup 5 --log-every 5)
-  PSTEPS=3 TRAIN_CPU=() ATT=cudnn DG=gpu
+  PSTEPS=3 TRAIN_CPU=() ATT=cudnn DG=gpu CKB=14
 fi
 
 # step NAME SECONDS CMD...: run CMD (stdout's JSON lines go to results.jsonl tagged with NAME),
@@ -76,6 +78,7 @@ enc=(--channels "$CH" --dtype bf16 --device "$DEV" --threads 4 --compile-cache "
 [[ $DEV == cpu ]] && enc=(--channels "$CH" --dtype fp32 --device cpu --threads 1 --compile-cache "$CC")
 tr=("${TSTEPS[@]}" --samples 2048 "${TRAIN_CPU[@]}" --compile-cache "$CC")
 blocks=(--compile --compile-scope blocks)
+bf16w=(--precision bf16 --bf16-weights)  # bf16 compute copy, fp32 masters (CPU too: explicit bf16)
 
 # Steps in order of importance (issue 15 = encode, 16 = train), alternating the two issues.
 # issue 15: the compiled graph over a long run: graph alone vs pipeline (goal >= 0.95), and its
@@ -95,6 +98,10 @@ step profile_train_xl 45 $PY bench/profile_train.py --model $XL --batch-size $TB
 step encode_cuda_graphs 110 $PY bench/bench_encode.py "${enc[@]}" --image-size $PX \
   --batch-size $TB2 --images $EN --workers $EW --compile --compile-mode reduce-overhead \
   --mode-sweep default --cudnn-benchmark --unfused-images $((EN / 4))
+# issue 16: train_xl_blocks_gpu at batch 256 with bf16 weights (no per-op weight casts; fp32 masters):
+# images/s against train_xl_blocks_gpu's batch-256 record, and the losses within bf16 noise of it
+step train_xl_bf16_weights 60 $PY bench/bench_train.py --models $XL --batch-size $TB2 \
+  "${tr[@]}" "${blocks[@]}" --data $DG "${bf16w[@]}"
 # issue 15: eager: the unfused path vs the graph, a batch sweep of the graph, the pipeline
 step encode_eager 50 $PY bench/bench_encode.py "${enc[@]}" --image-size $PX --batch-size $EB \
   --sweep $EBS --images $((EN / 2)) --workers $EW
@@ -112,6 +119,17 @@ step profile_encode_eager 25 $PY bench/profile_encode.py --channels "$CH" --imag
 # issue 16: the eager baseline at the same batch (its losses against the compiled run's)
 step train_xl_eager 45 $PY bench/bench_train.py --models $XL --batch-size $TB "${tr[@]}" \
   --data memory
+# issue 16: the profile again with bf16 weights: the weight casts should be gone from "cast"
+step profile_train_xl_bf16_weights 45 $PY bench/profile_train.py --model $XL --batch-size $TB \
+  --steps $PSTEPS "${blocks[@]}" --compile-cache "$CC" "${TRAIN_CPU[@]}" "${bf16w[@]}"
+# issue 16: torch.compile modes with bf16 weights at batch 256: CUDA graphs of each block
+# (reduce-overhead), then autotuned GEMM kernels without graphs (compiles longest)
+step train_xl_reduce_overhead 60 $PY bench/bench_train.py --models $XL --batch-size $TB2 \
+  "${tr[@]}" "${blocks[@]}" --compile-mode reduce-overhead --data $DG "${bf16w[@]}"
+# issue 16: batch 512 with half the blocks recomputed (bench/activation_memory.py: XL/2 keeps
+# ~318 MB per sample for backward, so 512 needs ~160 GB without, ~85 GB with 14 of 28 recomputed)
+step train_xl_checkpoint_blocks 60 $PY bench/bench_train.py --models $XL --batch-size $((2 * TB2)) \
+  "${tr[@]}" "${blocks[@]}" --checkpoint-blocks $CKB --data $DG "${bf16w[@]}"
 # issue 15: both variants in one batch (--flip)
 step encode_eager_flip 40 $PY bench/bench_encode.py "${enc[@]}" --image-size $PX --batch-size $EB \
   --images $((EN / 2)) --workers $EW --flip --no-unfused
@@ -126,6 +144,8 @@ step train_b_l_blocks 70 $PY bench/bench_train.py --models $B $L --batch-size $T
 # issue 15: 512 px once (eager, smaller batch)
 step encode_512 35 $PY bench/bench_encode.py "${enc[@]}" --image-size $PX2 --batch-size $EB2 \
   --images $((EN / 8)) --workers $EW --no-unfused
+step train_xl_max_autotune 120 $PY bench/bench_train.py --models $XL --batch-size $TB2 \
+  "${tr[@]}" "${blocks[@]}" --compile-mode max-autotune-no-cudagraphs --data $DG "${bf16w[@]}"
 # issue 16: the DDP-wrapped model compiled whole (today's --compile): compiles longest, so last
 step train_xl_model_scope 120 $PY bench/bench_train.py --models $XL --batch-size $TB "${tr[@]}" \
   --compile --compile-scope model --data $DG

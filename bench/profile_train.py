@@ -34,7 +34,13 @@ from kernel_profile import flop_counts, profile_region, summarize
 from foundation.compile import compile_cache
 from foundation.distributed import setup_distributed, teardown_distributed
 from latent_store import LatentStore
-from trainer.config import ATTENTION_BACKENDS, COMPILE_SCOPES, resolve_config
+from trainer.config import (
+    ATTENTION_BACKENDS,
+    COMPILE_MODES,
+    COMPILE_SCOPES,
+    PRECISIONS,
+    resolve_config,
+)
 from trainer.data import BatchLayout, build_batches
 from trainer.metrics import peak_flops
 from trainer.model import DIT_PRESETS
@@ -53,7 +59,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="profiled steps (after 3 warm-ups)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--compile-scope", default="model", choices=COMPILE_SCOPES)
+    ap.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     ap.add_argument("--compile-cache", default=None)
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS)
+    ap.add_argument("--bf16-weights", action="store_true", help="bf16 compute copy, fp32 masters")
     ap.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS)
     ap.add_argument("--data", default="gpu" if torch.cuda.is_available() else "memory")
     ap.add_argument("--threads", type=int, default=None)
@@ -72,6 +81,9 @@ def main() -> None:
                 "warmup_steps": 0,
                 "compile": args.compile,
                 "compile_scope": args.compile_scope,
+                "compile_mode": args.compile_mode,
+                "precision": args.precision,
+                "bf16_weights": args.bf16_weights,
                 "attention": args.attention,
                 "data": args.data,
             },
@@ -139,6 +151,9 @@ def profile(cfg, store, dist, args) -> dict:
         "batch_size": cfg.batch_size,
         "compile": cfg.compile,
         "compile_scope": cfg.compile_scope if cfg.compile else None,
+        "compile_mode": cfg.compile_mode if cfg.compile else None,
+        "precision": cfg.precision,
+        "bf16_weights": cfg.bf16_weights,
         "attention": cfg.attention,
         "data": cfg.data,
         "warmup_s": round(warmup_s, 2),

@@ -243,3 +243,13 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers, in place on every rank (what DDP does to the module it
+    wraps); nothing without a process group of several ranks."""
+    if rank_and_world()[1] == 1:
+        return
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t, src=0)

@@ -115,7 +115,7 @@ def close(z, reference, scale=3e-5) -> bool:
     return bool((z - reference).abs().max() <= scale * reference.abs().max())
 
 
-def test_compiled_model_function_matches_eager_and_never_recompiles_across_steps(monkeypatch):
+def test_compiled_model_function_matches_eager_and_never_recompiles_across_steps():
     """Time is a (B,) tensor: one graph for the guided 2B rows over every step, one more for the
     B rows outside the guidance interval, and outputs equal to eager within float rounding
     (inductor fuses and reorders fp32 sums: measured ~8e-6 of the output scale)."""
@@ -126,10 +126,11 @@ def test_compiled_model_function_matches_eager_and_never_recompiles_across_steps
     counters.clear()
     compiled = InferenceModel(model, compile="default")
     guided = SolveConfig(sampler="heun", steps=4, cfg=3.0)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    assert close(latents(compiled, guided), latents(model, guided))
+    # config.patch, not monkeypatch: monkeypatch's undo deletes the option from torch's config
+    # module, and every later recompile in the process then fails on the missing attribute
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert close(latents(compiled, guided), latents(model, guided))
     assert counters["stats"]["unique_graphs"] == 1  # 8 model calls, one graph
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
     interval = SolveConfig(sampler="heun", steps=4, cfg=3.0, cfg_interval=(0.0, 0.6))
     assert close(latents(compiled, interval), latents(model, interval))
     assert counters["stats"]["unique_graphs"] == 2  # + the B-row shape, for all unguided calls

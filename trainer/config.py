@@ -19,6 +19,7 @@ from trainer.presets import DIT_PRESETS, POS_EMBEDS
 
 DATA_MODES = ("memory", "gpu", "stream")
 COMPILE_SCOPES = ("model", "blocks")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # torch SDPBackend names
 PRECISIONS = (AUTO, Precision.bf16.value, Precision.fp32.value)  # no fp16: it needs a loss scaler
 
@@ -79,7 +80,12 @@ class TrainConfig:
     qk_norm: bool = option(False, "LayerNorm on queries and keys in attention.")
     pos_embed: str = option("sincos", "Positions: sincos (2-D sin-cos) or rope (2-D RoPE).")
     grad_checkpointing: bool = option(
-        False, "Recompute block activations in backward (saves memory)."
+        False, "Recompute block activations in backward (saves memory): every block."
+    )
+    checkpoint_blocks: int | None = option(
+        None,
+        "Recompute the activations of only the first N blocks in backward (0: none; the depth: "
+        "all, as --grad-checkpointing); None: as --grad-checkpointing says.",
     )
     data: str = option(
         "memory", "Data mode: memory (host RAM), gpu (on the device), stream (shards)."
@@ -98,6 +104,11 @@ class TrainConfig:
         "What --compile compiles: model (the DDP-wrapped model, one graph split at DDP's bucket "
         "boundaries) or blocks (each DiT block in place, fullgraph; DDP hooks as in eager).",
     )
+    compile_mode: str = option(
+        "default",
+        f"torch.compile mode for either scope: {', '.join(COMPILE_MODES)} (reduce-overhead: CUDA "
+        "graphs, on a GPU only).",
+    )
     compile_cache: str | None = option(
         None, "Folder for torch.compile's caches, reused by resumed runs and other ranks."
     )
@@ -107,6 +118,11 @@ class TrainConfig:
     )
     prefetch: bool = option(
         False, "memory/gpu data: gather and dequantize the next step's batch while this one runs."
+    )
+    bf16_weights: bool = option(
+        False,
+        "bf16 precision: the forward runs a bf16 copy of the linear layers' weights (no per-op "
+        "casts); fp32 master weights take the gradients (all-reduced in fp32), AdamW and the EMA.",
     )
     ddp_bucket_mb: float = option(25.0, "DDP gradient bucket size in MB (all-reduce granularity).")
     grad_as_bucket_view: bool = option(
@@ -146,6 +162,7 @@ class TrainConfig:
         from trainer.objective import DDPM, OBJECTIVES, FlowMatching
 
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        depth = self.depth or DIT_PRESETS.get(self.model, {}).get("depth", 0)
         checks = [
             (bool(self.store), "--store is required: the latent store to train on"),
             (bool(self.run), "--run is required: the run folder"),
@@ -167,6 +184,10 @@ class TrainConfig:
             (self.data in DATA_MODES, f"--data {self.data!r} is not one of {', '.join(DATA_MODES)}"),
             (self.precision in PRECISIONS, f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"),
             (self.compile_scope in COMPILE_SCOPES, f"--compile-scope {self.compile_scope!r} is not one of {', '.join(COMPILE_SCOPES)}"),
+            (self.compile_mode in COMPILE_MODES, f"--compile-mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}"),
+            (not (self.bf16_weights and self.precision == Precision.fp32.value), "--bf16-weights needs bf16 compute: give --precision bf16 (or auto on a GPU), or drop --bf16-weights"),
+            (self.checkpoint_blocks is None or 0 <= self.checkpoint_blocks <= depth, f"--checkpoint-blocks must be in [0, {depth}] (the model's depth), got {self.checkpoint_blocks}"),
+            (self.checkpoint_blocks is None or not self.grad_checkpointing, "--checkpoint-blocks and --grad-checkpointing both choose the recomputed blocks: give one"),
             (self.attention in ATTENTION_BACKENDS, f"--attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}"),
             (self.ddp_bucket_mb > 0, f"--ddp-bucket-mb must be > 0, got {self.ddp_bucket_mb}"),
             (self.shuffle_shards >= 1, f"--shuffle-shards must be >= 1, got {self.shuffle_shards}"),
@@ -183,6 +204,13 @@ class TrainConfig:
                 raise ConfigError(message)
         parse_storage_options(self.storage_options)  # a one-line error now, not at the first read
 
+    @property
+    def recomputed_blocks(self) -> int | None:
+        """How many leading blocks recompute their activations (None: all of them)."""
+        if self.checkpoint_blocks is not None:
+            return self.checkpoint_blocks
+        return None if self.grad_checkpointing else 0
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
@@ -192,7 +220,7 @@ RESUMABLE_CHANGES = frozenset(
     {"steps", "data", "shuffle_shards", "compile", "device", "log_every", "ckpt_every", "verify"}
     | {"keep_last", "sample_every", "vae", "peak_tflops", "grad_checkpointing", "store", "run"}
     | {"compile_scope", "compile_cache", "attention", "prefetch", "ddp_bucket_mb"}
-    | {"grad_as_bucket_view"}
+    | {"grad_as_bucket_view", "compile_mode", "checkpoint_blocks", "bf16_weights"}
     | {"eval_every", "eval_samples", "eval_ref", "eval_inception"}
     | {"storage_options"}
 )

@@ -149,3 +149,24 @@ class TrainLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def saved_activation_bytes(model: torch.nn.Module, *args: Any) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward after one `model(*args)`.
+
+    A real count (saved_tensors_hooks), for devices without an allocator to ask (the CPU):
+    parameters are left out; blocks that recompute keep only their inputs, which the checkpoint
+    holds itself (not counted here: one (B, T, D) tensor per block).
+    """
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*args)
+    return sum(seen.values())

@@ -177,7 +177,8 @@ class DiT(nn.Module):
         check_config(self.config)
         self.patch_size, self.grid = patch_size, input_size // patch_size
         self.null_class = num_classes  # label of the unconditional class (guidance)
-        self.grad_checkpointing = grad_checkpointing
+        self.checkpoint_blocks = depth if grad_checkpointing else 0
+        """Training recomputes the activations of blocks [0, checkpoint_blocks) in backward."""
         patch_values = patch_size * patch_size * in_channels
         self.out_channels = in_channels * (2 if learn_sigma else 1)
         self.x_embedder = nn.Linear(patch_values, hidden_size)  # a patch-size conv, as a linear
@@ -230,8 +231,8 @@ class DiT(nn.Module):
         if self.pos_embed is not None:
             h = h + self.pos_embed.to(h.dtype)
         c = self.t_embedder(timestep_features(t).to(h.dtype)) + self.y_embedder(y)
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training:
+        for i, block in enumerate(self.blocks):
+            if self.training and i < self.checkpoint_blocks:
                 h = checkpoint(block, h, c, self.rope, use_reentrant=False)
             else:
                 h = block(h, c, self.rope)

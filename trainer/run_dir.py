@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 # checkpoint meta entries that must match the model, objective and normalization of a resume
 RESUMED_META = ("model", "objective", "normalization", "latent_shape", "classes")
+RECOMPUTE_KEY = "grad_checkpointing"  # in the model config, but only what backward recomputes
+
+
+def _learned(key: str, value: Any) -> Any:
+    """A meta entry without what may change on resume (the model's recompute flag)."""
+    if key != "model" or not isinstance(value, dict) or "config" not in value:
+        return value
+    config = {k: v for k, v in value["config"].items() if k != RECOMPUTE_KEY}
+    return {**value, "config": config}
 
 
 def _check_run_path(run: str) -> None:
@@ -113,7 +122,7 @@ def check_resume(cfg: TrainConfig, meta: dict[str, Any]) -> int:
             "use that store or a new --run"
         )
     for key in RESUMED_META:
-        if ckpt.get(key) != meta.get(key):
+        if _learned(key, ckpt.get(key)) != _learned(key, meta.get(key)):
             raise CheckpointMismatchError(
                 f"{latest} holds another {key} ({ckpt.get(key)!r}) than this run builds "
                 f"({meta.get(key)!r}); use a new --run"

@@ -16,10 +16,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
-from foundation.distributed import DistInfo
-from foundation.precision import autocast, resolve_precision
+from foundation.distributed import DistInfo, broadcast_module
+from foundation.errors import ConfigError
+from foundation.precision import Precision, autocast, resolve_precision
 from trainer.config import TrainConfig
 from trainer.data import Batch, BatchLayout
+from trainer.mixed_precision import MasterGradients, bf16_compute_copy, refresh_compute
 from trainer.model import DiT
 from trainer.objective import Objective, drop_labels
 
@@ -28,14 +30,26 @@ NOISE_STREAM = 2  # RNG stream tag of the per-step noise, apart from the data st
 
 @dataclass
 class Trainee:
-    """What a step changes: the raw model, its DDP wrapper, the forward to call (DDP, maybe
-    compiled), the EMA and the optimizer."""
+    """What a step changes: the raw model (fp32, what checkpoints hold), its DDP wrapper, the
+    forward to call (DDP, maybe compiled), the EMA and the optimizer; `compute` is the module
+    DDP wraps: `model` itself, or its bf16 copy (--bf16-weights, trainer.mixed_precision)."""
 
     model: DiT
     ddp: DistributedDataParallel
     forward: nn.Module
     ema: DiT
     optimizer: torch.optim.Optimizer
+    compute: DiT
+    master_grads: MasterGradients | None = None
+
+    @property
+    def kept_copy(self) -> bool:
+        return self.compute is not self.model
+
+    def sync_compute(self) -> None:
+        """After the masters changed (a step, a resume): the bf16 copy follows them."""
+        if self.kept_copy:
+            refresh_compute(self.compute, self.model)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -77,22 +91,40 @@ def make_trainee(model: DiT, cfg: TrainConfig, dist: DistInfo) -> Trainee:
 
     The raw `model` stays what checkpoints save (no `module.` or `_orig_mod.` prefixes): scope
     "blocks" compiles each block in place (`nn.Module.compile`), which leaves the state dict alone.
-    DDP all-reduces gradient buckets of `cfg.ddp_bucket_mb` as backward produces them.
+    DDP all-reduces gradient buckets of `cfg.ddp_bucket_mb` as backward produces them. With
+    `cfg.bf16_weights` DDP wraps a bf16 copy instead, whose buckets a comm hook averages in fp32
+    into the masters' gradients; AdamW, clipping and the EMA keep to the fp32 `model`.
     """
+    if cfg.bf16_weights and resolve_precision(cfg.precision, dist.device) is not Precision.bf16:
+        raise ConfigError(
+            f"--bf16-weights needs bf16 compute; --precision {cfg.precision} is fp32 on "
+            f"{dist.device.type}: give --precision bf16, or drop --bf16-weights"
+        )
+    # The ranks were seeded apart, so their inits differ: rank 0's weights everywhere before the
+    # EMA and the bf16 copy are made (DDP's own broadcast reaches only the module it wraps).
+    broadcast_module(model)
     ema = make_ema(model)  # an eager copy, made before any block is compiled
+    compute = bf16_compute_copy(model) if cfg.bf16_weights else model
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
     if cfg.compile and cfg.compile_scope == "blocks":
-        for block in model.blocks:
-            block.compile(fullgraph=True, dynamic=False)
+        for block in compute.blocks:
+            block.compile(fullgraph=True, dynamic=False, mode=mode)
     ddp = DistributedDataParallel(
-        model,
+        compute,
         device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
         bucket_cap_mb=cfg.ddp_bucket_mb,
         gradient_as_bucket_view=cfg.grad_as_bucket_view,
-    )  # broadcasts rank 0's weights: the ranks were seeded apart, so their inits differ
-    ema.load_state_dict(model.state_dict())  # and every rank's EMA starts from those weights too
-    forward = torch.compile(ddp) if cfg.compile and cfg.compile_scope == "model" else ddp
+    )
+    master_grads = MasterGradients(compute, model) if compute is not model else None
+    if master_grads is not None:
+        ddp.register_comm_hook(master_grads, MasterGradients.hook)
+    whole = cfg.compile and cfg.compile_scope == "model"
+    forward = torch.compile(ddp, mode=mode) if whole else ddp
     optimizer = build_optimizer(model, cfg, dist.device)
-    return Trainee(model=model, ddp=ddp, forward=forward, ema=ema, optimizer=optimizer)
+    return Trainee(
+        model=model, ddp=ddp, forward=forward, ema=ema, optimizer=optimizer, compute=compute,
+        master_grads=master_grads,
+    )  # fmt: skip
 
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
@@ -129,12 +161,15 @@ def train_step(
     layout: BatchLayout,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward (accumulating over micro-batches), clip, AdamW, EMA.
+    """Forward, backward (accumulating over micro-batches), clip, AdamW, EMA (and with
+    --bf16-weights the bf16 copy refreshed from the updated masters).
 
     Returns (this rank's mean loss, global grad norm before clipping) as 0-dim tensors on the
     device, not synchronized (so the caller decides when to wait for the device).
     """
     trainee.forward.train()
+    if cfg.compile and cfg.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graph outputs of the last step: dead
     total = torch.zeros((), device=device)
     for micro, (x, y) in enumerate(batches):
         g = step_generator(cfg.seed, step, micro, device)
@@ -148,6 +183,8 @@ def train_step(
             ):
                 loss = objective.loss(trainee.forward, x, y, g, **rows)
             (loss / len(batches)).backward()
+        if trainee.kept_copy and not last:
+            trainee.master_grads.accumulate()
         total += loss.detach() / len(batches)
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
     with record_function("grad_clip"):  # labels for bench/profile_train.py's kernel classes
@@ -157,6 +194,9 @@ def train_step(
     with record_function("optimizer"):
         trainee.optimizer.step()
         trainee.optimizer.zero_grad(set_to_none=True)
+        if trainee.kept_copy:
+            trainee.compute.zero_grad(set_to_none=True)
+            trainee.sync_compute()
     with record_function("ema"):
         update_ema(trainee.ema, trainee.model, cfg.ema_decay)
     return total, grad_norm

@@ -70,7 +70,7 @@ def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
     if h != w:
         raise ModelConfigError(f"{store.path}: latents are {h}x{w}; the DiT needs square latents")
     try:
-        return build_model(
+        model = build_model(
             cfg.model,
             input_size=h,
             in_channels=c,
@@ -85,6 +85,9 @@ def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
         raise ModelConfigError(
             f"{store.path} ({c}x{h}x{w} latents) does not fit --model {cfg.model}: {e}"
         ) from None
+    blocks = cfg.recomputed_blocks
+    model.checkpoint_blocks = model.config["depth"] if blocks is None else blocks
+    return model
 
 
 def prepare_run(cfg: TrainConfig, dist: DistInfo) -> Path:
@@ -116,6 +119,7 @@ def resume(run: Path, trainee: Trainee, start: int) -> None:
     trainee.model.load_state_dict(ckpt.model_state)
     trainee.ema.load_state_dict(ckpt.ema_state)
     trainee.optimizer.load_state_dict(ckpt.train_state["optimizer"])
+    trainee.sync_compute()  # --bf16-weights: the forward's copy of the loaded masters
     restore_rng_state(ckpt.train_state["rng"])
     log.info("resuming %s from step %d", run, start)
 

@@ -126,3 +126,7 @@ bench-gpu: setup  ## on a CUDA machine: the GPU paths end to end, then throughpu
 .PHONY: bench-gpu-perf
 bench-gpu-perf:  ## on a CUDA machine: encode + train sweeps and kernel-class profiles, < 8 min (JSON in OUT)
 	OUT=$${OUT:-gpu_perf} bash bench/gpu_perf.sh
+
+.PHONY: bench-gpu-all
+bench-gpu-all:  ## on a CUDA machine: issues 15, 16 and 17 in one call of < 8 min (gpu_perf + gpu_sample; files in OUT)
+	OUT=$${OUT:-gpu_all} bash bench/gpu_all.sh

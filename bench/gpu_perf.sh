@@ -24,7 +24,7 @@ T=$(mktemp -d -p "$([[ -d /dev/shm && ${SMALL:-0} != 1 ]] && echo /dev/shm || ec
 export TMPDIR=$T PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCHINDUCTOR_FX_GRAPH_CACHE=1
 PY=${PY:-python3}
 CC=$T/compile-cache  # one torch.compile cache for every step: later steps reuse earlier graphs
-if [[ -f .whl/INSTALL ]]; then
+if [[ -f .whl/INSTALL && -z ${WHEELS_INSTALLED:-} ]]; then  # bench/gpu_all.sh installs them once
   # shellcheck disable=SC1091
   source .whl/INSTALL
 fi
@@ -92,6 +92,10 @@ step train_xl_blocks_gpu 100 $PY bench/bench_train.py --models $XL --batch-size 
 # issue 16: kernel classes of one compiled XL/2 step, gaps, host syncs per step
 step profile_train_xl 45 $PY bench/profile_train.py --model $XL --batch-size $TB --steps $PSTEPS \
   "${blocks[@]}" --compile-cache "$CC" "${TRAIN_CPU[@]}"
+# issue 15: where the compiled encoder's time goes (its graph is in the cache by now)
+step profile_encode_compiled 35 $PY bench/profile_encode.py --channels "$CH" --image-size $PX \
+  --batch-size $TB2 --dtype "$([[ $DEV == cuda ]] && echo bf16 || echo fp32)" --device $DEV \
+  --compile --compile-cache "$CC"
 # issue 15: CUDA graphs: the graph compiled in reduce-overhead (graph alone and pipeline) against
 # default mode (graph alone; compiled by encode_compiled_long, so loaded from the cache), each with
 # its codes against the eager unfused path (share equal, max difference)
@@ -110,10 +114,7 @@ step train_xl_blocks_memory_prefetch 50 $PY bench/bench_train.py --models $XL --
   "${tr[@]}" "${blocks[@]}" --data memory --prefetch
 step train_xl_blocks_memory 50 $PY bench/bench_train.py --models $XL --batch-size $TB "${tr[@]}" \
   "${blocks[@]}" --data memory
-# issue 15: where the encoder's time goes, compiled (its graph is in the cache by now) and eager
-step profile_encode_compiled 35 $PY bench/profile_encode.py --channels "$CH" --image-size $PX \
-  --batch-size $TB2 --dtype "$([[ $DEV == cuda ]] && echo bf16 || echo fp32)" --device $DEV \
-  --compile --compile-cache "$CC"
+# issue 15: the eager profile (the compiled one runs early, after the first training profile)
 step profile_encode_eager 25 $PY bench/profile_encode.py --channels "$CH" --image-size $PX \
   --batch-size $TB2 --dtype "$([[ $DEV == cuda ]] && echo bf16 || echo fp32)" --device $DEV
 # issue 16: the eager baseline at the same batch (its losses against the compiled run's)

@@ -22,12 +22,17 @@
 #   compiled  eager against torch.compile reduce-overhead (CUDA graphs), then mode default:
 #             DDPM 250 + cfg 1.5 at batch 512; compile time is `warmup_s`         -> compiled.json
 #
-# Run from the repository root with torch (CUDA build) and diffusers importable.
+# Run from the repository root with torch (CUDA build); diffusers comes from .whl/ when it is there
+# (bash ../shared/gpu-wheels.sh, then carry [".whl"]). bench/gpu_all.sh runs this after gpu_perf.sh.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_sample}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 BUDGET=${BUDGET:-450}
+if [[ -f .whl/INSTALL && -z ${WHEELS_INSTALLED:-} ]]; then  # the wheels the GPU image lacks
+  # shellcheck disable=SC1091
+  source .whl/INSTALL
+fi
 T=$(mktemp -d)
 LOG="$OUT/gpu_sample.log"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

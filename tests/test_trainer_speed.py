@@ -8,6 +8,7 @@ import torch
 from conftest import write_store
 from test_trainer_runs import read_log, tiny_options
 
+from foundation.compile import uses_cuda_graphs
 from latent_store import LatentStore
 from trainer.checkpoint import load_checkpoint
 from trainer.config import resolve_config
@@ -86,12 +87,17 @@ def test_compiled_step_matches_eager_and_resumes_exactly(tmp_path, scope):
         ("model", "max-autotune-no-cudagraphs"),
     ],
 )
-def test_compile_modes_match_eager(tmp_path, scope, mode):
+def test_compile_modes_match_eager(tmp_path, monkeypatch, scope, mode):
     """--compile-mode, passed to torch.compile for either scope: the eager losses within float
     rounding. On the CPU reduce-overhead makes no CUDA graphs (inductor skips them off CUDA), so
-    this checks that the mode and the per-step cudagraph_mark_step_begin run, not the graphs."""
+    this checks that the mode runs, and that each step is marked a new CUDA-graph step exactly in
+    the modes that replay graphs (max-autotune too), not the graphs themselves."""
     store = write_store(tmp_path / "s.zarr", n=24, variants=2)
     eager = _run(tmp_path, store, "eager", steps=2)
+    marks, mark = [], torch.compiler.cudagraph_mark_step_begin
+    monkeypatch.setattr(
+        torch.compiler, "cudagraph_mark_step_begin", lambda: (marks.append(1), mark())[1]
+    )
     torch.compiler.reset()  # compile in this mode, not reuse another test's graphs of the blocks
     compiled = _run(
         tmp_path, store, mode, steps=2, compile=True, compile_scope=scope, compile_mode=mode
@@ -99,3 +105,4 @@ def test_compile_modes_match_eager(tmp_path, scope, mode):
     torch.compiler.reset()
     for a, b in zip(eager, compiled, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert len(marks) == (2 if uses_cuda_graphs(mode) else 0)

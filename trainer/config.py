@@ -10,6 +10,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from foundation.compile import COMPILE_MODES
 from foundation.config import option
 from foundation.config import resolve_config as resolve_options
 from foundation.errors import ConfigError
@@ -19,7 +20,6 @@ from trainer.presets import DIT_PRESETS, POS_EMBEDS
 
 DATA_MODES = ("memory", "gpu", "stream")
 COMPILE_SCOPES = ("model", "blocks")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # torch SDPBackend names
 PRECISIONS = (AUTO, Precision.bf16.value, Precision.fp32.value)  # no fp16: it needs a loss scaler
 
@@ -106,8 +106,8 @@ class TrainConfig:
     )
     compile_mode: str = option(
         "default",
-        f"torch.compile mode for either scope: {', '.join(COMPILE_MODES)} (reduce-overhead: CUDA "
-        "graphs, on a GPU only).",
+        f"torch.compile mode for either scope: {', '.join(COMPILE_MODES)} (reduce-overhead and "
+        "max-autotune: CUDA graphs, on a GPU only).",
     )
     compile_cache: str | None = option(
         None, "Folder for torch.compile's caches, reused by resumed runs and other ranks."

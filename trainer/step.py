@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
+from foundation.compile import uses_cuda_graphs
 from foundation.distributed import DistInfo, broadcast_module
 from foundation.errors import ConfigError
 from foundation.precision import Precision, autocast, resolve_precision
@@ -168,7 +169,7 @@ def train_step(
     device, not synchronized (so the caller decides when to wait for the device).
     """
     trainee.forward.train()
-    if cfg.compile and cfg.compile_mode == "reduce-overhead":
+    if cfg.compile and uses_cuda_graphs(cfg.compile_mode):  # reduce-overhead, max-autotune
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graph outputs of the last step: dead
     total = torch.zeros((), device=device)
     for micro, (x, y) in enumerate(batches):

@@ -40,10 +40,10 @@ C = 4  # latent channels of the fixtures
 runner = CliRunner()
 
 
-def assert_matches(got: torch.Tensor, ref: torch.Tensor) -> None:
-    """Equal within 1e-5 of the reference's largest magnitude."""
+def assert_matches(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> None:
+    """Equal within `rel` of the reference's largest magnitude."""
     scale = float(ref.abs().max())
-    torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=rel, atol=rel * scale)
 
 
 def outputs(name: str) -> dict[str, torch.Tensor]:
@@ -207,7 +207,9 @@ def test_hybrid_loss_and_its_gradients_match(imported):
     assert_matches(vb, ref["loss_vb"])
     (mse + vb).mean().backward()
     assert_matches(model.final_layer.linear.weight.grad, ref["loss_grad_final"])
-    assert_matches(model.t_embedder[0].weight.grad, ref["loss_grad_t_embedder"])
+    # the first layer's gradient sums over every block's backward in float32: the CPU's kernel set
+    # (AVX2 vs AVX-512) changes its last bits, 2e-5 of its largest value on some machines
+    assert_matches(model.t_embedder[0].weight.grad, ref["loss_grad_t_embedder"], rel=1e-4)
 
 
 def test_vlb_gradient_stops_at_the_mean(imported):

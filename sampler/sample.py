@@ -18,6 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from foundation.distributed import DistInfo, barrier
+from foundation.faults import resource_faults
+from foundation.locks import Lock
 from foundation.precision import Precision, autocast, resolve_precision
 from sampler import outputs, ranks
 from sampler.batch_size import BatchProbe, CudaFits, pick_batch_size
@@ -110,11 +112,21 @@ def sample(cfg: SampleConfig) -> SampleResult:
         raise SamplerError(
             f"--out {cfg.out}: a file, not a folder; choose a new or earlier --out folder"
         )
+    faults = resource_faults(
+        f"sampling into {cfg.out}",
+        intact="the finished images and parts there are kept",
+        resume="re-run the same `latentdit sample` command (it resumes)",
+    )
     with ranks.process_group(cfg.device) as info:
-        return _sample(cfg, info)
+        lock = outputs.out_lock(Path(cfg.out))  # taken by rank 0 before its first write
+        try:
+            with faults:
+                return _sample(cfg, info, lock)
+        finally:
+            lock.release()
 
 
-def _sample(cfg: SampleConfig, info: DistInfo) -> SampleResult:
+def _sample(cfg: SampleConfig, info: DistInfo, lock: Lock) -> SampleResult:
     device = info.device
     precision = resolve_precision(cfg.precision, device)
     if cfg.cast_weights and precision is Precision.fp32:
@@ -139,7 +151,10 @@ def _sample(cfg: SampleConfig, info: DistInfo) -> SampleResult:
     class_ids = {i: classes[c]["id"] for i, c in class_of.items()}
 
     def todo() -> list[int]:
+        lock.acquire()
+        outputs.clear_temps(out)
         check_manifest(out, settings, legacy=legacy_defaults(device))
+        outputs.check_parts(out)  # a resume refuses a part that is not plain uint8 rows
         return [] if npz is not None and npz.is_file() else _todo(cfg, out, indices, class_ids)
 
     todo_all = ranks.on_main(todo, info)

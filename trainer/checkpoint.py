@@ -6,10 +6,16 @@
                                                 (torch.load(..., weights_only=True) loads it)
                             meta.json           format, step, model preset + config, objective,
                                                 normalization, latent shape, classes, VAE, store
+
+                            manifest.json       sizes and digests of the files above, written
+                                                last (`trainer.checkpoint_files`)
     RUN/checkpoints/latest                      text: the name of the newest step folder
 
-Folders are written under a temporary name and renamed; `latest` is replaced atomically, so a
-killed run leaves either the old or the new checkpoint, never half of one.
+Folders are written under a temporary name, flushed (fsync) and renamed; `latest` is replaced
+atomically, so a kill or a full disk at any instant leaves the old or the new checkpoint, never
+half of one. A damaged latest checkpoint (cut short, missing files, a `latest` that is empty,
+garbled or names nothing) is passed over for the newest intact one, with one log line; a
+checkpoint whose complete files differ from its manifest is refused, never loaded.
 """
 
 from __future__ import annotations
@@ -18,18 +24,25 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from foundation.atomic import fsync_dir, write_atomic
+from foundation.faults import note_doing
 from latent_store import LatentditError, LatentStore
+from trainer.checkpoint_files import Damage, find_damage, write_manifest
 from trainer.model import DiT, model_from_config
 from trainer.normalization import LatentNormalization
 from trainer.objective import FlowMatching, Objective, objective_from_meta
@@ -43,6 +56,9 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META, STATE = "meta.json", "state.pt"
 WEIGHTS = {"model": "model.safetensors", "ema": "ema.safetensors"}
+DATA_FILES = [*WEIGHTS.values(), STATE]  # what manifest.json covers (meta.json may be hand-edited)
+STEP_RE = re.compile(r"\d+")
+DAMAGED = ".damaged"  # suffix of a damaged checkpoint folder set aside when its step is saved again
 
 
 class CheckpointNotFoundError(LatentditError):
@@ -51,6 +67,10 @@ class CheckpointNotFoundError(LatentditError):
 
 class CheckpointMismatchError(LatentditError):
     """A checkpoint's format or provenance disagrees with what the caller expects."""
+
+
+class CheckpointDamagedError(CheckpointMismatchError):
+    """A checkpoint's files are cut short, missing, or not what latentdit wrote."""
 
 
 @dataclass(frozen=True)
@@ -137,17 +157,34 @@ def step_name(step: int) -> str:
     return f"{step:0{STEP_DIGITS}d}"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_flushed(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _prune(folder: Path, keep_last: int) -> None:
-    steps = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+    steps = sorted(p for p in folder.iterdir() if p.is_dir() and STEP_RE.fullmatch(p.name))
     for old in steps[:-keep_last]:
         shutil.rmtree(old)
         log.info("pruned checkpoint %s", old)
+
+
+def _set_aside(final: Path, pid_tmp: Path) -> Path | None:
+    """Move an existing folder of the step being saved out of the way: a damaged one is kept
+    beside (STEP.damaged), an intact one (a rolled-back run) goes to a temporary name, removed
+    once the new folder is in place. Returns that temporary folder."""
+    if find_damage(final, [*DATA_FILES, META]) is not None:
+        aside = final.with_name(final.name + DAMAGED)
+        n = 1
+        while aside.exists():
+            aside, n = final.with_name(f"{final.name}{DAMAGED}-{n}"), n + 1
+        os.replace(final, aside)
+        log.warning("kept the damaged checkpoint %s as %s", final, aside.name)
+        return None
+    os.replace(final, pid_tmp)
+    return pid_tmp
 
 
 def save_checkpoint(
@@ -163,7 +200,9 @@ def save_checkpoint(
     """Write RUN/checkpoints/<step>/ atomically, point `latest` at it, keep the newest `keep_last`.
 
     `model` and `ema` must be the unwrapped modules (not DDP, not torch.compile wrappers).
-    `train_state` must hold only tensors, numbers, strings and containers of them.
+    `train_state` must hold only tensors, numbers, strings and containers of them. Every file is
+    flushed before the folder is renamed into place; on any failure (a full disk) the partial
+    folder is removed and the previous checkpoints and `latest` are as they were.
     """
     folder = Path(run_dir) / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
@@ -171,35 +210,136 @@ def save_checkpoint(
     for stale in folder.glob(".tmp-*"):  # left by a killed writer (rank 0 is the only one)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = folder / f".tmp-{step_name(step)}-{os.getpid()}"
-    tmp.mkdir()
-    for name, module in (("model", model), ("ema", ema)):
-        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        save_file(state, tmp / WEIGHTS[name])
-    torch.save({**train_state, "step": step}, tmp / STATE)
-    (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_text_atomic(folder / LATEST, final.name + "\n")
+    old = None
+    try:
+        tmp.mkdir()
+        for name, module in (("model", model), ("ema", ema)):
+            state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            _write_flushed(tmp / WEIGHTS[name], safetensors_bytes(state))
+        with open(tmp / STATE, "wb") as f:
+            torch.save({**train_state, "step": step}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _write_flushed(tmp / META, json.dumps({**meta, "step": step}, indent=2).encode())
+        write_manifest(tmp, DATA_FILES)  # last: its presence says the others are complete
+        fsync_dir(tmp)
+        if final.exists():
+            old = _set_aside(final, folder / f".tmp-old-{final.name}-{os.getpid()}")
+        os.replace(tmp, final)
+        fsync_dir(folder)
+        write_atomic(folder / LATEST, final.name + "\n")
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        note_doing(e, f"writing checkpoint {final}")
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     if keep_last is not None:
         _prune(folder, keep_last)
     log.info("saved checkpoint %s", final)
     return final
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The folder `RUN/checkpoints/latest` names, or None when the run has no checkpoint."""
-    pointer = Path(run_dir) / CHECKPOINTS / LATEST
+def _pointed(folder: Path) -> tuple[Path | None, str]:
+    """(the step folder `latest` names, or None with why it names none)."""
+    pointer = folder / LATEST
     if not pointer.is_file():
+        return None, f"{pointer} is missing"
+    try:
+        name = pointer.read_bytes().decode(errors="replace").strip()
+    except OSError as e:
+        return None, f"{pointer} is unreadable ({e.strerror})"
+    if not name:
+        return None, f"{pointer} is empty"
+    if not STEP_RE.fullmatch(name):
+        return None, f"{pointer} is garbled ({name[:40]!r} is not a step folder)"
+    if not (folder / name).is_dir():
+        return None, f"{pointer} names {name}, which does not exist"
+    return folder / name, ""
+
+
+def _refusal(folder: Path, damage: Damage) -> CheckpointDamagedError:
+    """The one-line refusal of a checkpoint whose complete files are not what was written."""
+    path = folder / damage.file
+    if damage.file == STATE:
+        try:
+            load_state(path)  # safe: weights_only; only to say what the file holds
+        except CheckpointDamagedError as e:
+            return e
+    return CheckpointDamagedError(
+        f"{path} {damage.reason}: it was changed after latentdit wrote it; refused (never "
+        f"loaded): restore the file, or point {folder.parent / LATEST} at an earlier checkpoint"
+    )
+
+
+def load_state(path: Path) -> Any:
+    """`torch.load(path, weights_only=True)`; a refused pickle (or an unreadable file) is one
+    CheckpointDamagedError line, never a traceback. Nothing in the file is executed."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((x for x in lines if "Unsupported" in x), lines[0] if lines else "")
+        what = f"holds a pickle outside the allowed types ({detail[:160]})"
+    except (RuntimeError, ValueError, EOFError, OSError) as e:
+        what = f"is unreadable ({str(e).strip().splitlines()[0][:160] if str(e).strip() else e!r})"
+    raise CheckpointDamagedError(
+        f"{path} {what}; refused (nothing in it was run): restore it from a copy, or point "
+        f"{path.parent.parent / LATEST} at an earlier checkpoint"
+    )
+
+
+def latest_checkpoint(run_dir: str | os.PathLike, *, quiet: bool = False) -> Path | None:
+    """The checkpoint a run continues from: the folder `RUN/checkpoints/latest` names when it is
+    intact, else the newest intact one (saying so in one log line unless `quiet`); None when the
+    run has no checkpoint folder at all.
+
+    Raises CheckpointDamagedError when checkpoints exist but none is intact (a run never starts
+    over beside its checkpoints), or when the named one was modified after it was written.
+    """
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
         return None
-    folder = pointer.parent / pointer.read_text().strip()
-    return folder if (folder / META).is_file() else None
+    steps = sorted(p for p in folder.iterdir() if p.is_dir() and STEP_RE.fullmatch(p.name))
+    named, why = _pointed(folder)
+    if named is not None:
+        damage = find_damage(named, [*DATA_FILES, META])
+        if damage is None:
+            return named
+        if damage.modified:
+            raise _refusal(named, damage)
+        why = f"{named} is damaged: {damage.file} {damage.reason}"
+    elif not steps:
+        return None
+    problems = [why]
+    for candidate in reversed(steps):
+        if candidate == named:
+            continue
+        damage = find_damage(candidate, [*DATA_FILES, META])
+        if damage is None:
+            if not quiet:
+                log.warning("%s; using the newest intact checkpoint, %s", why, candidate.name)
+            return candidate
+        problems.append(f"{candidate.name}/{damage.file} {damage.reason}")
+    raise CheckpointDamagedError(
+        f"{run_dir}: no intact checkpoint ({'; '.join(problems)}); restore one from a copy, or "
+        "start a new --run"
+    )
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder from a checkpoint folder or a run dir (through `latest`)."""
     p = Path(path)
     if (p / META).is_file():
+        if (damage := find_damage(p, [*DATA_FILES, META])) is not None:
+            if damage.modified:
+                raise _refusal(p, damage)
+            raise CheckpointDamagedError(
+                f"{p / damage.file} {damage.reason}: the checkpoint is damaged; use another one "
+                "(or its run dir: the newest intact checkpoint is used)"
+            )
         return p
     found = latest_checkpoint(p)
     if found is None:
@@ -232,14 +372,20 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Load a checkpoint (folder or run dir) on the CPU, with its training state, for resuming."""
+    """Load a checkpoint (folder or run dir) on the CPU, with its training state, for resuming.
+
+    Every file is checked against the folder's manifest first (sizes and digests); a state.pt
+    that `torch.load(weights_only=True)` refuses is one CheckpointDamagedError line.
+    """
     folder = resolve_checkpoint(path)
+    if (damage := find_damage(folder, DATA_FILES, digests=True)) is not None:
+        raise _refusal(folder, damage)
     return Checkpoint(
         path=folder,
         meta=read_meta(folder),
         model_state=load_file(folder / WEIGHTS["model"]),
         ema_state=load_file(folder / WEIGHTS["ema"]),
-        train_state=torch.load(folder / STATE, weights_only=True),
+        train_state=load_state(folder / STATE),
     )
 
 

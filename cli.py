@@ -66,12 +66,14 @@ def user_errors(fn: F, name: str = "COMMAND") -> F:
         try:
             return fn(*args, **kwargs)
         except LatentditError as e:
+            _close_progress_bars()
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
         except Exception as e:
             if (fault := describe_fault(e)) is None:
                 raise
             logging.getLogger(__name__).debug("latentdit %s", name, exc_info=True)
+            _close_progress_bars()
             typer.echo(
                 f"error: {fault.what} in latentdit {name}; what it finished before is kept; "
                 f"{fault.remedy}, then re-run the same command",
@@ -80,6 +82,15 @@ def user_errors(fn: F, name: str = "COMMAND") -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _close_progress_bars() -> None:
+    """End the progress bars a failed command left open, so that its error starts a line."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
 
 
 def flag(name: str, *flags: str, help: str) -> inspect.Parameter:

@@ -33,7 +33,7 @@ STORAGE_PACKAGES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlf
 
 SPACE_REMEDY = "free some space"
 MEMORY_REMEDY = "free memory (or use smaller batches)"
-STORE_REMEDY = "wait until the object store answers again"
+STORE_REMEDY = "check that the object store answers (endpoint, credentials, network)"
 DOING_ATTR = "latentdit_doing"
 
 

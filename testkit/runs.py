@@ -36,13 +36,15 @@ def run_cli(
     *args: str, env: dict | None = None, timeout: float = 600, cwd: Path = ROOT, real: bool = True
 ) -> subprocess.CompletedProcess:
     """`latentdit ARGS...` in a new process (cli.py of this checkout), output captured as text;
-    with `real=False` through Typer's runner in this process (`env` is not applied then)."""
+    `env` is added to this process's environment (None values: removed). With `real=False`
+    through Typer's runner in this process (`env` is not applied then)."""
     if not real:
         return _invoke(list(map(str, args)))
+    merged = {**os.environ, **ENV, **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "cli.py"), *map(str, args)],
         cwd=cwd,
-        env={**os.environ, **ENV, **(env or {})},
+        env={k: v for k, v in merged.items() if v is not None},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -3,7 +3,7 @@ training checkpoint, the sampler's `.npz`.
 
 Where the test can mount a small tmpfs (root, or an unprivileged user namespace: `unshare -rm`),
 the disk really fills: at the chosen moment the command's own process writes a filler until the
-kernel answers ENOSPC (`testkit.disk_full`, action fill). Where it cannot, the same moment starts
+kernel answers ENOSPC (`tests/jobs/disk_full.py`, action fill). Where it cannot, the same moment starts
 a simulated ENOSPC on every later opening for writing under the folder (action fail). The steps
 run in `tests/jobs/fault_steps.py` (inside the namespace, when there is one), which reports each
 step's exit code, stderr and the digest of every file on the disk.
@@ -24,13 +24,13 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from cli_runs import ENV
 from conftest import ROOT, TINY_DIT, make_checkpoint, store_contents, write_store
 from test_pipeline import JOB_ARGS, _equal, job
 
 from pipeline.encode import encode
 from sampler.config import SampleConfig, SolveConfig
 from sampler.sample import sample
-from testkit.runs import ENV
 from trainer.config import TrainConfig
 from trainer.train import train
 

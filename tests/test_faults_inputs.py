@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runs import digests, error_line, run_cli
 from conftest import make_checkpoint
 
 from foundation.atomic import append_line, atomic_file, write_atomic
@@ -22,7 +23,6 @@ from foundation.errors import ConfigError
 from foundation.faults import ResourceError, describe_fault, resource_faults
 from foundation.locks import Holder, Lock, LockHeldError
 from foundation.urls import REDACTED, parse_storage_options, redact_options
-from testkit.runs import digests, error_line, run_cli
 from trainer.config import TrainConfig
 
 BOMB = "\n".join(

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runs import ENV, digests, error_line, run_cli
 from conftest import ROOT, TINY_DIT, write_store
 
-from testkit.runs import ENV, digests, error_line, run_cli
 from trainer.config import TrainConfig
 from trainer.train import train
 

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cli_runs import digests, error_line, run_cli
 from conftest import TINY_DIT, make_checkpoint, store_contents, write_store
 from test_pipeline import JOB_ARGS, _equal, job
 
@@ -22,7 +23,6 @@ from pipeline.encode import encode
 from pipeline.store_create import store_lock
 from sampler.outputs import out_lock
 from testkit.proxy import FaultProxy
-from testkit.runs import digests, error_line, run_cli
 from testkit.s3 import make_bucket, s3_server, s3fs_filesystem
 
 SECRET = "hunter2-do-not-print"

@@ -6,16 +6,16 @@
                                                 (torch.load(..., weights_only=True) loads it)
                             meta.json           format, step, model preset + config, objective,
                                                 normalization, latent shape, classes, VAE, store
-
-                            manifest.json       sizes and digests of the files above, written
-                                                last (`trainer.checkpoint_files`)
+                            manifest.json       sizes and digests of the weights and state.pt,
+                                                written last (`trainer.checkpoint_files`)
     RUN/checkpoints/latest                      text: the name of the newest step folder
 
 Folders are written under a temporary name, flushed (fsync) and renamed; `latest` is replaced
 atomically, so a kill or a full disk at any instant leaves the old or the new checkpoint, never
 half of one. A damaged latest checkpoint (cut short, missing files, a `latest` that is empty,
-garbled or names nothing) is passed over for the newest intact one, with one log line; a
-checkpoint whose complete files differ from its manifest is refused, never loaded.
+garbled or names nothing) is passed over for the newest intact one, with one log line
+(`trainer.checkpoint_latest`); a checkpoint whose complete files differ from its manifest is
+refused, never loaded.
 """
 
 from __future__ import annotations
@@ -24,11 +24,8 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import random
-import re
 import shutil
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,36 +38,57 @@ from torch import nn
 
 from foundation.atomic import fsync_dir, write_atomic
 from foundation.faults import note_doing
-from latent_store import LatentditError, LatentStore
-from trainer.checkpoint_files import Damage, find_damage, write_manifest
+from latent_store import LatentStore
+from trainer.checkpoint_files import (
+    CHECKPOINTS,
+    DATA_FILES,
+    LATEST,
+    META,
+    STATE,
+    WEIGHTS,
+    CheckpointDamagedError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    find_damage,
+    load_state,
+    refusal,
+    write_manifest,
+)
+from trainer.checkpoint_latest import latest_checkpoint, resolve_checkpoint, step_folders
 from trainer.model import DiT, model_from_config
 from trainer.normalization import LatentNormalization
 from trainer.objective import FlowMatching, Objective, objective_from_meta
+
+__all__ = [  # with what `trainer.checkpoint_files` and `trainer.checkpoint_latest` hold
+    "CHECKPOINTS",
+    "LATEST",
+    "META",
+    "STATE",
+    "WEIGHTS",
+    "Checkpoint",
+    "CheckpointDamagedError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "capture_rng_state",
+    "checkpoint_meta",
+    "init_weights",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_for_inference",
+    "read_meta",
+    "resolve_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+    "step_name",
+    "store_fingerprint",
+]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "latentdit.checkpoint"
 VERSION = 1
 STEP_DIGITS = 7
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-META, STATE = "meta.json", "state.pt"
-WEIGHTS = {"model": "model.safetensors", "ema": "ema.safetensors"}
-DATA_FILES = [*WEIGHTS.values(), STATE]  # what manifest.json covers (meta.json may be hand-edited)
-STEP_RE = re.compile(r"\d+")
 DAMAGED = ".damaged"  # suffix of a damaged checkpoint folder set aside when its step is saved again
-
-
-class CheckpointNotFoundError(LatentditError):
-    """No checkpoint at the given path."""
-
-
-class CheckpointMismatchError(LatentditError):
-    """A checkpoint's format or provenance disagrees with what the caller expects."""
-
-
-class CheckpointDamagedError(CheckpointMismatchError):
-    """A checkpoint's files are cut short, missing, or not what latentdit wrote."""
 
 
 @dataclass(frozen=True)
@@ -165,8 +183,7 @@ def _write_flushed(path: Path, data: bytes) -> None:
 
 
 def _prune(folder: Path, keep_last: int) -> None:
-    steps = sorted(p for p in folder.iterdir() if p.is_dir() and STEP_RE.fullmatch(p.name))
-    for old in steps[:-keep_last]:
+    for old in step_folders(folder)[:-keep_last]:
         shutil.rmtree(old)
         log.info("pruned checkpoint %s", old)
 
@@ -240,116 +257,6 @@ def save_checkpoint(
     return final
 
 
-def _pointed(folder: Path) -> tuple[Path | None, str]:
-    """(the step folder `latest` names, or None with why it names none)."""
-    pointer = folder / LATEST
-    if not pointer.is_file():
-        return None, f"{pointer} is missing"
-    try:
-        name = pointer.read_bytes().decode(errors="replace").strip()
-    except OSError as e:
-        return None, f"{pointer} is unreadable ({e.strerror})"
-    if not name:
-        return None, f"{pointer} is empty"
-    if not STEP_RE.fullmatch(name):
-        return None, f"{pointer} is garbled ({name[:40]!r} is not a step folder)"
-    if not (folder / name).is_dir():
-        return None, f"{pointer} names {name}, which does not exist"
-    return folder / name, ""
-
-
-def _refusal(folder: Path, damage: Damage) -> CheckpointDamagedError:
-    """The one-line refusal of a checkpoint whose complete files are not what was written."""
-    path = folder / damage.file
-    if damage.file == STATE:
-        try:
-            load_state(path)  # safe: weights_only; only to say what the file holds
-        except CheckpointDamagedError as e:
-            return e
-    return CheckpointDamagedError(
-        f"{path} {damage.reason}: it was changed after latentdit wrote it; refused (never "
-        f"loaded): restore the file, or point {folder.parent / LATEST} at an earlier checkpoint"
-    )
-
-
-def load_state(path: Path) -> Any:
-    """`torch.load(path, weights_only=True)`; a refused pickle (or an unreadable file) is one
-    CheckpointDamagedError line, never a traceback. Nothing in the file is executed."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = next((x for x in lines if "Unsupported" in x), lines[0] if lines else "")
-        what = f"holds a pickle outside the allowed types ({detail[:160]})"
-    except (RuntimeError, ValueError, EOFError, OSError) as e:
-        what = f"is unreadable ({str(e).strip().splitlines()[0][:160] if str(e).strip() else e!r})"
-    raise CheckpointDamagedError(
-        f"{path} {what}; refused (nothing in it was run): restore it from a copy, or point "
-        f"{path.parent.parent / LATEST} at an earlier checkpoint"
-    )
-
-
-def latest_checkpoint(run_dir: str | os.PathLike, *, quiet: bool = False) -> Path | None:
-    """The checkpoint a run continues from: the folder `RUN/checkpoints/latest` names when it is
-    intact, else the newest intact one (saying so in one log line unless `quiet`); None when the
-    run has no checkpoint folder at all.
-
-    Raises CheckpointDamagedError when checkpoints exist but none is intact (a run never starts
-    over beside its checkpoints), or when the named one was modified after it was written.
-    """
-    folder = Path(run_dir) / CHECKPOINTS
-    if not folder.is_dir():
-        return None
-    steps = sorted(p for p in folder.iterdir() if p.is_dir() and STEP_RE.fullmatch(p.name))
-    named, why = _pointed(folder)
-    if named is not None:
-        damage = find_damage(named, [*DATA_FILES, META])
-        if damage is None:
-            return named
-        if damage.modified:
-            raise _refusal(named, damage)
-        why = f"{named} is damaged: {damage.file} {damage.reason}"
-    elif not steps:
-        return None
-    problems = [why]
-    for candidate in reversed(steps):
-        if candidate == named:
-            continue
-        damage = find_damage(candidate, [*DATA_FILES, META])
-        if damage is None:
-            if not quiet:
-                log.warning("%s; using the newest intact checkpoint, %s", why, candidate.name)
-            return candidate
-        problems.append(f"{candidate.name}/{damage.file} {damage.reason}")
-    raise CheckpointDamagedError(
-        f"{run_dir}: no intact checkpoint ({'; '.join(problems)}); restore one from a copy, or "
-        "start a new --run"
-    )
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder from a checkpoint folder or a run dir (through `latest`)."""
-    p = Path(path)
-    if (p / META).is_file():
-        if (damage := find_damage(p, [*DATA_FILES, META])) is not None:
-            if damage.modified:
-                raise _refusal(p, damage)
-            raise CheckpointDamagedError(
-                f"{p / damage.file} {damage.reason}: the checkpoint is damaged; use another one "
-                "(or its run dir: the newest intact checkpoint is used)"
-            )
-        return p
-    found = latest_checkpoint(p)
-    if found is None:
-        raise CheckpointNotFoundError(
-            f"{p}: no checkpoint here (expected a run dir with checkpoints/{LATEST} or a folder "
-            f"with {META}); train first with `latentdit train --run {p}`"
-        )
-    return found
-
-
 def read_meta(folder: Path) -> dict[str, Any]:
     """meta.json of a checkpoint folder, checked for format and version."""
     try:
@@ -379,7 +286,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """
     folder = resolve_checkpoint(path)
     if (damage := find_damage(folder, DATA_FILES, digests=True)) is not None:
-        raise _refusal(folder, damage)
+        raise refusal(folder, damage)
     return Checkpoint(
         path=folder,
         meta=read_meta(folder),

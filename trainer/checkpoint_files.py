@@ -1,5 +1,6 @@
-"""Whether a checkpoint folder is intact, known cheaply: a manifest written last, and file formats
-that show their own end.
+"""A checkpoint folder's files and errors, and whether the folder is intact, known cheaply: a
+manifest written last, and file formats that show their own end (`trainer.checkpoint` writes
+and loads checkpoints; `trainer.checkpoint_latest` picks the one a run continues from).
 
     RUN/checkpoints/0000004/manifest.json   {"format": ..., "files": {"state.pt": {"bytes": N,
                                              "xxh3_128": HEX}, ...}}   (written last)
@@ -18,22 +19,45 @@ the digests (xxh3-128, GB/s) are checked only on the one that is loaded.
 from __future__ import annotations
 
 import json
+import pickle
 import pickletools
+import re
 import struct
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 import xxhash
 
 from foundation.atomic import fsync_file
+from foundation.errors import LatentditError
 
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+META, STATE = "meta.json", "state.pt"
+WEIGHTS = {"model": "model.safetensors", "ema": "ema.safetensors"}
+DATA_FILES = [*WEIGHTS.values(), STATE]  # what manifest.json covers (meta.json may be hand-edited)
+STEP_RE = re.compile(r"\d+")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "latentdit.checkpoint-manifest"
 DIGEST = "xxh3_128"
 READ_BLOCK = 16 << 20
 SAFETENSORS_HEADER_MAX = 100 << 20  # safetensors' own limit on its JSON header
+
+
+class CheckpointNotFoundError(LatentditError):
+    """No checkpoint at the given path."""
+
+
+class CheckpointMismatchError(LatentditError):
+    """A checkpoint's format or provenance disagrees with what the caller expects."""
+
+
+class CheckpointDamagedError(CheckpointMismatchError):
+    """A checkpoint's files are cut short, missing, or not what latentdit wrote."""
 
 
 @dataclass(frozen=True)
@@ -164,3 +188,36 @@ def find_damage(folder: Path, names: list[str], *, digests: bool = False) -> Dam
         if digests and file_digest(path) != want[DIGEST]:
             return Damage(name, f"differs from its {DIGEST} digest in {MANIFEST}", modified=True)
     return None
+
+
+def refusal(folder: Path, damage: Damage) -> CheckpointDamagedError:
+    """The one-line refusal of a checkpoint whose complete files are not what was written."""
+    path = folder / damage.file
+    if damage.file == STATE:
+        try:
+            load_state(path)  # safe: weights_only; only to say what the file holds
+        except CheckpointDamagedError as e:
+            return e
+    return CheckpointDamagedError(
+        f"{path} {damage.reason}: it was changed after latentdit wrote it; refused (never "
+        f"loaded): restore the file, or point {folder.parent / LATEST} at an earlier checkpoint"
+    )
+
+
+def load_state(path: Path) -> Any:
+    """`torch.load(path, weights_only=True)`; a refused pickle (or an unreadable file) is one
+    CheckpointDamagedError line, never a traceback. Nothing in the file is executed."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((x for x in lines if "Unsupported" in x), lines[0] if lines else "")
+        what = f"holds a pickle outside the allowed types ({detail[:160]})"
+    except (RuntimeError, ValueError, EOFError, OSError) as e:
+        what = f"is unreadable ({str(e).strip().splitlines()[0][:160] if str(e).strip() else e!r})"
+    raise CheckpointDamagedError(
+        f"{path} {what}; refused (nothing in it was run): restore it from a copy, or point "
+        f"{path.parent.parent / LATEST} at an earlier checkpoint"
+    )

@@ -35,7 +35,7 @@ def run_step(folder: Path, step: dict) -> dict:
         (folder / FILLER).unlink(missing_ok=True)
         return {"rc": 0, "stderr": "", "files": snapshot(folder)}
     inject = step.get("inject")
-    command = [sys.executable, "-m", "testkit.disk_full", "--dir", str(folder)]
+    command = [sys.executable, str(ROOT / "tests/jobs/disk_full.py"), "--dir", str(folder)]
     if inject:
         command += ["--when", inject["when"], "--action", inject["action"]]
     else:

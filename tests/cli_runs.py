@@ -18,7 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 

@@ -1,6 +1,6 @@
 """Run the latentdit CLI with a disk that fills up at a chosen moment, for the fault tests.
 
-    python -m testkit.disk_full --dir D --when '*/checkpoints/.tmp-*/state.pt' --action fill \
+    python tests/jobs/disk_full.py --dir D --when '*/checkpoints/.tmp-*/state.pt' --action fill \
         -- train --run D/run --steps 4
 
 The moment is the first time a file whose absolute path matches `--when` (fnmatch) is opened for
@@ -25,6 +25,8 @@ import os
 import signal
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 FILLER = ".filler"
 BLOCK = 1 << 20

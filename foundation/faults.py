@@ -59,6 +59,7 @@ def _first_line(exc: BaseException) -> str:
 class Fault:
     """A failure of the machine: what happened (one line) and what the user does about it."""
 
+    kind: str  # "space", "memory" or "store"
     what: str
     remedy: str
 
@@ -70,18 +71,20 @@ def describe_fault(exc: BaseException) -> Fault | None:
     where = f" writing {filename}" if filename else ""
     for e in chain:
         if isinstance(e, OSError) and e.errno in OUT_OF_SPACE:
-            return Fault(f"{OUT_OF_SPACE[e.errno]}{where} ({e.strerror})", SPACE_REMEDY)
+            return Fault("space", f"{OUT_OF_SPACE[e.errno]}{where} ({e.strerror})", SPACE_REMEDY)
     for e in chain:
         for text, code in SPACE_TEXT.items():
             if text in str(e):
-                return Fault(f"{OUT_OF_SPACE[code]}{where} ({_first_line(e)})", SPACE_REMEDY)
+                return Fault(
+                    "space", f"{OUT_OF_SPACE[code]}{where} ({_first_line(e)})", SPACE_REMEDY
+                )
     for e in chain:
         if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-            return Fault(f"out of memory ({_first_line(e)})", MEMORY_REMEDY)
+            return Fault("memory", f"out of memory ({_first_line(e)})", MEMORY_REMEDY)
     for e in chain:
         package = type(e).__module__.split(".")[0]
         if package in STORAGE_PACKAGES or isinstance(e, (ConnectionError, TimeoutError)):
-            return Fault(f"object store request failed ({_first_line(e)})", STORE_REMEDY)
+            return Fault("store", f"object store request failed ({_first_line(e)})", STORE_REMEDY)
     return None
 
 
@@ -110,17 +113,19 @@ def resource_faults(
     intact: str | Callable[[], str],
     resume: str,
     also: tuple[type[LatentditError], ...] = (),
+    remedies: dict[str, str] | None = None,
 ) -> Iterator[None]:
     """Raise a fault inside (`describe_fault`) as one ResourceError line: '{fault} while {doing};
     {intact}; {remedy}, then {resume}'. `intact` may be a function (called only then); `also`:
-    LatentditErrors to complete the same way (e.g. a store read that kept failing)."""
+    LatentditErrors to complete the same way (e.g. a store read that kept failing); `remedies`:
+    this command's own advice for a kind of fault (e.g. {"memory": "use --data stream"})."""
     try:
         yield
     except ResourceError:
         raise
     except Exception as e:
         if isinstance(e, also):
-            fault = Fault(str(e).split("; ")[0], STORE_REMEDY)
+            fault = Fault("store", str(e).split("; ")[0], STORE_REMEDY)
         elif isinstance(e, LatentditError) or (fault := describe_fault(e)) is None:
             raise
         log.debug("%s", doing, exc_info=True)  # the traceback, for --verbose
@@ -129,9 +134,8 @@ def resource_faults(
         except Exception:  # the disk or the store is what failed: say less, never mask the fault
             now = "what was finished before is kept"
         during = getattr(e, DOING_ATTR, doing)
-        raise ResourceError(
-            f"{fault.what} while {during}; {now}; {fault.remedy}, then {resume}"
-        ) from e
+        remedy = (remedies or {}).get(fault.kind, fault.remedy)
+        raise ResourceError(f"{fault.what} while {during}; {now}; {remedy}, then {resume}") from e
 
 
 class StoreNoiseFilter(logging.Filter):

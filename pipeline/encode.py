@@ -69,6 +69,7 @@ def encode(cfg: EncodeConfig) -> dict | None:
         intact="complete shards are kept (a shard counts once its record is written)",
         resume=f"re-run the same command to resume: {cfg.command or 'latentdit encode ...'}",
         also=(StoreReadError,),
+        remedies={"memory": "free memory, or use a smaller --batch-size and fewer --workers"},
     )
     try:
         with faults:

@@ -54,10 +54,12 @@ def _read_noise(cfg: SampleConfig, count: int, latent_shape: tuple[int, ...]) ->
     """The --noise array, checked to hold one (C, H, W) row per image."""
     if cfg.noise is None:
         return None
-    try:
-        rows = np.load(cfg.noise)
+    try:  # mapped, not read: a header's shape is checked before any row is loaded
+        rows = np.load(cfg.noise, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
         raise SamplerError(f"--noise {cfg.noise}: not a .npy array ({e})") from None
+    if not isinstance(rows, np.ndarray):
+        raise SamplerError(f"--noise {cfg.noise}: an .npz archive; give one .npy array")
     if rows.shape != (count, *latent_shape):
         raise SamplerError(
             f"--noise {cfg.noise}: shape {rows.shape}, need {(count, *latent_shape)} (one row per image)"
@@ -116,6 +118,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
         f"sampling into {cfg.out}",
         intact="the finished images and parts there are kept",
         resume="re-run the same `latentdit sample` command (it resumes)",
+        remedies={"memory": "free memory, or use a smaller --batch-size"},
     )
     with ranks.process_group(cfg.device) as info:
         lock = outputs.out_lock(Path(cfg.out))  # taken by rank 0 before its first write

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_runs import digests, error_line, run_cli
-from conftest import make_checkpoint
+from conftest import TINY_DIT, make_checkpoint, write_store
 
 from foundation.atomic import append_line, atomic_file, write_atomic
 from foundation.config import CONFIG_MAX_BYTES, read_config_file
@@ -220,3 +220,21 @@ def test_storage_options_are_redacted_and_never_echoed():
         with pytest.raises(ConfigError) as e:
             parse_storage_options(bad)
         assert "hunter2" not in str(e.value)
+
+
+def test_out_of_memory_for_a_store_is_one_line(tmp_path, monkeypatch):
+    """A store that does not fit in RAM (`--data memory`): one line naming the fault, what is
+    intact and what to do; nothing written."""
+    store = write_store(tmp_path / "s.zarr", n=16)
+    shape = "(1281167, 2, 4, 32, 32) and data type uint8"
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError(f"Unable to allocate 9.77 GiB for an array with shape {shape}")
+
+    monkeypatch.setattr("trainer.train.build_batches", no_memory)
+    tiny = [a for k, v in TINY_DIT.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    args = ["train", "--store", store, "--run", tmp_path / "run", *tiny, "--batch-size", "8"]
+    line = error_line(run_cli(*args, real=False))
+    assert "out of memory (MemoryError: Unable to allocate 9.77 GiB" in line
+    assert "no checkpoint was written yet" in line and "--data stream" in line
+    assert not (tmp_path / "run").exists()

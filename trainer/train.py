@@ -175,6 +175,7 @@ def train(
         intact=intact,
         resume=f"resume with `latentdit train --run {cfg.run}`",
         also=(StoreReadError,),
+        remedies={"memory": "free memory, or hold less: --data stream, a smaller --batch-size"},
     )
     try:
         with faults, compile_cache(cache, save=dist.is_main):

@@ -4,7 +4,11 @@
 - `foundation.distributed`: the process group from torchrun's variables, seeds, reductions.
 - `foundation.precision`: the one precision vocabulary and its autocast.
 - `foundation.vae`: resolving and loading a diffusers AutoencoderKL (whole, or its decoder only).
-- `foundation.config`: reading TOML/YAML option files.
+- `foundation.config`: reading TOML/YAML option files (with limits).
+- `foundation.urls`: paths and fsspec URLs, storage options and their redaction.
+- `foundation.atomic`: crash-consistent writes (temp file, fsync, rename).
+- `foundation.locks`: exclusive locks on what a command writes (run dir, store, sample folder).
+- `foundation.faults`: a full disk, no memory, an object store down: one line, what is intact.
 
 Import the submodules directly; this package imports nothing at import time.
 """

@@ -238,3 +238,14 @@ def test_out_of_memory_for_a_store_is_one_line(tmp_path, monkeypatch):
     assert "out of memory (MemoryError: Unable to allocate 9.77 GiB" in line
     assert "no checkpoint was written yet" in line and "--data stream" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_garbled_sample_manifest_is_refused(tiny_vae_dir, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "run", tiny_vae_dir)
+    out = tmp_path / "out"
+    (out / "npz_parts").mkdir(parents=True)
+    (out / "sample.json").write_text('{"checkpoint": ')  # what no atomic write leaves: edited
+    before = digests(out)
+    args = ["sample", ckpt, "--out", out, "--n", "2", "--steps", "2", "--device", "cpu"]
+    assert "sample.json is unreadable" in error_line(run_cli(*args, real=False))
+    assert digests(out) == before and not (out / ".lock").exists()

@@ -32,11 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from foundation.atomic import fsync_dir, write_atomic
+from foundation.atomic import fsync_dir, fsync_file, write_atomic
 from foundation.faults import note_doing
 from latent_store import LatentStore
 from trainer.checkpoint_files import (
@@ -232,7 +231,8 @@ def save_checkpoint(
         tmp.mkdir()
         for name, module in (("model", model), ("ema", ema)):
             state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-            _write_flushed(tmp / WEIGHTS[name], safetensors_bytes(state))
+            save_file(state, tmp / WEIGHTS[name])  # safetensors writes it; a full disk: its
+            fsync_file(tmp / WEIGHTS[name])  # error names ENOSPC (`foundation.faults`)
         with open(tmp / STATE, "wb") as f:
             torch.save({**train_state, "step": step}, f)
             f.flush()

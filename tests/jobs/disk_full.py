@@ -10,8 +10,9 @@ writing. Then, by `--action`:
 - fail: a simulation for where no tmpfs can be mounted: every later opening for writing under D
   (open, io.open, os.open) raises ENOSPC, as a full disk does;
 - kill: SIGKILL this process (what a crash or a scheduler's kill does at that instant).
-Writers that bypass Python's file objects (torch.save to a path, safetensors' save_file) are
-seen by `fill` only; latentdit writes its files through Python file objects.
+Writers that bypass Python's file objects (safetensors' save_file, torch.save to a path) are
+seen by `fill` only: a simulated trigger must name a file written through Python (state.pt,
+the store's chunks, the sampler's parts and .npz).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from test_import import FIXTURES
-from test_repa import TINY
+from test_repa import MODEL, TINY
 from typer.testing import CliRunner
 
 from cli import app
@@ -159,3 +159,35 @@ def test_cli_import_then_sample_with_the_repa_protocol(tmp_path, tiny_vae_dir):
     )
     assert wrong.exit_code == 2 and "use --format repa" in wrong.output
     assert "Traceback" not in wrong.output and not (tmp_path / "r2").exists()
+
+
+def test_train_fine_tunes_an_imported_repa_model_in_its_time(tmp_path, tiny_vae_dir):
+    from conftest import write_store
+
+    from trainer.checkpoint import load_checkpoint
+    from trainer.config import resolve_config
+    from trainer.train import train
+
+    cfg = ImportConfig(
+        checkpoint=FIXTURES / "repa_train.pt",
+        run=tmp_path / "imported",
+        format="repa",
+        vae=str(tiny_vae_dir),
+        **TINY,
+    )
+    import_checkpoint(cfg)
+    store = write_store(tmp_path / "store.zarr", n=16, classes=MODEL["num_classes"])
+    options = {
+        "store": str(store),
+        "run": str(tmp_path / "run"),
+        "model": "DiT-S/2",
+        **TINY,
+        "normalization": "vae_scaling",
+        "init": str(tmp_path / "imported"),
+        "steps": 1,
+        "batch_size": 8,
+        "warmup_steps": 0,
+        "timesteps": "uniform",
+    }
+    meta = load_checkpoint(train(resolve_config(None, options)).run).meta
+    assert meta["objective"] == {**meta["objective"], "time_scale": 1.0, "reverse_time": False}

@@ -19,6 +19,7 @@ from sampler.guidance import guided
 from sampler.import_config import ImportConfig
 from sampler.importer import import_checkpoint, read_official
 from sampler.latents import make_latents
+from sampler.plan import ImageNoise
 from trainer.checkpoint import load_for_inference
 from trainer.objective import FlowMatching, objective_from_meta
 
@@ -180,6 +181,15 @@ def test_fixture_noise_is_the_seeded_generators():
     noise = SeededNoise(ref["z"])
     state = ref["z"].double()
     assert all(torch.equal(noise(state), draw) for draw in ref["sde_cfg_noise"])
+
+
+def test_image_noise_is_drawn_like_the_float64_state():
+    """Each image's own generator, in float64 for REPA's SDE state; the same alone or in a batch."""
+    state = torch.empty(2, C, S, S, dtype=torch.float64)
+    batch = ImageNoise(0, [5, 6])(state)
+    assert batch.dtype == torch.float64
+    assert torch.equal(batch[1:], ImageNoise(0, [6])(state[:1]))
+    assert ImageNoise(0, [5])(state[:1].float()).dtype == torch.float32
 
 
 def test_todays_heun_differs_from_repas(imported):

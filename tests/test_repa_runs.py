@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from test_import import FIXTURES
-from test_repa import MODEL, TINY
+from test_repa import MODEL, TINY, import_repa
 from typer.testing import CliRunner
 
 from cli import app
@@ -168,14 +168,7 @@ def test_train_fine_tunes_an_imported_repa_model_in_its_time(tmp_path, tiny_vae_
     from trainer.config import resolve_config
     from trainer.train import train
 
-    cfg = ImportConfig(
-        checkpoint=FIXTURES / "repa_train.pt",
-        run=tmp_path / "imported",
-        format="repa",
-        vae=str(tiny_vae_dir),
-        **TINY,
-    )
-    import_checkpoint(cfg)
+    import_repa(tmp_path / "imported", tiny_vae_dir)
     store = write_store(tmp_path / "store.zarr", n=16, classes=MODEL["num_classes"])
     options = {
         "store": str(store),

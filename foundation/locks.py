@@ -159,11 +159,12 @@ class Lock:
         return True
 
     def _read(self) -> tuple[bytes, float] | None:
-        """(contents, age in seconds) of the lock file, None when there is none."""
+        """(contents, age in seconds) of the lock file, None when there is none. An object is
+        written whole (one PUT): one that does not parse is garbage, as if old."""
         try:
             if is_url(self.path):
                 fs, path = self._fs()
-                return fs.cat_file(path), 0.0
+                return fs.cat_file(path), float("inf")
             with open(self.path, "rb") as f:
                 return f.read(), time.time() - os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from latent_store.arrays import LATENTS, STATS_SUFFIX
-from latent_store.errors import StoreCorruptError
+from latent_store.errors import SchemaMismatchError, StoreCorruptError, StoreIncompleteError
 from latent_store.records import ShardRecord
 from latent_store.schema import ATTRS_KEY
 from latent_store.stats import channel_stats, combine
@@ -161,3 +161,26 @@ def finalize_store(store: LatentStore) -> dict:
     attrs = rw.group.attrs[ATTRS_KEY]
     rw.group.attrs[ATTRS_KEY] = {**attrs, SUMMARY_KEY: summary}
     return summary
+
+
+def position_stats(store: LatentStore, name: str) -> np.ndarray:
+    """The store's per-position statistics of array `name`, float32 (2, *shape) = [mean, var],
+    checked against the summary's checksum; one line naming the fix when there are none."""
+    if not store.spec.has_stats(name):
+        raise SchemaMismatchError(
+            f"{store.path}: a format v1 store keeps per-channel statistics of its {name} only; "
+            "re-encode it with this latentdit for per-position ones, or use channel_stats"
+        )
+    section = ((store.summary or {}).get(ARRAYS_KEY) or {}).get(name)
+    if section is None:
+        raise StoreIncompleteError(
+            f"{store.path}: no summarized statistics of {name!r} yet; finish writing the store "
+            "(the encode command, or the one that adds the array, summarizes it at the end)"
+        )
+    row = store_row(store, name)
+    if shard_checksum({name: row}, section["stats"].partition(":")[0]) != section["stats"]:
+        raise StoreCorruptError(
+            f"{store.path}: the statistics of {name!r} do not match the checksum its summary "
+            f"records; run `latentdit validate {store.path}`"
+        )
+    return row

@@ -65,9 +65,10 @@ def test_v1_batches_are_the_ones_main_made(v1):
         )
         for key in (k for k in reference.files if k.startswith(mode) and k.endswith("_x")):
             epoch, step = (int(part[1:]) for part in key.split("_")[1:3])
-            ((x, y),) = source.get(epoch, step)
-            assert torch.equal(x, torch.from_numpy(reference[key])), key
-            assert torch.equal(y, torch.from_numpy(reference[key[:-1] + "y"])), key
+            (batch,) = source.get(epoch, step)  # the named batch holds main's (x, y)
+            assert batch.keys() == {"latents", "labels"}
+            assert torch.equal(batch["latents"], torch.from_numpy(reference[key])), key
+            assert torch.equal(batch["labels"], torch.from_numpy(reference[key[:-1] + "y"])), key
 
 
 def test_v1_store_trains_and_resumes_as_main_did(v1, tmp_path):

@@ -11,6 +11,8 @@ import numpy as np
 
 from foundation.urls import is_url
 from latent_store import (
+    AddedArrayWriter,
+    ArraySpec,
     ClassInfo,
     Failure,
     StoreSpec,
@@ -149,3 +151,18 @@ def unseal(path: str | Path) -> None:
     attrs = dict(group.attrs[ATTRS_KEY])
     del attrs[PROVENANCE_KEY]
     group.attrs[ATTRS_KEY] = attrs
+
+
+def copy_declaration(spec: StoreSpec, name: str = "feat") -> ArraySpec:
+    """An array to add to a store: shaped, quantized and varied like its latents."""
+    latents = spec.array("latents")
+    return ArraySpec(
+        name=name, shape=latents.shape, quant=latents.quant, description="a copy of the latents"
+    )
+
+
+def fill_added(writer: AddedArrayWriter, source: str = "latents") -> None:
+    """Write every shard in `writer.todo` of its added array with the codes of array `source`."""
+    for shard in list(writer.todo):
+        rows = writer.store.read_shard(shard, [source])[source]
+        writer.write_shard(shard, rows)

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from conftest import TINY_DIT
 
-from latent_store import load_latents, open_store, validate_store
+from latent_store import StoreWriter, finalize_store, load_latents, open_store, validate_store
 from trainer.config import resolve_config
 from trainer.data import BatchLayout, build_batches
 from trainer.normalization import normalization_from_store
@@ -85,3 +86,23 @@ def test_v1_store_trains_and_resumes_as_main_did(v1, tmp_path):
     for mine, theirs in zip(log, reference["log"], strict=True):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5), mine["step"]
     assert tree_digest(store) == before
+
+
+def test_rewriting_a_v1_shard_writes_what_main_wrote(v1):
+    """A v1 store's shard lost in a crash and written again by today's writer (as a resumed
+    encode does) gets main's bytes: data, v1 record (one checksum, per-channel sums), summary."""
+    path = v1 / "v1_moments.zarr"
+    original = {f: f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+    store = open_store(path)
+    record, data = store.records()[1], store.read_shard(1)  # holds a failed image
+    zarr.open_group(str(path), mode="r+")["shard_records"][1] = ""
+    writer = StoreWriter(store, [1])  # discards the shard's leftovers, as a resumed encode does
+    assert writer.todo == [1] and not (path / "latents/c/1/0/0/0/0").exists()
+    arrays = {n: data[n] for n in ("latents", "logstd")}
+    clipped = {"latents": record.clipped}
+    kw = dict(failures=record.failures, image_modes=record.image_modes, clipped=clipped)
+    writer.write_shard(1, arrays, data["labels"], **kw)
+    finalize_store(store)
+    now = {f: f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+    assert now.keys() == original.keys()
+    assert [f.relative_to(path) for f in now if now[f] != original[f]] == []

@@ -100,7 +100,7 @@ def reference_run(store_path: str) -> list[dict]:
 def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)  # relative paths: the stores record "images/train" and "vae"
+        os.chdir(tmp)  # the stores record the absolute paths of the images and the VAE here
         make_images(Path("images/train"))
         make_tiny_vae(Path("vae"))
         encode_store("v1_mean.zarr", "mean")

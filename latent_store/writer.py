@@ -14,6 +14,7 @@ writer) then writes the summary. Arrays added to a store later have their own wr
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -85,10 +86,9 @@ def part_of(
 
     clipped: as the quantizer counted; None: the codes at 0 or 255 (which bound it from above).
     """
-    kept = values[written]
-    quantized = kept.size if array.quant is not None else 0
+    quantized = int(written.sum()) * math.prod(values.shape[1:]) if array.quant is not None else 0
     if clipped is None and array.quant is not None:
-        clipped = int(np.count_nonzero((kept == 0) | (kept == QMAX)))
+        clipped = _saturated(values) - _saturated(values[~written])
     stats, count = row if row is not None else (None, 0)
     return ArrayPart(
         checksum=checksum,
@@ -97,6 +97,11 @@ def part_of(
         stats="" if stats is None else shard_checksum({array.name: stats}),
         stats_count=count,
     )
+
+
+def _saturated(codes: np.ndarray) -> int:
+    """Codes at 0 or QMAX (uint8 arithmetic wraps 0 - 1 to 255): one pass, no copy of the rows."""
+    return int(np.count_nonzero((codes - np.uint8(1)) >= QMAX - 1))
 
 
 class StoreWriter(ShardFiles):

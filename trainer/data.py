@@ -28,6 +28,7 @@ import torch
 from latent_store import LatentArrays, LatentditError, LatentStore, dequantize, load_latents
 from latent_store.reader import iter_shards, shard_order
 from latent_store.verify import verify_store
+from trainer.memory_budget import check_fits
 from trainer.normalization import LatentNormalization
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,7 @@ def build_batches(
         )
     if mode == "gpu" and device.type != "cuda":
         raise DataError(f"--data gpu needs a CUDA device, got {device}; use --data memory")
+    check_fits(store, mode=mode, device=device)  # refuses before loading what would not fit
     on_device = mode == "gpu"
     return ArrayBatches(
         store, norm, layout, seed=seed, device=device, on_device=on_device, verify=verify

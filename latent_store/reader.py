@@ -43,12 +43,13 @@ def _shard_arrays(store: LatentStore, shard: int, record: ShardRecord | None) ->
     """A shard's written samples; checked against `record` first unless it is None (no verify)."""
     data = store.read_shard(shard) if record is None else verify_shard(store, shard, record)
     keep = data["labels"] != LABEL_FILL
+    rows = slice(None) if keep.all() else keep  # no copy of a shard with every sample written
     start, _ = store.spec.shard_bounds(shard)
     return LatentArrays(
-        latents=data["latents"][keep],
-        labels=data["labels"][keep].astype(np.int64),
+        latents=data["latents"][rows],
+        labels=data["labels"][rows].astype(np.int64),
         indices=np.flatnonzero(keep) + start,
-        logstd=data["logstd"][keep] if "logstd" in data else None,
+        logstd=data["logstd"][rows] if "logstd" in data else None,
     )
 
 

@@ -30,6 +30,7 @@ from latent_store.errors import (
 from latent_store.provenance import PROVENANCE_KEY, seal
 from latent_store.retry import retry
 from latent_store.schema import ATTRS_KEY, LABEL_FILL, ShardRecord, StoreSpec
+from latent_store.shard_file import read_shard_file
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,14 @@ class LatentStore:
         """
         start, stop = self.spec.shard_bounds(shard)
         names = self.data_arrays
+        if self.local_root is not None:  # one read per file, no decoding copy (shard_file.py)
+            files = [self.local_root / key for key in self.shard_files(shard)]
+            local = [
+                read_shard_file(self.array(n), f, stop - start)
+                for n, f in zip(names, files, strict=True)
+            ]
+            if all(a is not None for a in local):
+                return dict(zip(names, local, strict=True))
 
         async def read(arrays: list[zarr.Array]) -> list:
             return await asyncio.gather(

@@ -244,3 +244,22 @@ def test_bad_head_configs(kw, match):
 def test_bad_head_options(kw, match):
     with pytest.raises(ConfigError, match=match):
         resolve_config(None, {"store": "s", "run": "r", "model": "DiT-S/2", **kw})
+
+
+def test_official_checkpoints_import_without_a_head(tmp_path):
+    """Official DiT/SiT weights have no DDT head: a DiT-DH preset is refused, naming the plain ones."""
+    from sampler.errors import CheckpointImportError
+    from sampler.import_config import ImportConfig
+    from sampler.importer import import_checkpoint
+
+    cfg = ImportConfig(
+        checkpoint=FIXTURES / "official" / "dit_train.pt",
+        run=tmp_path / "run",
+        format="dit",
+        vae="unused",
+        model="DiT-DH-S/2",
+        **TINY,
+    )
+    with pytest.raises(CheckpointImportError, match=r"without a DDT head .* DiT-S/1, DiT-S/2"):
+        import_checkpoint(cfg)
+    assert not (tmp_path / "run").exists()

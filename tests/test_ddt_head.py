@@ -12,6 +12,9 @@ from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from sampler.errors import CheckpointImportError
+from sampler.import_config import ImportConfig
+from sampler.importer import import_checkpoint
 from trainer.config import ConfigError, resolve_config
 from trainer.ddt_head import DDTHead
 from trainer.model import DiT, ModelConfigError, build_model, forward_flops, model_from_config
@@ -248,10 +251,6 @@ def test_bad_head_options(kw, match):
 
 def test_official_checkpoints_import_without_a_head(tmp_path):
     """Official DiT/SiT weights have no DDT head: a DiT-DH preset is refused, naming the plain ones."""
-    from sampler.errors import CheckpointImportError
-    from sampler.import_config import ImportConfig
-    from sampler.importer import import_checkpoint
-
     cfg = ImportConfig(
         checkpoint=FIXTURES / "official" / "dit_train.pt",
         run=tmp_path / "run",

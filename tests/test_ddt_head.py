@@ -241,6 +241,7 @@ def test_bad_head_configs(kw, match):
     [
         ({"head_heads": 4}, "--model DiT-S/2 has no head: give --head-depth"),
         ({"head_width": 0}, "must be >= 1"),
+        ({"head_width": 64}, "--head-depth and --head-width make the DDT head together"),
         ({"model": "DiT-DH-S/1", "checkpoint_blocks": 15}, r"in \[0, 14\] \(the model's blocks"),
     ],
 )

@@ -204,6 +204,7 @@ class TrainConfig:
             (self.compile_mode in COMPILE_MODES, f"--compile-mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}"),
             (not (self.bf16_weights and self.precision == Precision.fp32.value), "--bf16-weights needs bf16 compute: give --precision bf16 (or auto on a GPU), or drop --bf16-weights"),
             (all(v is None or v >= 1 for v in (self.head_depth, self.head_width, self.head_heads)), "--head-depth, --head-width and --head-heads must be >= 1 (None: the preset's)"),
+            (bool(self.head_depth or preset.get("head_depth")) == bool(self.head_width or preset.get("head_width")), f"--head-depth and --head-width make the DDT head together: give both (RAE: 2 and 2048) or a DiT-DH-* preset, not one on --model {self.model}"),
             (self.head_heads is None or bool(self.head_depth or preset.get("head_depth")), f"--head-heads sets the DDT head's heads, and --model {self.model} has no head: give --head-depth and --head-width too, or a DiT-DH-* preset"),
             (self.checkpoint_blocks is None or 0 <= self.checkpoint_blocks <= blocks, f"--checkpoint-blocks must be in [0, {blocks}] (the model's blocks, trunk and head), got {self.checkpoint_blocks}"),
             (self.checkpoint_blocks is None or not self.grad_checkpointing, "--checkpoint-blocks and --grad-checkpointing both choose the recomputed blocks: give one"),

@@ -6,8 +6,11 @@
                                                 (torch.load(..., weights_only=True) loads it)
                             meta.json           format, step, model preset + config, objective,
                                                 normalization, latent shape, classes, VAE, store
-                            manifest.json       sizes and digests of the weights and state.pt,
-                                                written last (`trainer.checkpoint_files`)
+                            normalization.safetensors   per-position normalization only (its
+                                                digest in meta.json; `trainer.normalization`)
+                            manifest.json       sizes and digests of the weights, state.pt and
+                                                any other safetensors file, written last
+                                                (`trainer.checkpoint_files`)
     RUN/checkpoints/latest                      text: the name of the newest step folder
 
 Folders are written under a temporary name, flushed (fsync) and renamed; `latest` is replaced
@@ -26,6 +29,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -212,13 +216,15 @@ def save_checkpoint(
     train_state: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int | None = None,
+    files: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write RUN/checkpoints/<step>/ atomically, point `latest` at it, keep the newest `keep_last`.
 
     `model` and `ema` must be the unwrapped modules (not DDP, not torch.compile wrappers).
-    `train_state` must hold only tensors, numbers, strings and containers of them. Every file is
-    flushed before the folder is renamed into place; on any failure (a full disk) the partial
-    folder is removed and the previous checkpoints and `latest` are as they were.
+    `train_state` must hold only tensors, numbers, strings and containers of them. `files`:
+    more safetensors files of the folder, {name: tensors} (`LatentNormalization.files()`). Every
+    file is flushed before the folder is renamed into place; on any failure (a full disk) the
+    partial folder is removed and the previous checkpoints and `latest` are as they were.
     """
     folder = Path(run_dir) / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
@@ -229,16 +235,16 @@ def save_checkpoint(
     old = None
     try:
         tmp.mkdir()
-        for name, module in (("model", model), ("ema", ema)):
-            state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-            save_file(state, tmp / WEIGHTS[name])  # safetensors writes it; a full disk: its
-            fsync_file(tmp / WEIGHTS[name])  # error names ENOSPC (`foundation.faults`)
+        tensors = {WEIGHTS[n]: m.state_dict() for n, m in (("model", model), ("ema", ema))}
+        for name, state in {**tensors, **(files or {})}.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / name)
+            fsync_file(tmp / name)  # a full disk: safetensors' error names ENOSPC
         with open(tmp / STATE, "wb") as f:
             torch.save({**train_state, "step": step}, f)
             f.flush()
             os.fsync(f.fileno())
         _write_flushed(tmp / META, json.dumps({**meta, "step": step}, indent=2).encode())
-        write_manifest(tmp, DATA_FILES)  # last: its presence says the others are complete
+        write_manifest(tmp, [*DATA_FILES, *(files or {})])  # last: the others are complete
         fsync_dir(tmp)
         if final.exists():
             old = _set_aside(final, folder / f".tmp-old-{final.name}-{os.getpid()}")
@@ -345,12 +351,16 @@ def load_for_inference(
 ) -> tuple[DiT, dict[str, Any]]:
     """Rebuild the DiT of a checkpoint (folder or run dir) with its EMA or raw weights, in eval mode.
 
-    Returns (model, meta); meta.json holds the objective, normalization, classes and VAE.
+    Returns (model, meta); meta.json holds the objective, normalization, classes and VAE. A
+    per-position normalization's values are read from the folder (and checked against their
+    digest) into meta["normalization"].
     """
     if weights not in WEIGHTS:
         raise CheckpointMismatchError(f"weights {weights!r} is not one of {list(WEIGHTS)}")
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
+    norm = LatentNormalization.from_meta(meta["normalization"], folder)
+    meta["normalization"] = norm.resolved_meta()
     model = model_from_config(meta["model"]["config"])
     model.load_state_dict(load_file(folder / WEIGHTS[weights]))
     return model.to(device).eval(), meta

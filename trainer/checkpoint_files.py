@@ -173,7 +173,7 @@ def find_damage(folder: Path, names: list[str], *, digests: bool = False) -> Dam
     manifest = _read_manifest(folder)
     if isinstance(manifest, Damage):
         return manifest
-    for name in names:
+    for name in dict.fromkeys([*names, *(manifest or {})]):  # and whatever else it lists
         path = folder / name
         if not path.is_file():
             return Damage(name, "is missing", modified=False)

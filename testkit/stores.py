@@ -56,6 +56,7 @@ def make_spec(
         latent_shape=(channels, size, size),
         quant=quant or calibrate(random_latents(64, channels, size, variants, seed=99)),
         vae=VaeInfo(id=vae_id, scaling_factor=scaling_factor, latent_channels=channels),
+        image_size=size * VaeInfo(id=vae_id).downsampling,  # what an 8x VAE makes these from
         classes=tuple(
             ClassInfo(index=i, id=f"n{i:08d}", name=f"class {i}") for i in range(classes)
         ),

@@ -260,3 +260,16 @@ def test_a_rae_diffusers_cannot_build_is_refused_in_one_line(tmp_path):
         with pytest.raises(VaeLoadError) as e:
             load(str(folder))
         assert len(str(e.value).splitlines()) == 1 and str(folder) in str(e.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_family_runs_in_the_dtype_asked(tiny_autoencoders, loaded, name):
+    """bf16 all through (diffusers leaves an RAE's transformers encoder in float32 otherwise);
+    latents still come out float32, near the float32 model's."""
+    ae = load_autoencoder(VaeConfig(id=str(tiny_autoencoders[name]), dtype="bf16"))
+    assert {p.dtype for p in ae.model.parameters()} == {torch.bfloat16}
+    x = pixels(seed=3)
+    mean = ae.encode(ae.to_input(x))[0]
+    want = loaded[name].encode(loaded[name].to_input(x))[0]
+    assert mean.dtype == torch.float32
+    assert (mean - want).abs().max() <= 0.05 * want.abs().max()

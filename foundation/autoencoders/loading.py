@@ -157,6 +157,11 @@ def load_autoencoder(cfg: VaeConfig) -> Autoencoder:
             f"--vae {cfg.id}: cannot load VAE ({ae.family}: {_first_line(e)}; {_hint(path)})"
         ) from None
     model = model.to(cfg.device).eval().requires_grad_(False)
+    dtype = torch_dtype(cfg.dtype)
+    if model.dtype != dtype and not model._keep_in_fp32_modules:
+        # from_pretrained leaves AutoencoderRAE's transformers encoder in float32; ModelMixin.to
+        # would warn of float32-kept modules even for a model that keeps none
+        torch.nn.Module.to(model, dtype=dtype)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:

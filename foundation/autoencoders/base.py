@@ -108,9 +108,9 @@ class Autoencoder:
                 {max(factor, image_size // factor * factor), -(-image_size // factor) * factor}
             )
             raise ConfigError(
-                f"--image-size {image_size}: {self.family} {self.name} makes one latent per "
-                f"{factor}x{factor} pixels; use a multiple of {factor} "
-                f"(e.g. {' or '.join(map(str, near))})"
+                f"--image-size {image_size} is not a multiple of {factor}: {self.family} "
+                f"{self.name} makes one latent per {factor}x{factor} pixels; use e.g. "
+                f"{' or '.join(map(str, near))}"
             )
         return image_size // factor
 

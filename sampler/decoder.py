@@ -34,7 +34,11 @@ def check_vae_fits(meta: Mapping[str, Any], ae, vae_id: str) -> None:
     normalization); a checkpoint made before a fact was recorded is not held to it."""
     recorded = dict(meta.get("vae", {}))
     wanted = tuple(meta["latent_shape"])
-    checks = [("latent channels", wanted[0], ae.latent_channels)] + [
+    norm = LatentNormalization.from_meta(dict(meta["normalization"]))
+    checks = [
+        ("latent channels", wanted[0], ae.latent_channels),
+        ("normalization channels", norm.channels, ae.latent_channels),
+    ] + [
         (name, recorded[name], theirs)
         for name, _, theirs in VaeInfo(**{**recorded, "id": vae_id}).mismatches(
             VaeInfo.of(ae, id=vae_id)
@@ -57,7 +61,11 @@ def check_vae_fits(meta: Mapping[str, Any], ae, vae_id: str) -> None:
 
 
 class LatentDecoder:
-    """Invert the checkpoint's latent normalization and decode with the autoencoder's decoder."""
+    """Invert the checkpoint's latent normalization and decode with the autoencoder's decoder.
+
+    `normalization`: meta["normalization"] of a loaded checkpoint (`load_for_inference`, or the
+    meta the trainer hands its hooks), per-position values included.
+    """
 
     def __init__(self, ae, normalization: Mapping[str, Any]) -> None:
         self.ae = ae

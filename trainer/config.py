@@ -75,7 +75,9 @@ class TrainConfig:
     )
     p_uncond: float = option(0.1, "Probability of dropping a label to the null class (for CFG).")
     normalization: str = option(
-        "channel_stats", "Latent normalization: channel_stats or vae_scaling."
+        "channel_stats",
+        "Latent normalization: channel_stats (per channel), vae_scaling (the VAE's factors) or "
+        "position_stats (per channel and position, as RAE; stores encoded since format v2).",
     )
     qk_norm: bool = option(False, "LayerNorm on queries and keys in attention.")
     pos_embed: str = option("sincos", "Positions: sincos (2-D sin-cos) or rope (2-D RoPE).")

@@ -125,7 +125,16 @@ def resume(run: Path, trainee: Trainee, start: int) -> None:
 
 
 def save(
-    run: Path, trainee: Trainee, *, step: int, lr: float, steps_per_epoch: int, meta, cfg, dist
+    run: Path,
+    trainee: Trainee,
+    *,
+    step: int,
+    lr: float,
+    steps_per_epoch: int,
+    meta,
+    cfg,
+    dist,
+    files=None,
 ) -> None:
     """Rank 0 writes the checkpoint of finished step `step`; every rank waits for it."""
     if dist.is_main:
@@ -144,6 +153,7 @@ def save(
             train_state=state,
             meta=meta,
             keep_last=cfg.keep_last,
+            files=files,
         )
     barrier()
 
@@ -205,7 +215,7 @@ def _train(
         t0 = time.perf_counter()
         batches = data.get(*divmod(step, data.steps_per_epoch))
         data_s, lr = time.perf_counter() - t0, lr_at(step, cfg)
-        loss_t, grad_norm = train_step(
+        result = train_step(
             trainee,
             objective,
             batches,
@@ -218,7 +228,7 @@ def _train(
         done = step + 1
         if cfg.prefetch and done < cfg.steps:  # gathered while this step runs on the device
             data.prefetch(*divmod(done, data.steps_per_epoch))
-        record = logger.update(done, loss_t, grad_norm, lr, data_s)
+        record = logger.update(done, result.loss, result.grad_norm, lr, data_s, result.terms)
         loss = record["loss"] if record else loss
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             save(
@@ -230,15 +240,17 @@ def _train(
                 meta=meta,
                 cfg=cfg,
                 dist=dist,
+                files=norm.files(),
             )
+        loaded = {**meta, "normalization": norm.resolved_meta(), "step": done}  # as if loaded
         if (
             sample_fn
             and dist.is_main
             and (done == cfg.steps or done % (cfg.sample_every or cfg.steps) == 0)
         ):
-            sample_fn(trainee.ema, {**meta, "step": done}, done, run)
+            sample_fn(trainee.ema, loaded, done, run)
         if eval_fn and (done == cfg.steps or done % (cfg.eval_every or cfg.steps) == 0):
-            logger.log_eval(done, eval_fn(trainee.ema, {**meta, "step": done}, done, run))
+            logger.log_eval(done, eval_fn(trainee.ema, loaded, done, run))
     logger.close()
     seconds = time.perf_counter() - began
     return TrainSummary.of(cfg, model, start=start, seconds=seconds, loss=loss, rank=dist.rank)

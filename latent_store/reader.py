@@ -65,10 +65,11 @@ def _shard_arrays(
         mine = {n: rs[shard] for n, rs in (added or {}).items()}
         data = verify_shard(store, shard, record, names=names, added=mine)
     keep = data[LABELS] != LABEL_FILL
+    rows = slice(None) if keep.all() else keep  # no copy of a shard with every sample written
     start, _ = store.spec.shard_bounds(shard)
     return LatentArrays(
-        arrays={n: data[n][keep] for n in names},
-        labels=data[LABELS][keep].astype(np.int64),
+        arrays={n: data[n][rows] for n in names},
+        labels=data[LABELS][rows].astype(np.int64),
         indices=np.flatnonzero(keep) + start,
     )
 

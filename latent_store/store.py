@@ -31,6 +31,7 @@ from latent_store.errors import (
 from latent_store.provenance import PROVENANCE_KEY, seal
 from latent_store.retry import retry
 from latent_store.schema import ATTRS_KEY, LABEL_FILL, ShardRecord, StoreSpec
+from latent_store.shard_file import read_shard_file
 
 log = logging.getLogger(__name__)
 
@@ -233,11 +234,13 @@ class LatentStore:
         keys = []
         for name in (*self.spec.base_names, LABELS) if names is None else names:
             stats = [name + STATS_SUFFIX] if name != LABELS and self.spec.has_stats(name) else []
-            for part in (name, *stats):
-                arr = self.array(part)
-                chunk = (shard, *([0] * (arr.ndim - 1)))
-                keys.append(f"{part}/{arr.metadata.encode_chunk_key(chunk)}")
+            keys += [self.chunk_key(part, shard) for part in (name, *stats)]
         return keys
+
+    def chunk_key(self, name: str, shard: int) -> str:
+        """The store key of the file holding shard `shard` of array `name`."""
+        arr = self.array(name)
+        return f"{name}/{arr.metadata.encode_chunk_key((shard, *([0] * (arr.ndim - 1))))}"
 
     def records(self, name: str | None = None) -> list[ShardRecord | None]:
         """The completion record of every shard (None where the shard is not complete): of the
@@ -306,6 +309,15 @@ class LatentStore:
         start, stop = self.spec.shard_bounds(shard)
         wanted = [*(self.spec.base_names if names is None else names)]
         wanted += [LABELS] if LABELS not in wanted else []
+        if self.local_root is not None:  # one read per file, no decoding copy (shard_file.py)
+            local = [
+                read_shard_file(
+                    self.array(n), self.local_root / self.chunk_key(n, shard), stop - start
+                )
+                for n in wanted
+            ]
+            if all(a is not None for a in local):
+                return dict(zip(wanted, local, strict=True))
 
         async def read(arrays: list[zarr.Array]) -> list:
             return await asyncio.gather(

@@ -36,6 +36,7 @@ from latent_store.arrays import LABELS, LATENTS
 from latent_store.quantize import decode
 from latent_store.reader import iter_shards, shard_order
 from latent_store.verify import verify_store
+from trainer.memory_budget import check_fits
 from trainer.normalization import LatentNormalization
 
 log = logging.getLogger(__name__)
@@ -292,4 +293,5 @@ def build_batches(
         return StreamBatches(store, norm, layout, shuffle_shards=shuffle_shards, **common)
     if mode == "gpu" and device.type != "cuda":
         raise DataError(f"--data gpu needs a CUDA device, got {device}; use --data memory")
+    check_fits(store, mode=mode, device=device, names=(LATENTS, *arrays))  # before any load
     return ArrayBatches(store, norm, layout, on_device=mode == "gpu", **common)

@@ -118,7 +118,7 @@ def make_trainee(model: DiT, cfg: TrainConfig, dist: DistInfo) -> Trainee:
     compute = bf16_compute_copy(model) if cfg.bf16_weights else model
     mode = None if cfg.compile_mode == "default" else cfg.compile_mode
     if cfg.compile and cfg.compile_scope == "blocks":
-        for block in compute.blocks:
+        for block in compute.transformer_blocks:  # the trunk's and the DDT head's
             block.compile(fullgraph=True, dynamic=False, mode=mode)
     ddp = DistributedDataParallel(
         compute,

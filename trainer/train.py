@@ -39,7 +39,7 @@ from trainer.checkpoint import (
 from trainer.config import TrainConfig
 from trainer.data import BatchLayout, build_batches
 from trainer.metrics import TrainLogger, peak_flops
-from trainer.model import DiT, ModelConfigError, build_model, forward_flops
+from trainer.model import MODEL_OVERRIDES, DiT, ModelConfigError, build_model, forward_flops
 from trainer.normalization import normalization_from_store
 from trainer.objective import DDPM, FlowMatching, Objective
 from trainer.prefetch import Prefetcher
@@ -66,7 +66,7 @@ def build_objective(cfg: TrainConfig) -> Objective:
 def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
     """The configured preset sized to the store's latents (channels, size) and classes."""
     c, h, w = store.spec.latent_shape
-    sizes = {"hidden_size": cfg.hidden_size, "depth": cfg.depth, "num_heads": cfg.num_heads}
+    sizes = {k: getattr(cfg, k) for k in MODEL_OVERRIDES}
     if h != w:
         raise ModelConfigError(f"{store.path}: latents are {h}x{w}; the DiT needs square latents")
     try:
@@ -86,7 +86,7 @@ def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
             f"{store.path} ({c}x{h}x{w} latents) does not fit --model {cfg.model}: {e}"
         ) from None
     blocks = cfg.recomputed_blocks
-    model.checkpoint_blocks = model.config["depth"] if blocks is None else blocks
+    model.checkpoint_blocks = model.num_blocks if blocks is None else blocks
     return model
 
 

@@ -93,6 +93,18 @@ class TrainLogger:
     def _reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.dist.device)
         self.steps, self.data_s, self.t0 = 0, 0.0, time.perf_counter()
+        self.carried = 0  # steps of this interval done before a resume (`carry`)
+
+    def interval(self) -> dict[str, Any]:
+        """The open interval (steps since the last record) of this rank, for a checkpoint: what
+        a resume needs to write the next record as an uninterrupted run would."""
+        return {"loss_sum": self.loss_sum.detach().cpu(), "steps": self.steps + self.carried}
+
+    def carry(self, loss_sum: torch.Tensor, steps: int) -> None:
+        """Continue an interval a checkpoint saved (`interval`): its loss sum is added to, and
+        its steps count in the next record's mean (not in its throughput: they ran before)."""
+        self.loss_sum = loss_sum.to(self.dist.device)
+        self.carried = steps
 
     def update(
         self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, data_s: float
@@ -104,7 +116,7 @@ class TrainLogger:
             self.bar.update(1)
         if step % self.every and step != self.total:
             return None
-        loss_mean = all_reduce_mean(self.loss_sum / self.steps).item()  # waits for the device
+        loss_mean = all_reduce_mean(self.loss_sum / (self.steps + self.carried)).item()  # syncs
         elapsed = time.perf_counter() - self.t0
         images_per_s = self.steps * self.batch / elapsed
         record = {

@@ -256,12 +256,23 @@ def cpu_group():
     return held[1]
 
 
-def max_over_ranks(value: int) -> int:
-    """The largest `value` over all ranks, all-reduced on the CPU (gloo): it costs one small
-    message round on the host, never a device synchronization."""
+def start_max_over_ranks(value: int) -> Callable[[], int]:
+    """Start the all-reduce (max over all ranks) of `value` on the CPU group (gloo) in the
+    background; returns the call that waits for it and gives the result. A collective: every
+    rank starts it. It never synchronizes a device."""
     t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=cpu_group())
-    return int(t.item())
+    work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=cpu_group(), async_op=True)
+
+    def result() -> int:
+        work.wait()
+        return int(t.item())
+
+    return result
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest `value` over all ranks, all-reduced on the CPU (one small message round)."""
+    return start_max_over_ranks(value)()
 
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:

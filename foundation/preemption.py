@@ -29,7 +29,7 @@ import threading
 import time
 from types import FrameType
 
-from foundation.distributed import cpu_group, max_over_ranks, rank_and_world
+from foundation.distributed import cpu_group, max_over_ranks, rank_and_world, start_max_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class StopSignals:
         self.signum: int | None = None
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
+        self._pending = None  # the reduction an overlapped `agreed` left running
 
     def __enter__(self) -> StopSignals:
         if rank_and_world()[1] > 1:
@@ -87,23 +88,39 @@ class StopSignals:
             self._previous[s] = signal.signal(s, self._on_signal)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type, *exc: object) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+        if self._pending is not None and exc_type is None:  # every rank started it: it ends
+            self._pending()
+        self._pending = None
 
     @property
     def requested(self) -> bool:
         """Whether this process received a stop signal (no collective)."""
         return self.signum is not None
 
-    def agreed(self) -> int | None:
+    def agreed(self, *, overlap: bool = False) -> int | None:
         """The stop signal any rank received (the highest number if several), or None; the same
         on every rank. With several ranks, a collective: every rank must call it at the same
-        point. It reduces one integer on the CPU (gloo), so it never waits for a GPU."""
+        point. It reduces one integer on the CPU (gloo), so it never waits for a GPU.
+
+        overlap: for a check after every step. The answer is that of the previous call's
+        flags, while this call's reduction runs in the background during the next step, so no
+        call waits for a message round; the ranks then stop one step after the step in which
+        the signal came (the first call answers None). One process answers at once.
+        """
         if rank_and_world()[1] == 1:
             return self.signum
-        return max_over_ranks(self.signum or 0) or None
+        if not overlap:
+            return max_over_ranks(self.signum or 0) or None
+        previous, self._pending = self._pending, start_max_over_ranks(self.signum or 0)
+        signum = previous() if previous is not None else 0
+        if signum:  # every rank stops now: the reduction just started must end too
+            self._pending()
+            self._pending = None
+        return signum or None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         now = time.monotonic()

@@ -145,7 +145,8 @@ def test_a_second_signal_aborts_the_write_and_keeps_the_previous_checkpoint(
 
 def test_sigusr1_to_two_ranks_under_torchrun_as_slurm_sends_it(store, tmp_path):
     """SLURM signals every process of a step, and torchrun forwards what it gets: each rank
-    receives SIGUSR1 twice at once; both stop after the same step, which rank 0 checkpoints."""
+    receives SIGUSR1 twice at once; both stop after the same step, which rank 0 checkpoints:
+    the step after the one in which the signal came (the ranks' check overlaps the next step)."""
     run, straight = tmp_path / "run", tmp_path / "straight"
     options = tiny_options(store, run, **TRAIN)
     job = Job([*TORCHRUN, JOB[-1], "--", "step", 6, "train", *cli_args(options)], tmp_path, "two")
@@ -156,9 +157,9 @@ def test_sigusr1_to_two_ranks_under_torchrun_as_slurm_sends_it(store, tmp_path):
         os.kill(pid, signal.SIGUSR1)
     job.finish()  # torchrun's own exit code: it reports the signal it got as a failure
     stops = [line for line in job.stderr().splitlines() if "SIGUSR1: stopped after" in line]
-    assert len(stops) == 1 and "stopped after step 6" in stops[0], job.stderr()[-3000:]
+    assert len(stops) == 1 and "stopped after step 7" in stops[0], job.stderr()[-3000:]
     assert "aborting" not in job.stderr()
-    assert (run / "checkpoints" / "latest").read_text().strip() == "0000006"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "0000007"
     for args in (["--run", run], cli_args({**options, "run": straight})):
         done = subprocess.run(
             [*TORCHRUN, ROOT / "cli.py", "--", "train", *args], env=ENV, capture_output=True,

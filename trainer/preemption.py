@@ -3,7 +3,7 @@
     with StopSignals() as stop:                 # foundation.preemption
         for step in ...:
             ...
-            if signum := stop.agreed():         # every rank, every step
+            if signum := stop.agreed(overlap=True):  # every rank, every step
                 save(..., logger=logger)        # trainer.train: with gather_log_interval
                 raise preempted(signum, run, done, dist)
 

@@ -238,7 +238,7 @@ def _train(
                 data.prefetch(*divmod(done, data.steps_per_epoch))
             record = logger.update(done, loss_t, grad_norm, lr, data_s)
             loss = record["loss"] if record else loss
-            signum = stop.agreed()  # every rank at every step: one small CPU all-reduce
+            signum = stop.agreed(overlap=True)  # every rank, every step: one CPU all-reduce
             if done % cfg.ckpt_every == 0 or done == cfg.steps or signum:
                 save(
                     run,

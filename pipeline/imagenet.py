@@ -23,7 +23,6 @@ from typing import Any
 
 from PIL import Image
 
-from foundation.distributed import rank_and_world
 from foundation.files import (
     DEFAULT_MAX_FILE_MB,
     MB,
@@ -113,6 +112,13 @@ def fingerprint(keys: Sequence[str], labels: Sequence[int]) -> str:
     return f"blake2b-128:{h.hexdigest()}"
 
 
+def _is_main() -> bool:
+    """Rank 0 (or no process group): every rank lists the source, rank 0 tells what it skipped."""
+    from foundation.distributed import rank_and_world  # torch: not at import (`--help`)
+
+    return rank_and_world()[0] == 0
+
+
 def list_images(root: Path, folders: list[Path] | None = None, *, recursive=True) -> Listing:
     """The image files (by extension, not hidden) under `folders` of `root` (default: root),
     regular files only (`foundation.files.list_regular_files`); what was skipped is logged."""
@@ -122,7 +128,7 @@ def list_images(root: Path, folders: list[Path] | None = None, *, recursive=True
         return Path(name).suffix.lower() in exts and not name.startswith(".")
 
     listing = list_regular_files(root, folders, keep=is_image, recursive=recursive)
-    if rank_and_world()[0] == 0:  # every rank lists the source: rank 0 tells
+    if _is_main():
         for s in listing.skipped:
             log.warning("skipping %s: %s", shown_path(s.path, root), s.reason)
     return listing
@@ -219,7 +225,7 @@ def _class_folders(root: Path) -> tuple[list[str], list[Skipped]]:
         real = p.resolve()
         if p.is_symlink() and (real == root or real in root.parents):
             loops.append(Skipped(p, "symlink loop", "a link to the source folder or above it"))
-            if rank_and_world()[0] == 0:
+            if _is_main():
                 log.warning("skipping %s: %s", p.name, loops[-1].reason)
             continue
         names.append(p.name)

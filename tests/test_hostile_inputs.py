@@ -230,3 +230,44 @@ def test_a_tree_of_the_usual_files_still_lists_as_before(tmp_path):
     make_image_tree(tmp_path / "train")
     source = open_source(tmp_path / "train")
     assert len(source) == 22 and "skipped" not in source.describe()
+
+
+def test_webdataset_skips_a_fifo_tar_and_refuses_a_member_over_the_cap(tmp_path):
+    import webdataset as wds
+
+    from pipeline.webdataset_source import open_webdataset
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    small, big = b"x" * 100, b"y" * 5000
+    with wds.TarWriter(str(shards / "00000.tar")) as w:
+        w.write({"__key__": "a", "jpg": small, "cls": b"0"})
+        w.write({"__key__": "b", "jpg": big, "cls": b"1"})
+    os.mkfifo(shards / "00001.tar")  # indexing it would block forever
+    started = time.monotonic()
+    source = open_webdataset(shards, include_unfinished=True, max_file_bytes=1000)
+    assert time.monotonic() - started < 10
+    assert [source.key(i) for i in range(len(source))] == ["00000.tar/a", "00000.tar/b"]
+    assert [s.key for s in source.skipped] == ["00001.tar"]
+    assert "not a regular file" in source.skipped[0].reason
+    assert source.read(0) == small
+    with pytest.raises(FileRefusedError, match="member too large"):
+        source.read(1)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["encode", "src", "--out", "s.zarr", "--max-file-mb", "0"], "--max-file-mb must be > 0"),
+        (["evaluate", "x.npz", "--max-file-mb", "-1"], "--max-file-mb must be > 0"),
+        (["evaluate", "x.npz", "--max-pixels", "0"], "max-pixels"),
+    ],
+)
+def test_bad_limits_are_one_line_errors(args, match):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and match in result.output, result.output
+    assert "Traceback" not in result.output

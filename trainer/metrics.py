@@ -1,4 +1,6 @@
-"""Training metrics: loss (all-reduced), throughput and MFU, to RUN/log.jsonl, tqdm and TensorBoard.
+"""Training metrics: loss and its terms (all-reduced), throughput and MFU, to RUN/log.jsonl, tqdm
+and TensorBoard. A record holds "loss" and one "loss_<term>" per named term of the objective's
+loss (e.g. "loss_mse", "loss_vlb"), each the mean over the steps since the last record and ranks.
 
 MFU = (3 x forward FLOPs per image) x images/s per device / the device's peak FLOP/s; forward plus
 backward costs about three forwards (Kaplan et al. 2020). FLOPs come from the model config
@@ -92,36 +94,54 @@ class TrainLogger:
 
     def _reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.dist.device)
+        self.term_sums: dict[str, torch.Tensor] = {}
         self.steps, self.data_s, self.t0 = 0, 0.0, time.perf_counter()
         self.carried = 0  # steps of this interval done before a resume (`carry`)
 
     def interval(self) -> dict[str, Any]:
         """The open interval (steps since the last record) of this rank, for a checkpoint: what
         a resume needs to write the next record as an uninterrupted run would."""
-        return {"loss_sum": self.loss_sum.detach().cpu(), "steps": self.steps + self.carried}
+        return {
+            "loss_sum": self.loss_sum.detach().cpu(),
+            "terms": {k: torch.as_tensor(v).detach().cpu() for k, v in self.term_sums.items()},
+            "steps": self.steps + self.carried,
+        }
 
-    def carry(self, loss_sum: torch.Tensor, steps: int) -> None:
-        """Continue an interval a checkpoint saved (`interval`): its loss sum is added to, and
-        its steps count in the next record's mean (not in its throughput: they ran before)."""
+    def carry(self, loss_sum: torch.Tensor, terms: dict[str, torch.Tensor], steps: int) -> None:
+        """Continue an interval a checkpoint saved (`interval`): its sums are added to, and its
+        steps count in the next record's means (not in its throughput: they ran before)."""
         self.loss_sum = loss_sum.to(self.dist.device)
+        self.term_sums = {k: v.to(self.dist.device) for k, v in terms.items()}
         self.carried = steps
 
     def update(
-        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, data_s: float
+        self,
+        step: int,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        lr: float,
+        data_s: float,
+        terms: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, Any] | None:
-        """Record step `step` (1-based count of finished steps); returns the record when one is written."""
+        """Record step `step` (1-based count of finished steps) and its loss terms; returns the
+        record when one is written."""
         self.loss_sum += loss
+        for name, value in (terms or {}).items():
+            self.term_sums[name] = self.term_sums.get(name, 0) + value
         self.steps, self.data_s = self.steps + 1, self.data_s + data_s
         if self.bar is not None:
             self.bar.update(1)
         if step % self.every and step != self.total:
             return None
-        loss_mean = all_reduce_mean(self.loss_sum / (self.steps + self.carried)).item()  # syncs
+        names = sorted(self.term_sums)
+        sums = torch.stack([self.loss_sum, *(self.term_sums[n] for n in names)])
+        means = all_reduce_mean(sums / (self.steps + self.carried)).tolist()  # waits for the device
         elapsed = time.perf_counter() - self.t0
         images_per_s = self.steps * self.batch / elapsed
         record = {
             "step": step,
-            "loss": loss_mean,
+            "loss": means[0],
+            **{f"loss_{name}": value for name, value in zip(names, means[1:], strict=True)},
             "grad_norm": grad_norm.item(),
             "lr": lr,
             "steps_per_s": self.steps / elapsed,

@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 
 def gather_log_interval(logger: TrainLogger) -> dict[str, Any]:
     """Every rank's open log interval, for rank 0's checkpoint: {"loss_sum": (world,) tensor in
-    rank order, "steps": n}. A collective: every rank calls it."""
+    rank order, "terms": {name: (world,) tensor}, "steps": n}. A collective: every rank calls it."""
     parts = all_gather_objects(logger.interval())
-    return {"loss_sum": torch.stack([p["loss_sum"] for p in parts]), "steps": parts[0]["steps"]}
+    terms = {k: torch.stack([p["terms"][k] for p in parts]) for k in parts[0]["terms"]}
+    loss_sum = torch.stack([p["loss_sum"] for p in parts])
+    return {"loss_sum": loss_sum, "terms": terms, "steps": parts[0]["steps"]}
 
 
 def carry_log_interval(logger: TrainLogger, saved: dict[str, Any] | None, dist: DistInfo) -> None:
@@ -48,7 +50,8 @@ def carry_log_interval(logger: TrainLogger, saved: dict[str, Any] | None, dist: 
             saved["steps"], len(sums), dist.world_size,
         )  # fmt: skip
         return
-    logger.carry(sums[dist.rank], int(saved["steps"]))
+    terms = {k: v[dist.rank] for k, v in saved.get("terms", {}).items()}
+    logger.carry(sums[dist.rank], terms, int(saved["steps"]))
 
 
 def preempted(signum: int, run: Path, step: int, dist: DistInfo) -> Preempted:

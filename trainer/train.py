@@ -40,7 +40,7 @@ from trainer.checkpoint import (
 from trainer.config import TrainConfig
 from trainer.data import BatchLayout, build_batches
 from trainer.metrics import TrainLogger, peak_flops
-from trainer.model import DiT, ModelConfigError, build_model, forward_flops
+from trainer.model import MODEL_OVERRIDES, DiT, ModelConfigError, build_model, forward_flops
 from trainer.normalization import normalization_from_store
 from trainer.objective import DDPM, FlowMatching, Objective
 from trainer.preemption import carry_log_interval, gather_log_interval, preempted
@@ -68,7 +68,7 @@ def build_objective(cfg: TrainConfig) -> Objective:
 def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
     """The configured preset sized to the store's latents (channels, size) and classes."""
     c, h, w = store.spec.latent_shape
-    sizes = {"hidden_size": cfg.hidden_size, "depth": cfg.depth, "num_heads": cfg.num_heads}
+    sizes = {k: getattr(cfg, k) for k in MODEL_OVERRIDES}
     if h != w:
         raise ModelConfigError(f"{store.path}: latents are {h}x{w}; the DiT needs square latents")
     try:
@@ -88,7 +88,7 @@ def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
             f"{store.path} ({c}x{h}x{w} latents) does not fit --model {cfg.model}: {e}"
         ) from None
     blocks = cfg.recomputed_blocks
-    model.checkpoint_blocks = model.config["depth"] if blocks is None else blocks
+    model.checkpoint_blocks = model.num_blocks if blocks is None else blocks
     return model
 
 
@@ -139,6 +139,7 @@ def save(
     cfg,
     dist,
     logger: TrainLogger,
+    files=None,
 ) -> None:
     """Rank 0 writes the checkpoint of finished step `step`, with every rank's open log interval
     (`trainer.preemption`); every rank calls it and waits for it."""
@@ -160,6 +161,7 @@ def save(
             train_state=state,
             meta=meta,
             keep_last=cfg.keep_last,
+            files=files,
         )
     barrier()
 
@@ -223,7 +225,7 @@ def _train(
             t0 = time.perf_counter()
             batches = data.get(*divmod(step, data.steps_per_epoch))
             data_s, lr = time.perf_counter() - t0, lr_at(step, cfg)
-            loss_t, grad_norm = train_step(
+            result = train_step(
                 trainee,
                 objective,
                 batches,
@@ -236,7 +238,7 @@ def _train(
             done = step + 1
             if cfg.prefetch and done < cfg.steps:  # gathered while this step runs on the device
                 data.prefetch(*divmod(done, data.steps_per_epoch))
-            record = logger.update(done, loss_t, grad_norm, lr, data_s)
+            record = logger.update(done, result.loss, result.grad_norm, lr, data_s, result.terms)
             loss = record["loss"] if record else loss
             signum = stop.agreed(overlap=True)  # every rank, every step: one CPU all-reduce
             if done % cfg.ckpt_every == 0 or done == cfg.steps or signum:
@@ -250,18 +252,20 @@ def _train(
                     cfg=cfg,
                     dist=dist,
                     logger=logger,
+                    files=norm.files(),
                 )
             if signum:
                 logger.close()
                 raise preempted(signum, run, done, dist)
+            loaded = {**meta, "normalization": norm.resolved_meta(), "step": done}  # as if loaded
             if (
                 sample_fn
                 and dist.is_main
                 and (done == cfg.steps or done % (cfg.sample_every or cfg.steps) == 0)
             ):
-                sample_fn(trainee.ema, {**meta, "step": done}, done, run)
+                sample_fn(trainee.ema, loaded, done, run)
             if eval_fn and (done == cfg.steps or done % (cfg.eval_every or cfg.steps) == 0):
-                logger.log_eval(done, eval_fn(trainee.ema, {**meta, "step": done}, done, run))
+                logger.log_eval(done, eval_fn(trainee.ema, loaded, done, run))
     logger.close()
     seconds = time.perf_counter() - began
     return TrainSummary.of(cfg, model, start=start, seconds=seconds, loss=loss, rank=dist.rank)

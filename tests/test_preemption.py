@@ -20,7 +20,7 @@ from conftest import ROOT, make_checkpoint, store_contents, write_store
 from test_pipeline import JOB_ARGS, job
 from test_trainer_runs import cli_args, read_log, tiny_options
 
-from foundation.preemption import REPEAT_WINDOW_S
+from foundation.preemption import REPEAT_WINDOW_S, Preempted, StopSignals
 from latent_store import LatentStore
 from pipeline.encode import encode
 from sampler import outputs
@@ -212,3 +212,32 @@ def test_encode_stops_between_shards_on_ctrl_c_and_resumes_identically(
     a, b = store_contents(out), store_contents(tmp_path / "whole.zarr")
     assert a["attrs"] == b["attrs"]
     assert all(np.array_equal(a[k], b[k]) for k in a if k != "attrs")
+
+
+def test_an_interrupted_interval_carries_the_loss_terms_in_process(store, tmp_path, monkeypatch):
+    """DDPM with a learned variance logs loss terms; a stop after step 3 of a 4-step record
+    interval resumes to the record of an uninterrupted run, every term bit for bit."""
+    options = {**TRAIN, "steps": 5, "objective": "ddpm", "learn_sigma": True}
+    straight = tmp_path / "straight"
+    train(resolve_config(None, tiny_options(store, straight, **options)))
+    calls = []
+
+    def stop_after_three(self, *, overlap=False):
+        calls.append(1)
+        return signal.SIGTERM if len(calls) == 3 else None
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patched:
+        patched.setattr(StopSignals, "agreed", stop_after_three)
+        with pytest.raises(Preempted) as stopped:
+            train(resolve_config(None, tiny_options(store, run, **options)))
+    assert stopped.value.code == 128 + signal.SIGTERM and "after step 3" in stopped.value.message
+    train(resolve_config(None, tiny_options(store, run, **options)))
+    records = read_log(run)
+    assert records == [
+        r | {k: records[i][k] for k in TIMING} for i, r in enumerate(read_log(straight))
+    ]
+    assert any(k.startswith("loss_") for k in records[0]), records[0]
+
+
+TIMING = ("steps_per_s", "images_per_s", "mfu", "data_fraction")  # wall-clock figures

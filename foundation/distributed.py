@@ -272,7 +272,9 @@ def start_max_over_ranks(value: int) -> Callable[[], int]:
 
 def max_over_ranks(value: int) -> int:
     """The largest `value` over all ranks, all-reduced on the CPU (one small message round)."""
-    return start_max_over_ranks(value)()
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=cpu_group())
+    return int(t.item())
 
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:

@@ -55,12 +55,12 @@ def s3_server(*, own_process: bool = False) -> Iterator[str]:
         stop = server.stop
     saved = {k: os.environ.get(k) for k in [*ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update({**ENV, "AWS_ENDPOINT_URL": endpoint})
-    _forget_file_systems()  # fsspec's cached S3 clients hold the endpoint they were made with
+    _forget_clients()
     try:
         yield endpoint
     finally:
         stop()
-        _forget_file_systems()
+        _forget_clients()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -68,8 +68,9 @@ def s3_server(*, own_process: bool = False) -> Iterator[str]:
                 os.environ[k] = v
 
 
-def _forget_file_systems() -> None:
-    """Drop fsspec's cached S3 file systems (one made for an earlier server would be reused)."""
+def _forget_clients() -> None:
+    """Drop fsspec's cached S3 file systems: each holds the endpoint it was made with, so one
+    made for an earlier server (another test module's) would call a closed port."""
     try:
         import s3fs
     except ImportError:

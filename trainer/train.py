@@ -26,6 +26,7 @@ from foundation.distributed import (
 from foundation.distributed import teardown_distributed as teardown
 from foundation.faults import resource_faults
 from foundation.locks import Lock
+from foundation.preemption import StopSignals
 from foundation.urls import parse_storage_options, redacted_names
 from latent_store import LatentStore, StoreReadError, open_store
 from latent_store.verify import verify_store
@@ -45,6 +46,7 @@ from trainer.metrics import TrainLogger, peak_flops
 from trainer.model import MODEL_OVERRIDES, DiT, ModelConfigError, build_model, forward_flops
 from trainer.normalization import normalization_from_store
 from trainer.objective import DDPM, FlowMatching, Objective
+from trainer.preemption import carry_log_interval, gather_log_interval, preempted
 from trainer.prefetch import Prefetcher
 from trainer.run_dir import TrainSummary, check_resume, run_lock, write_config
 from trainer.step import Trainee, lr_at, make_trainee, train_step
@@ -106,9 +108,9 @@ def prepare_run(cfg: TrainConfig, dist: DistInfo, lock: Lock) -> Path:
     return Path(cfg.run)
 
 
-def resume(run: Path, trainee: Trainee, start: int, found: Path | None) -> None:
+def resume(run: Path, trainee: Trainee, start: int, found: Path | None) -> dict[str, Any] | None:
     """Load the run's latest checkpoint `found` (of step `start`, checked) into `trainee` on every
-    rank.
+    rank; returns its open log interval (`trainer.preemption`), if it holds one.
 
     Every rank must see the same latest checkpoint: a node that does not (a run folder on
     node-local disk) would start over while the others resume, so all ranks stop instead.
@@ -120,7 +122,7 @@ def resume(run: Path, trainee: Trainee, start: int, found: Path | None) -> None:
             "folder must be one folder that every node shares (see docs/multinode.md)"
         )
     if start == 0:
-        return
+        return None
     ckpt = load_checkpoint(found)
     trainee.model.load_state_dict(ckpt.model_state)
     trainee.ema.load_state_dict(ckpt.ema_state)
@@ -128,6 +130,7 @@ def resume(run: Path, trainee: Trainee, start: int, found: Path | None) -> None:
     trainee.sync_compute()  # --bf16-weights: the forward's copy of the loaded masters
     restore_rng_state(ckpt.train_state["rng"])
     log.info("resuming %s from step %d", run, start)
+    return ckpt.train_state.get("log")
 
 
 def save(
@@ -140,9 +143,12 @@ def save(
     meta,
     cfg,
     dist,
+    logger: TrainLogger,
     files=None,
 ) -> None:
-    """Rank 0 writes the checkpoint of finished step `step`; every rank waits for it."""
+    """Rank 0 writes the checkpoint of finished step `step`, with every rank's open log interval
+    (`trainer.preemption`); every rank calls it and waits for it."""
+    interval = gather_log_interval(logger)
     if dist.is_main:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         state = {
@@ -150,6 +156,7 @@ def save(
             "schedule": {"lr": lr, "next_lr": lr_at(step, cfg)},
             "rng": capture_rng_state(),
             "data": {"epoch": epoch, "step_in_epoch": step_in_epoch},
+            "log": interval,
         }
         save_checkpoint(
             run,
@@ -240,52 +247,59 @@ def _train(
     data = Prefetcher(data, dist.device) if cfg.prefetch else data
     run = prepare_run(cfg, dist, lock)
     trainee = make_trainee(model, cfg, dist)
-    resume(run, trainee, start, latest)
+    interval = resume(run, trainee, start, latest)
     began, loss = time.perf_counter(), None
     logger = TrainLogger(
         run, dist=dist, start_step=start, total_steps=cfg.steps, log_every=cfg.log_every, global_batch=cfg.batch_size,
         forward_flops=forward_flops(model.config), peak=peak_flops(dist.device, cfg.peak_tflops),
     )  # fmt: skip
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        batches = data.get(*divmod(step, data.steps_per_epoch))
-        data_s, lr = time.perf_counter() - t0, lr_at(step, cfg)
-        result = train_step(
-            trainee,
-            objective,
-            batches,
-            step=step,
-            lr=lr,
-            cfg=cfg,
-            layout=layout,
-            device=dist.device,
-        )
-        done = step + 1
-        if cfg.prefetch and done < cfg.steps:  # gathered while this step runs on the device
-            data.prefetch(*divmod(done, data.steps_per_epoch))
-        record = logger.update(done, result.loss, result.grad_norm, lr, data_s, result.terms)
-        loss = record["loss"] if record else loss
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            save(
-                run,
+    carry_log_interval(logger, interval, dist)
+    with StopSignals() as stop:  # SIGTERM, SIGINT, SIGUSR1: checkpoint the step, then exit
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            batches = data.get(*divmod(step, data.steps_per_epoch))
+            data_s, lr = time.perf_counter() - t0, lr_at(step, cfg)
+            result = train_step(
                 trainee,
-                step=done,
+                objective,
+                batches,
+                step=step,
                 lr=lr,
-                steps_per_epoch=data.steps_per_epoch,
-                meta=meta,
                 cfg=cfg,
-                dist=dist,
-                files=norm.files(),
+                layout=layout,
+                device=dist.device,
             )
-        loaded = {**meta, "normalization": norm.resolved_meta(), "step": done}  # as if loaded
-        if (
-            sample_fn
-            and dist.is_main
-            and (done == cfg.steps or done % (cfg.sample_every or cfg.steps) == 0)
-        ):
-            sample_fn(trainee.ema, loaded, done, run)
-        if eval_fn and (done == cfg.steps or done % (cfg.eval_every or cfg.steps) == 0):
-            logger.log_eval(done, eval_fn(trainee.ema, loaded, done, run))
+            done = step + 1
+            if cfg.prefetch and done < cfg.steps:  # gathered while this step runs on the device
+                data.prefetch(*divmod(done, data.steps_per_epoch))
+            record = logger.update(done, result.loss, result.grad_norm, lr, data_s, result.terms)
+            loss = record["loss"] if record else loss
+            signum = stop.agreed(overlap=True)  # every rank, every step: one CPU all-reduce
+            if done % cfg.ckpt_every == 0 or done == cfg.steps or signum:
+                save(
+                    run,
+                    trainee,
+                    step=done,
+                    lr=lr,
+                    steps_per_epoch=data.steps_per_epoch,
+                    meta=meta,
+                    cfg=cfg,
+                    dist=dist,
+                    logger=logger,
+                    files=norm.files(),
+                )
+            if signum:
+                logger.close()
+                raise preempted(signum, run, done, dist)
+            loaded = {**meta, "normalization": norm.resolved_meta(), "step": done}  # as if loaded
+            if (
+                sample_fn
+                and dist.is_main
+                and (done == cfg.steps or done % (cfg.sample_every or cfg.steps) == 0)
+            ):
+                sample_fn(trainee.ema, loaded, done, run)
+            if eval_fn and (done == cfg.steps or done % (cfg.eval_every or cfg.steps) == 0):
+                logger.log_eval(done, eval_fn(trainee.ema, loaded, done, run))
     logger.close()
     seconds = time.perf_counter() - began
     return TrainSummary.of(cfg, model, start=start, seconds=seconds, loss=loss, rank=dist.rank)

@@ -189,6 +189,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch_values)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def modulated(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The tokens before the linear map: the norm, shifted and scaled by the condition."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return modulate(self.norm(x), shift, scale)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.modulated(x, c))

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from test_import import FIXTURES, assert_matches
 from test_repa import CONFIG, MODEL, TINY, import_repa, outputs
 from test_trainer_runs import tiny_options
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 from cli import app
@@ -157,14 +159,20 @@ def test_sampling_loads_the_model_without_its_projector(tmp_path):
     assert all(torch.equal(state[k], weights[k]) for k in state)
 
 
-def test_flops_count_the_projector():
-    plain = build_model("DiT-S/2", input_size=8, in_channels=4, num_classes=3, **TINY)
+@pytest.mark.parametrize("reg", [False, True], ids=["repa", "reg"])
+def test_flops_count_the_projector_and_the_class_token(reg):
+    """forward_flops of a training forward (align=True) against torch's FlopCounterMode."""
     sizes = {"repa_depth": 1, "repa_projector_dim": 16, "repa_features_dim": 24}
-    with_projector = build_model(
-        "DiT-S/2", input_size=8, in_channels=4, num_classes=3, **TINY, **sizes
-    )
-    extra = forward_flops(with_projector.config) - forward_flops(plain.config)
-    assert extra == 2 * 16 * (32 * 16 + 16 * 16 + 16 * 24)  # tokens x the MLP's multiply-adds
+    sizes |= {"reg_dim": 24} if reg else {}
+    model = build_model("DiT-S/2", input_size=8, in_channels=4, num_classes=3, **TINY, **sizes)
+    x = torch.randn(2, 4 * 64 + 24) if reg else torch.randn(2, 4, 8, 8)
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        model(x, torch.rand(2), torch.tensor([0, 1]), align=True)
+    assert forward_flops(model.config) == pytest.approx(counter.get_total_flops() / 2, rel=0.02)
+    plain = build_model("DiT-S/2", input_size=8, in_channels=4, num_classes=3, **TINY)
+    if not reg:
+        extra = forward_flops(model.config) - forward_flops(plain.config)
+        assert extra == 2 * 16 * (32 * 16 + 16 * 16 + 16 * 24)  # tokens x the MLP's multiply-adds
 
 
 # --- bad input: one line, nothing written ----------------------------------------------------

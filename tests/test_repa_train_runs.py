@@ -187,3 +187,13 @@ def test_reg_trains_and_samples_latents_and_class_token_together(tmp_path, store
     refused = _sample(tmp_path / "fid", run, tiny_vae_dir, "--protocol", "sit-fid")
     assert refused.exit_code == 2 and refused.output.count("\n") == 1
     assert "--cfg-channels 3 guides some latent channels; a REG model's state" in refused.output
+
+
+def test_bf16_autocast_with_repa_and_reg_and_bf16_weights_agree(tmp_path, store):
+    """bf16 autocast (on the CPU here) through the projector and REG's token; --bf16-weights
+    gives autocast's losses bit for bit (its masters see autocast's gradients)."""
+    kw = {"steps": 2, "reg": True, "precision": "bf16"}
+    autocast = _train(tmp_path, store, "autocast", **kw)
+    weights = _train(tmp_path, store, "weights", bf16_weights=True, **kw)
+    assert [r["loss_cls"] for r in autocast] == [r["loss_cls"] for r in weights]
+    assert _terms(autocast) == _terms(weights)

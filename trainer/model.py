@@ -29,6 +29,7 @@ from trainer.layers import (
     FREQ_EMBED_DIM,
     DiTBlock,
     FinalLayer,
+    build_projector,
     rope_angles_2d,
     sincos_pos_embed_2d,
     swiglu_hidden,
@@ -36,14 +37,13 @@ from trainer.layers import (
 )
 from trainer.presets import DDT_HEAD, DIT_PRESETS, PATCH_SIZES, POS_EMBEDS
 from trainer.reg import ClassToken, pack, unpack
-from trainer.repa import MODEL_KEYS as REPA_KEYS
-from trainer.repa import build_projector
 
 INIT_STD = 0.02  # label and timestep embeddings (DiT's initialize_weights)
 HEAD_KEYS = tuple(DDT_HEAD)  # ("head_depth", "head_width", "head_heads")
 # Preset entries that training options may override (TrainConfig fields of the same names).
 MODEL_OVERRIDES = ("hidden_size", "depth", "num_heads", *HEAD_KEYS)
-REG_KEY = "reg_dim"
+REPA_KEYS = ("repa_depth", "repa_projector_dim", "repa_features_dim")  # its projector (training)
+REG_KEY = "reg_dim"  # REG's class-token width (`trainer.reg`)
 
 
 class ModelConfigError(LatentditError):

@@ -44,12 +44,12 @@ from torch import nn
 
 from foundation.errors import LatentditError
 from latent_store.arrays import LATENTS
+from trainer.model import REPA_KEYS
 from trainer.objective import Loss, ModelFn, Objective
 from trainer.presets import REG_COEFF, REPA_DEPTH, REPA_PROJECTOR_DIM
 from trainer.reg import FEATURES_CLS, pack, unpack
 
-# Type names only: the store's modules import zarr, which the model (a user of this module) needs not.
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # type names only: the store's modules import zarr
     from latent_store import LatentStore
     from trainer.config import TrainConfig
     from trainer.model import DiT
@@ -59,30 +59,10 @@ log = logging.getLogger(__name__)
 FEATURES = "features"  # the store's array of encoder patch tokens, (D, T) per variant
 PROJECTOR = "projector."  # its parameters' prefix in a DiT's state dict
 PROJECTOR_FILE = "projector.safetensors"  # an imported REPA checkpoint's projector (`import`)
-MODEL_KEYS = ("repa_depth", "repa_projector_dim", "repa_features_dim")  # in a DiT's config
 
 
 class RepaError(LatentditError):
     """The store or the checkpoint cannot serve REPA (or REG) training."""
-
-
-def build_projector(hidden: int, projector_dim: int, features_dim: int) -> nn.Sequential:
-    """REPA's `build_mlp`: Linear, SiLU, Linear, SiLU, Linear (hidden -> features_dim).
-
-    Initialized as REPA's `initialize_weights` does every linear: Xavier uniform, zero bias.
-    """
-    mlp = nn.Sequential(
-        nn.Linear(hidden, projector_dim),
-        nn.SiLU(),
-        nn.Linear(projector_dim, projector_dim),
-        nn.SiLU(),
-        nn.Linear(projector_dim, features_dim),
-    )
-    for layer in mlp:
-        if isinstance(layer, nn.Linear):
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
-    return mlp
 
 
 def alignment_loss(projected: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -202,7 +182,7 @@ def _features_shape(store: LatentStore, name: str, flag: str) -> tuple[int, ...]
 
 
 def model_sizes(cfg: TrainConfig, store: LatentStore) -> dict[str, int]:
-    """The DiT options that REPA and REG add (`MODEL_KEYS`, reg_dim), sized to the store's
+    """The DiT options that REPA and REG add (`REPA_KEYS`, reg_dim), sized to the store's
     features; {} without --repa-coeff. Refuses a store without features, or with features that
     are not (D, T) tokens on a square grid."""
     if cfg.repa_coeff is None:
@@ -281,7 +261,7 @@ def check_resumed_features(latest: Path, theirs: dict | None, ours: dict | None)
 
 def sampling_config(config: dict[str, Any]) -> dict[str, Any]:
     """A DiT config without the projector (what sampling builds)."""
-    return {k: v for k, v in config.items() if k not in MODEL_KEYS}
+    return {k: v for k, v in config.items() if k not in REPA_KEYS}
 
 
 def without_projector(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import RESUMABLE_CHANGES, TrainConfig
 from trainer.metrics import LOG_FILE
+from trainer.repa import check_resumed_features
 from trainer.run_log import read_records
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def check_resume(cfg: TrainConfig, meta: dict[str, Any], latest: Path | None) ->
 
     `latest`: the run's `latest_checkpoint`. Reads only: the run's config.json and that
     checkpoint's meta.json. Refuses changed options, --steps below the checkpoint's step,
-    another store's data, another model.
+    another store's data or features, another model.
     """
     _check_run_path(cfg.run)
     run = Path(cfg.run)
@@ -144,6 +145,7 @@ def check_resume(cfg: TrainConfig, meta: dict[str, Any], latest: Path | None) ->
             f"(fingerprint {fingerprint} vs {meta['store']['fingerprint']}); "
             "use that store or a new --run"
         )
+    check_resumed_features(latest, ckpt.get("repa"), meta.get("repa"))
     for key in RESUMED_META:
         if _learned(key, ckpt.get(key)) != _learned(key, meta.get(key)):
             raise CheckpointMismatchError(

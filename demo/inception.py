@@ -18,7 +18,6 @@ import torch
 
 from demo.data import as_tensor, load_split
 from demo.verdict import split_halves
-from evaluation.evaluate import set_stats
 from evaluation.features import extract_features
 from evaluation.inputs import array_images
 from evaluation.metrics import GaussianStats, frechet_distance
@@ -50,9 +49,8 @@ def inception_fids(sets: dict[str, np.ndarray], net: InceptionFeatures) -> dict[
     """FID of each named set against sets["real_a"]."""
     stats = {}
     for name, images in sets.items():
-        f = extract_features(array_images(name, name, images), net, batch_size=BATCH)
-        s = set_stats(name, name, f).stats
-        stats[name] = GaussianStats(s["mu"], s["sigma"])
+        f = extract_features(array_images(name, name, images), [net], batch_size=BATCH)
+        stats[name] = GaussianStats.of(f.features["pool_3"])
     return {k: frechet_distance(v, stats["real_a"]) for k, v in stats.items() if k != "real_a"}
 
 

@@ -12,6 +12,7 @@ from testkit import (  # noqa: F401  (re-exported: tests import these from conft
     TINY_DIT,
     make_checkpoint,
     make_spec,
+    make_tiny_dinov2,
     make_tiny_inception,
     make_tiny_vae,
     random_latents,
@@ -258,3 +259,9 @@ def tiny_inception(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_inception_logits(tmp_path_factory) -> Path:
     return make_tiny_inception(tmp_path_factory.mktemp("inception") / "tiny-logits.pt", logits=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    """A tiny transformers Dinov2Model saved with save_pretrained (loaded by folder)."""
+    return make_tiny_dinov2(tmp_path_factory.mktemp("dinov2") / "tiny-dinov2")

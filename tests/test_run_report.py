@@ -148,6 +148,9 @@ def test_milestones_and_the_clock_of_a_resumed_call(tmp_path):
 
 @pytest.mark.parametrize("text", ["ten", "5,-1", ","])
 def test_bad_milestones_are_one_line(text):
+    evals = dict(store="s", run="r", eval_every=10, vae="v", eval_ref="ref.npz")
     with pytest.raises(ConfigError, match=r"--eval-milestones .* give FID thresholds > 0"):
-        TrainConfig(store="s", run="r", eval_milestones=text)
-    assert TrainConfig(store="s", run="r", eval_milestones="10, 5,2.5").milestones == (10, 5, 2.5)
+        TrainConfig(**evals, eval_milestones=text)
+    assert TrainConfig(**evals, eval_milestones="10, 5,2.5").milestones == (10, 5, 2.5)
+    with pytest.raises(ConfigError, match="--eval-milestones needs --eval-every"):
+        TrainConfig(store="s", run="r", eval_milestones="10")

@@ -210,6 +210,7 @@ class TrainConfig:
             (self.eval_every is None or self.eval_every >= 1, "--eval-every must be >= 1 (or None)"),
             (self.eval_samples >= 2, f"--eval-samples must be >= 2, got {self.eval_samples}"),
             (self.eval_every is None or (self.vae and self.eval_ref), "--eval-every needs --vae (to decode samples) and --eval-ref (e.g. a `latentdit evaluate --save-stats` file)"),
+            (self.eval_milestones is None or self.eval_every is not None, "--eval-milestones needs --eval-every (the FIDs it compares with the thresholds)"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:

@@ -6,7 +6,7 @@
     record |= cost.eval_fields(step, metrics)              # an evaluation record
 
 Training records gain `images_seen` (finished steps x global batch), `epoch` (steps / steps per
-epoch, fractional), `wall_s` (the run's wall time: every call that trained it, resumes included,
+epoch, fractional), `devices` (this call's world size), `wall_s` (the run's wall time: every call that trained it, resumes included,
 from the call's start: loading the store and model counts), `device_hours` (the sum over calls of
 devices x their wall time) and `images_per_s_per_device` (over the record's interval). Evaluation
 records gain the same clock fields and `milestones`: for each FID threshold of --eval-milestones,
@@ -86,11 +86,13 @@ class RunCost:
                    started=time.perf_counter() if started is None else started, curve=curve, **kw)  # fmt: skip
 
     def clock(self, step: int) -> dict[str, Any]:
-        """images_seen, epoch, wall_s and device_hours at finished step `step`, now."""
+        """images_seen, epoch, devices (of this call), wall_s and device_hours at finished step
+        `step`, now."""
         call_s = time.perf_counter() - self.started
         return {
             "images_seen": step * self.global_batch,
             "epoch": step / self.steps_per_epoch,
+            "devices": self.world_size,
             "wall_s": self.prior_wall_s + call_s,
             "device_hours": self.prior_device_hours + self.world_size * call_s / SECONDS_PER_HOUR,
         }

@@ -58,7 +58,7 @@ def run_report(run: str | Path) -> dict[str, Any]:
     evals = [r for r in records if r.get("eval")]
     last = max(records, key=lambda r: (r["step"], r.get("wall_s", 0.0)), default={})
     step = last.get("step", 0)
-    devices = round(last["device_hours"] * 3600 / last["wall_s"]) if last.get("wall_s") else None
+    devices = last.get("devices")
     images, seconds, mfu = _training_time(train)
     latest = latest_checkpoint(run)
     curve = [{"step": r["step"], "epoch": r.get("epoch"), FID_KEY: r.get(FID_KEY)} for r in evals]

@@ -62,15 +62,22 @@ class WandbRun:
         saved = run_dir / ID_FILE
         known = json.loads(saved.read_text()) if saved.is_file() else {}
         config = {k: v for k, v in asdict(cfg).items() if k not in PRIVATE_CONFIG}
-        run = wandb.init(
-            project=known.get("project", cfg.wandb_project),
-            name=cfg.wandb_name or known.get("name") or run_dir.resolve().name,
-            id=known.get("id"),  # None: a new run, its id saved below
-            resume="allow",
-            dir=os.environ.get("WANDB_DIR") or str(run_dir),
-            config=config,
-            allow_val_change=True,
-        )
+        try:
+            run = wandb.init(
+                project=known.get("project", cfg.wandb_project),
+                name=cfg.wandb_name or known.get("name") or run_dir.resolve().name,
+                id=known.get("id"),  # None: a new run, its id saved below
+                resume="allow",
+                dir=os.environ.get("WANDB_DIR") or str(run_dir),
+                config=config,
+                allow_val_change=True,
+            )
+        except Exception as e:  # wandb's own errors (no API key, no network, ...): one line
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(
+                f"--wandb: W&B did not start ({reason}); run `wandb login`, or set "
+                "WANDB_MODE=offline (then `wandb sync` the run later)"
+            ) from None
         run.define_metric(STEP)
         run.define_metric("*", step_metric=STEP)
         tmp = saved.with_name(f".{ID_FILE}.tmp")

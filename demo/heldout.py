@@ -96,27 +96,35 @@ def load(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
         return {"real_a": f["real_a"], **{k: float(f[k]) for k in SHIPPED_FIDS}}
 
 
-def main() -> None:
-    """Remake HELDOUT_FILE from the default demo's held-out images, VAE and Inception port."""
+def default_heldout(root: Path) -> HeldOut:
+    """The default demo's held-out sets: its val split generated under `root`, then selected as a
+    default run selects them (`demo.inception.heldout_sets`)."""
     from demo.config import NUM_CLASSES, DemoConfig, DemoDataConfig
     from demo.data import make_demo_data
-    from demo.inception import heldout_sets, inception_fids
+    from demo.inception import heldout_sets
+
+    cfg = DemoConfig()
+    data = make_demo_data(
+        DemoDataConfig(
+            out=Path(root),
+            train_per_class=1,
+            val_per_class=cfg.val_per_class,
+            image_size=cfg.image_size,
+            seed=cfg.seed,
+        )
+    )
+    asked = np.repeat(np.arange(NUM_CLASSES), cfg.samples_per_class)
+    return heldout_sets(data, cfg.vae, cfg.fid_per_class, asked)
+
+
+def main() -> None:
+    """Remake HELDOUT_FILE from the default demo's held-out images, VAE and Inception port."""
+    from demo.inception import inception_fids
     from evaluation.network import load_inception
 
     logging.basicConfig(level=logging.INFO)
-    cfg = DemoConfig()
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_demo_data(
-            DemoDataConfig(
-                out=Path(tmp),
-                train_per_class=1,
-                val_per_class=cfg.val_per_class,
-                image_size=cfg.image_size,
-                seed=cfg.seed,
-            )
-        )
-        asked = np.repeat(np.arange(NUM_CLASSES), cfg.samples_per_class)
-        held = heldout_sets(data, cfg.vae, cfg.fid_per_class, asked)
+        held = default_heldout(Path(tmp))
         net = load_inception()
         computed = compute(held, net, inception_fids)
     print(save(HELDOUT_FILE, held.identity(net.sha1), computed), computed["fid_real_vs_real"])

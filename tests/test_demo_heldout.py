@@ -9,7 +9,7 @@ import numpy as np
 import demo.inception
 from demo import VAE_DIR, heldout
 from demo.config import NUM_CLASSES, DemoConfig
-from demo.data import DemoDataConfig, load_split, make_demo_data
+from demo.data import load_split
 from demo.inception import demo_inception, heldout_sets, inception_fids
 from demo.verdict import split_halves
 from evaluation.network import DEFAULT_SHA1, load_inception
@@ -19,17 +19,7 @@ def test_the_shipped_file_is_of_the_default_demos_heldout_sets(tmp_path):
     """Made by `python -m demo.heldout` from today's generator, the shipped VAE and the default
     Inception port: a default demo run uses it (a changed generator or VAE would not)."""
     cfg = DemoConfig()
-    data = make_demo_data(
-        DemoDataConfig(
-            out=tmp_path / "data",
-            train_per_class=1,
-            val_per_class=cfg.val_per_class,
-            image_size=cfg.image_size,
-            seed=cfg.seed,
-        )
-    )
-    asked = np.repeat(np.arange(NUM_CLASSES), cfg.samples_per_class)
-    held = heldout_sets(data, cfg.vae, cfg.fid_per_class, asked)
+    held = heldout.default_heldout(tmp_path / "data")
     shipped = heldout.load(heldout.HELDOUT_FILE, held.identity(DEFAULT_SHA1))
     assert shipped is not None, "remake it: python -m demo.heldout"
     assert shipped["real_a"].shape == (NUM_CLASSES * cfg.fid_per_class, 2048)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 
 import pytest
-from conftest import TINY_TRAIN, train_cli, write_store
+from conftest import ROOT, TINY_TRAIN, train_cli, write_store
+from test_evaluation_ranks import ENV, TORCHRUN
 from typer.testing import CliRunner
 
 from cli import app
@@ -76,3 +78,33 @@ def test_wandb_without_the_package_is_one_line(monkeypatch, tmp_path):
         app, ["train", "--store", str(tmp_path), "--run", str(tmp_path / "r"), "--wandb"]
     )
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "latentdit[wandb]" in r.stderr
+
+
+def test_only_rank_0_logs_to_wandb(tmp_path):
+    """torchrun, 2 gloo ranks with --wandb offline: one W&B run, written by rank 0."""
+    pytest.importorskip("wandb")
+    store = write_store(tmp_path / "s.zarr", n=16, size=4)
+    env = {
+        **ENV,
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path / "wb"),
+        "WANDB_SILENT": "true",
+    }
+    (tmp_path / "wb").mkdir()
+    args = [
+        *TINY_TRAIN,
+        "--store",
+        store,
+        "--run",
+        tmp_path / "run",
+        "--steps",
+        2,
+        "--device",
+        "cpu",
+        "--wandb",
+    ]
+    command = [*TORCHRUN, str(ROOT / "cli.py"), "--", "train", *map(str, args)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    assert run.name.endswith(json.loads((tmp_path / "run" / "wandb.json").read_text())["id"])

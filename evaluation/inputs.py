@@ -153,7 +153,7 @@ def _open_npz(path: Path, limit: int | None, kind: str | None = None) -> ImageSe
     names = {n.removesuffix(".npy") for n in zf.namelist()}
     has_stats = any(k in names for k in STATS_KEYS)
     if has_stats and npz.IMAGES not in names:
-        return _stats_file(path, names)
+        return _stats_file(path)
     if npz.IMAGES not in names:
         raise EvaluationError(f"{path}: no arr_0 (images) and no mu/sigma (statistics)")
     stats = _checked_stats(path, npz.load_arrays(path, ADM_STATS)) if has_stats else {}
@@ -173,23 +173,24 @@ def _open_npz(path: Path, limit: int | None, kind: str | None = None) -> ImageSe
             for a, b in cuts(start, stop, batch_size):
                 yield npz.read_rows(f, path, (b - a, *shape[1:]))
 
-    verify = npz.member_crc_check(path, info)
-    if count < shape[0]:
-        verify = lambda: f"{path}: CRC-32 not checked (--limit reads {count} of {shape[0]} images)"  # noqa: E731
+    def unchecked() -> str:  # a part of arr_0 is read: no verdict on the whole member
+        return f"{path}: CRC-32 not checked (--limit reads {count} of {shape[0]} images)"
+
+    verify = npz.member_crc_check(path, info) if count == shape[0] else unchecked
     return ImageSet(
         kind or ("reference" if stats else "npz"), path, count, read, stats, verify=verify
     )
 
 
-def _stats_file(path: Path, names: set[str]) -> StatsFile:
+def _stats_file(path: Path) -> StatsFile:
     arrays = npz.load_arrays(path, [*STATS_KEYS, *FEATURE_KEYS, NETWORKS_KEY, LEGACY_NETWORK_KEY])
     stats = _checked_stats(path, {k: arrays[k] for k in STATS_KEYS if k in arrays})
     features = {k: arrays[k] for k in FEATURE_KEYS if k in arrays}
     for key, f in features.items():
-        g = GAUSSIANS[key]
-        if f.ndim != 2 or (g.mu in stats and f.shape[1] != len(stats[g.mu])):
+        width = len(stats[GAUSSIANS[key].mu]) if GAUSSIANS[key].mu in stats else f.shape[-1]
+        if f.dtype.kind != "f" or f.ndim != 2 or f.shape[1] != width:
             raise EvaluationError(
-                f"{path}: {key} is {f.shape}, not (N, {len(stats[g.mu])}) features"
+                f"{path}: {key} is {f.dtype} {f.shape}, not (N, {width}) features"
             )
     networks = {}
     if NETWORKS_KEY in arrays:

@@ -86,6 +86,10 @@ CASES = {
     ),
     "text stats": (lambda p: saved(p, mu=np.array(["a", "b"]), sigma=np.eye(2)), "not numbers"),
     "mismatched stats": (lambda p: saved(p, mu=np.zeros(3), sigma=np.eye(2)), "not a mean"),
+    "mismatched features": (
+        lambda p: saved(p, mu=np.zeros(3), sigma=np.eye(3), pool_3=np.zeros((4, 2))),
+        r"pool_3 is float64 \(4, 2\), not \(N, 3\) features",
+    ),
     "truncated file": (truncated, "not a readable .npz"),
     "bad npy header": (bad_header, "no valid .npy header"),
 }

@@ -251,8 +251,8 @@ def option_param(name: str, *flags: str, help: str) -> inspect.Parameter:
 
 PROTOCOL = option_param(
     "protocol", "--protocol",
-    help="A published sampling protocol: dit-fid or sit-fid (docs/reproduce.md); options given "
-    "beside it win.",
+    help="A published sampling protocol: dit-fid, sit-fid or repa-fid (docs/reproduce.md); options "
+    "given beside it win.",
 )  # fmt: skip
 
 

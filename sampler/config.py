@@ -23,8 +23,8 @@ class SolveConfig:
     """How latents are made from noise."""
 
     sampler: str | None = None
-    """Solver: euler, heun, euler-maruyama (flow matching); ddpm, ddim, dpm++2m (DDPM). Default:
-    heun for flow matching, dpm++2m for DDPM."""
+    """Solver: euler, heun, euler-maruyama, and REPA's repa-euler, repa-heun, repa-euler-maruyama
+    (flow matching); ddpm, ddim, dpm++2m (DDPM). Default: heun for flow matching, dpm++2m for DDPM."""
     steps: int = 50
     """Solver steps (Heun makes two model calls per step)."""
     cfg: float = 1.0
@@ -99,6 +99,14 @@ PROTOCOLS: dict[str, Protocol] = {
         "SiT-XL/2 256px, FID-50K 2.06 (Ma et al. 2024; willisma/SiT README): sample_ddp.py SDE "
         "defaults (Euler, --diffusion-form sigma, --diffusion-norm 1 = our diffusion 2, "
         "--last-step Mean of size 0.04, 250 steps), --cfg-scale 1.5, guidance on 3 channels",
+    ),
+    "repa-fid": Protocol(
+        {"sampler": "repa-euler-maruyama", "steps": 250, "cfg": 1.8, "cfg_interval": (0.0, 0.7)},
+        "SiT-XL/2 + REPA 256px, FID-50K 1.42 (Yu et al. 2025; sihyun-yu/REPA README): generate.py "
+        "--mode sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7 (--guidance-low 0), "
+        "samplers.py euler_maruyama_sampler (diffusion 2t, grid to 0.04 then a mean step, float64 "
+        "state), guidance on all channels; labels uniform at random (torch.randint: give --n "
+        "50000 without --class), --vae ema (sd-vae-ft-ema), latents / 0.18215",
     ),
 }  # fmt: skip
 

@@ -8,18 +8,23 @@ from pathlib import Path
 from foundation.config import option
 from sampler.errors import CheckpointImportError
 
-FORMATS = ("dit", "sit")
+FORMATS = ("dit", "sit", "repa")
 WEIGHT_SETS = ("ema", "model")
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE of DiT's and SiT's FID evaluations
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE of DiT's, SiT's and REPA's FID evaluations
 
 
 @dataclass(frozen=True, kw_only=True)
 class ImportConfig:
     """What to import, and where to write the run."""
 
-    checkpoint: Path = option(help="Official DiT/SiT checkpoint (.pt).", argument=True, exists=True)
+    checkpoint: Path = option(
+        help="Official DiT/SiT/REPA checkpoint (.pt).", argument=True, exists=True
+    )
     run: Path = option(help="Run folder to create (must not hold a checkpoint yet).")
-    format: str = option("dit", "Source: dit (DDPM, learned sigma) or sit (linear flow, SiT time).")
+    format: str = option(
+        "dit",
+        "Source: dit (DDPM, learned sigma), sit (linear flow, SiT time: 0 = noise) or repa (REPA's SiT: linear flow, 1 = noise; projectors dropped).",
+    )
     model: str | None = option(
         None,
         "Preset (DiT-XL/2 or SiT-XL/2 ...); None: the checkpoint's args or the preset its shapes match.",

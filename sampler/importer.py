@@ -1,4 +1,4 @@
-"""Import an official DiT or SiT checkpoint into an ordinary latentdit run dir.
+"""Import an official DiT, SiT or REPA checkpoint into an ordinary latentdit run dir.
 
     latentdit import DiT-XL-2-256x256.pt --run runs/dit-xl2 --format dit
     latentdit sample runs/dit-xl2 --out samples/ --protocol dit-fid --fid-samples 50000 --npz
@@ -12,6 +12,8 @@ the number of heads comes from `--model` / `--num-heads` (or the checkpoint's ar
 contradicts a shape is refused, naming both values. The written checkpoint records the source
 file and its sha256, the time convention (`objective`) and the latent normalization (the official
 models see latents times the VAE's `scaling_factor`). Nothing is written unless all checks pass.
+REPA's SiT (`--format repa`) is the same network plus projectors, which are dropped
+(`sampler.import_repa`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import Tensor
 from latent_store.schema import ClassInfo, VaeInfo
 from sampler.errors import CheckpointImportError
 from sampler.import_config import ImportConfig
+from sampler.import_repa import projector_record, repa_objective, split_projectors, unlegacy
 from trainer.checkpoint import CHECKPOINTS, FORMAT, VERSION, latest_checkpoint, save_checkpoint
 from trainer.model import DiT, ModelConfigError
 from trainer.normalization import LatentNormalization
@@ -58,7 +61,12 @@ RENAMES = [
     (r"^(blocks\.\d+)\.mlp\.fc1\.", r"\1.mlp.0."),
     (r"^(blocks\.\d+)\.mlp\.fc2\.", r"\1.mlp.2."),
 ]
-NAMES = {"dit": "DiT", "sit": "SiT"}
+NAMES = {"dit": "DiT", "sit": "SiT", "repa": "REPA"}
+REPA_ARGS = ("proj_coeff", "enc_type", "encoder_depth")  # only REPA's train.py has these
+SUPPORTED = {  # train.py args whose other values latentdit cannot import
+    "sit": (("path_type", "Linear"), ("prediction", "velocity")),
+    "repa": (("path_type", "linear"), ("prediction", "v"), ("qk_norm", False)),
+}
 POS_TOLERANCE = 1e-5
 HASH_CHUNK = 1 << 24
 
@@ -237,25 +245,36 @@ def map_state(state: dict[str, Tensor], model: DiT, path: Path) -> dict[str, Ten
     return {k: v.float().contiguous() for k, v in ours.items()}
 
 
+def args_format(args: dict) -> str | None:
+    """Which official train.py wrote these args (None: no args, a bare file)."""
+    if not args:
+        return None
+    if any(key in args for key in REPA_ARGS):
+        return "repa"
+    return "sit" if "path_type" in args else "dit"  # SiT's train.py adds its transport arguments
+
+
 def check_format(fmt: str, args: dict, path: Path) -> None:
-    """Refuse a train.py checkpoint whose args say it is the other format, or an unsupported SiT."""
-    sit_args = "path_type" in args  # SiT's train.py adds its transport arguments
-    if args and sit_args != (fmt == "sit"):
-        other = "sit" if sit_args else "dit"
+    """Refuse a train.py checkpoint whose args say it is another format, or settings we lack."""
+    found = args_format(args)
+    if found not in (None, fmt):
         raise CheckpointImportError(
-            f"{path}: its train.py args are {NAMES[other]}'s, not {NAMES[fmt]}'s; use --format {other}"
+            f"{path}: its train.py args are {NAMES[found]}'s, not {NAMES[fmt]}'s; use --format {found}"
         )
-    for key, supported in (("path_type", "Linear"), ("prediction", "velocity")):
+    for key, supported in SUPPORTED.get(fmt, ()):
         if args.get(key, supported) != supported:
             raise CheckpointImportError(
-                f"{path}: SiT {key} {args[key]!r} is not supported; only {supported!r}"
+                f"{path}: {NAMES[fmt]} {key} {args[key]!r} is not supported; only {supported!r}"
             )
 
 
-def objective_for(fmt: str, learn_sigma: bool):
-    """DiT: DDPM, linear betas, 1000 steps; SiT: linear flow in SiT's time (0 = noise, t in [0, 1])."""
+def objective_for(fmt: str, learn_sigma: bool, args: dict, path: Path):
+    """DiT: DDPM, linear betas, 1000 steps; SiT: linear flow in SiT's time (0 = noise, t in [0, 1]);
+    REPA: linear flow in REPA's time (1 = noise, t in [0, 1])."""
     if fmt == "dit":
         return DDPM(schedule="linear", num_steps=1000, learn_sigma=learn_sigma)
+    if fmt == "repa":
+        return repa_objective(args, path)
     return FlowMatching(timesteps="uniform", time_scale=1.0, reverse_time=True)
 
 
@@ -298,6 +317,7 @@ def import_checkpoint(cfg: ImportConfig) -> Path:
         raise CheckpointImportError(f"--run {cfg.run} already holds checkpoints; use a new --run")
     state, args, layout = read_official(src, cfg.weights)
     check_format(cfg.format, args, src)
+    state, projectors = split_projectors(unlegacy(state, args, src), cfg.format, src)
     shapes = infer_shapes(state, src)
     sigma_dropped = cfg.format == "sit" and shapes["learn_sigma"]
     if sigma_dropped:  # SiT's forward discards it: without it the model is the same, and trainable
@@ -313,7 +333,7 @@ def import_checkpoint(cfg: ImportConfig) -> Path:
         raise CheckpointImportError(
             f"--vae {cfg.vae} has {vae.latent_channels} latent channels, the model {config['in_channels']}"
         )
-    objective = objective_for(cfg.format, config["learn_sigma"])
+    objective = objective_for(cfg.format, config["learn_sigma"], args, src)
     channels, size = config["in_channels"], config["input_size"]
     norm = LatentNormalization(
         kind="vae_scaling", mean=(vae.shift_factor or 0.0,) * channels, std=(1.0 / vae.scaling_factor,) * channels
@@ -334,6 +354,14 @@ def import_checkpoint(cfg: ImportConfig) -> Path:
             "args": {k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, type(None)))},
         },
     }  # fmt: skip
+    if projectors:
+        meta["source"]["projectors"] = projector_record(projectors, args)
+        record = meta["source"]["projectors"]
+        log.info(
+            "dropped %d projector tensors (REPA's alignment MLPs to z_dims %s, read at block "
+            "encoder_depth %s; sampling never uses them)",
+            record["dropped_tensors"], record["z_dims"], record["encoder_depth"] or "unknown",
+        )  # fmt: skip
     folder = save_checkpoint(cfg.run, step=0, model=model, ema=model, train_state={}, meta=meta)
     log.info("imported %s (%s, %s layout) into %s", src, cfg.format, layout, folder)
     return folder

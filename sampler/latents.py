@@ -8,6 +8,7 @@ The one path that `latentdit sample`, the training grid hook and the benchmark a
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -19,10 +20,13 @@ from sampler.errors import SamplerError
 from sampler.guidance import guided
 from sampler.inference import InferenceModel
 from sampler.plan import ImageNoise, to_device
-from sampler.solvers import DEFAULT_SOLVER, SOLVERS, Callback, Solver, solvers_for
+from sampler.solver_base import Callback
+from sampler.solvers import DEFAULT_SOLVER, SOLVERS, Solver, solvers_for, solvers_taking
 from sampler.solvers import ddpm_timesteps as solver_times
 from trainer.model import DiT
 from trainer.objective import DDPM, FlowMatching, Objective
+
+SOLVE_DEFAULTS = {f.name: f.default for f in fields(SolveConfig)}
 
 
 def pick_solver(
@@ -30,7 +34,9 @@ def pick_solver(
 ) -> tuple[str, Solver, dict[str, Any]]:
     """(name, solver, keyword arguments) for the checkpoint's objective; refuses misfits.
 
-    `learn_sigma`: the model outputs a variance too (what "learned" variance needs).
+    The keywords are the options the solver's registry entry names; an option set away from its
+    default for a solver that does not take it is refused. `learn_sigma`: the model outputs a
+    variance too (what "learned" variance needs).
     """
     name = cfg.sampler or DEFAULT_SOLVER[objective.KIND]
     solver = SOLVERS[name]
@@ -39,37 +45,34 @@ def pick_solver(
             f"--sampler {name} is for {solver.kind} models; this checkpoint is "
             f"{objective.KIND}: use one of {', '.join(solvers_for(objective.KIND))}"
         )
-    if isinstance(objective, FlowMatching):
-        if name != "euler-maruyama" and (cfg.diffusion != 1.0 or cfg.last_step is not None):
-            raise SamplerError(
-                "--diffusion and --last-step apply to euler-maruyama only; drop them"
-            )
-        if cfg.variance is not None or cfg.spacing != "trailing":
-            raise SamplerError("--variance and --spacing apply to DDPM samplers only; drop them")
-        kwargs = {"shift": cfg.shift}
-        if name == "euler-maruyama":
-            kwargs.update(diffusion=cfg.diffusion, last_step=cfg.last_step)
-        return name, solver, kwargs
-    if cfg.shift != 1.0:
+    if isinstance(objective, FlowMatching) and (
+        cfg.variance is not None or cfg.spacing != "trailing"
+    ):
+        raise SamplerError("--variance and --spacing apply to DDPM samplers only; drop them")
+    if isinstance(objective, DDPM) and cfg.shift != 1.0:
         raise SamplerError("--shift applies to flow-matching samplers only; drop it")
-    if cfg.diffusion != 1.0 or cfg.last_step is not None:
-        raise SamplerError("--diffusion and --last-step apply to euler-maruyama only; drop them")
+    for option in sorted({o for s in SOLVERS.values() for o in s.options} - set(solver.options)):
+        if getattr(cfg, option) != SOLVE_DEFAULTS[option]:
+            takers = solvers_taking(option)
+            raise SamplerError(
+                f"--{option.replace('_', '-')} applies to the {', '.join(takers)} "
+                f"sampler{'s' if len(takers) > 1 else ''} only, not {name}; drop it"
+            )
+    kwargs: dict[str, Any] = {option: getattr(cfg, option) for option in solver.options}
+    if isinstance(objective, FlowMatching):
+        return name, solver, kwargs
     if cfg.steps > objective.num_steps:
         raise SamplerError(
             f"--steps {cfg.steps}: this DDPM has {objective.num_steps} steps; use at most that"
         )
-    kwargs: dict[str, Any] = {"alphas_cumprod": objective.alphas_cumprod, "spacing": cfg.spacing}
-    if name == "ddim":
-        kwargs["eta"] = cfg.eta
-    if name == "ddpm":
+    kwargs["alphas_cumprod"] = objective.alphas_cumprod
+    if "variance" in kwargs:
         kwargs["variance"] = cfg.variance or ("learned" if learn_sigma else "fixed-small")
         if kwargs["variance"] == "learned" and not learn_sigma:
             raise SamplerError(
                 "--variance learned needs a model with learn_sigma (a variance output); this one "
                 "has none: use fixed-small or fixed-large"
             )
-    elif cfg.variance is not None:
-        raise SamplerError(f"--variance applies to the ddpm sampler only, not {name}; drop it")
     try:
         solver_times(objective.num_steps, cfg.steps, cfg.spacing, ddim=name == "ddim")
     except ValueError as e:

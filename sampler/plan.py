@@ -91,14 +91,16 @@ def image_seed(seed: int, index: int) -> int:
 class ImageNoise:
     """Standard normal noise for a batch, each row drawn on the CPU from its image's generator.
 
-    Call it with a tensor to get noise shaped, typed and placed like it (the solvers' `noise=`).
+    Call it with a tensor to get noise shaped, typed and placed like it (the solvers' `noise=`);
+    drawn in float64 for a float64 tensor (REPA's SDE state), else in float32.
     """
 
     def __init__(self, seed: int, indices: Sequence[int]) -> None:
         self.generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
 
     def __call__(self, like: Tensor) -> Tensor:
-        rows = [torch.randn(like.shape[1:], generator=g) for g in self.generators]
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32  # float64: REPA's
+        rows = [torch.randn(like.shape[1:], generator=g, dtype=dtype) for g in self.generators]
         return to_device(torch.stack(rows), like.device).to(like.dtype)
 
     def initial(self, shape: Sequence[int], device: torch.device | str) -> Tensor:

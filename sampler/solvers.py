@@ -14,6 +14,8 @@ time and returns a tensor shaped like x:
   values v in [-1, 1] (Nichol & Dhariwal 2021, eq. 15).
 Stochastic solvers draw noise through `noise(x)` (default `torch.randn_like`), so a caller can
 give every image its own generator. `callback` gets {"i", "t", "x", "pred"} after each step.
+REPA's own samplers (`sampler.repa_solvers`) are registered beside ours as repa-euler, repa-heun
+and repa-euler-maruyama. Each registry entry names the `SolveConfig` options its solver takes.
 """
 
 from __future__ import annotations
@@ -21,46 +23,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm, trange
 
 from sampler.config import SPACINGS, VARIANCES
-
-ModelFn = Callable[[Tensor, Tensor], Tensor]
-NoiseFn = Callable[[Tensor], Tensor]
-Callback = Callable[[dict], None]
-
-
-def shift_time(t: Tensor, shift: float) -> Tensor:
-    """SD3's timestep shift t' = s t / (1 + (s - 1) t) (Esser et al. 2024, eq. 23); s > 1 spends more steps near noise."""
-    return shift * t / (1 + (shift - 1) * t)
-
-
-def flow_times(steps: int, shift: float = 1.0, last_step: float | None = None) -> Tensor:
-    """steps + 1 times from 1 (noise) down to 0 (data), uniform in t before the shift; float64.
-
-    With `last_step` = h, the first steps - 1 steps are uniform from 1 down to h and the last one
-    goes from h to 0 (SiT's SDE sampler: `--last-step-size`, 0.04 by default).
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if last_step is None or steps == 1:
-        ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    else:
-        ts = torch.cat([torch.linspace(1.0, last_step, steps, dtype=torch.float64), torch.zeros(1)])
-    return shift_time(ts.double(), shift)
-
-
-def _batch_t(x: Tensor, t: float) -> Tensor:
-    return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-
-
-def _report(callback: Callback | None, i: int, t: float, x: Tensor, pred: Tensor) -> None:
-    if callback is not None:
-        callback({"i": i, "t": t, "x": x, "pred": pred})
-
+from sampler.repa_solvers import sample_repa_ode, sample_repa_sde
+from sampler.solver_base import ModelFn, NoiseFn, batch_time, flow_times, report
 
 # --- flow matching (velocity prediction) ------------------------------------------------------
 
@@ -72,9 +43,9 @@ def sample_euler(
     """Euler on the probability-flow ODE dx/dt = v(x, t) from t = 1 to 0; `steps` model calls."""
     ts = flow_times(steps, shift).tolist()
     for i in trange(steps, disable=disable, leave=False):
-        v = model_fn(x, _batch_t(x, ts[i]))
+        v = model_fn(x, batch_time(x, ts[i]))
         x = x + (ts[i + 1] - ts[i]) * v
-        _report(callback, i, ts[i], x, v)
+        report(callback, i, ts[i], x, v)
     return x
 
 
@@ -89,11 +60,11 @@ def sample_heun(
     ts = flow_times(steps, shift).tolist()
     for i in trange(steps, disable=disable, leave=False):
         dt = ts[i + 1] - ts[i]
-        v = model_fn(x, _batch_t(x, ts[i]))
+        v = model_fn(x, batch_time(x, ts[i]))
         x_euler = x + dt * v
-        v_next = model_fn(x_euler, _batch_t(x, ts[i + 1]))
+        v_next = model_fn(x_euler, batch_time(x, ts[i + 1]))
         x = x + dt * (v + v_next) / 2
-        _report(callback, i, ts[i], x, v)
+        report(callback, i, ts[i], x, v)
     return x
 
 
@@ -124,12 +95,12 @@ def sample_euler_maruyama(
     ts = flow_times(steps, shift, last_step).tolist()
     for i in trange(steps, disable=disable, leave=False):
         t, h = ts[i], ts[i] - ts[i + 1]  # h > 0: step size backwards in time
-        v = model_fn(x, _batch_t(x, t))
+        v = model_fn(x, batch_time(x, t))
         half_w_score = -diffusion / 2 * (x + (1 - t) * v)
         x = x - h * (v - half_w_score)
         if i < steps - 1:
             x = x + math.sqrt(diffusion * t * h) * noise(x)
-        _report(callback, i, t, x, v)
+        report(callback, i, t, x, v)
     return x
 
 
@@ -237,14 +208,14 @@ def sample_ddpm(
         raise ValueError(f"variance {variance!r} is not one of {VARIANCES}")
     noise = noise or torch.randn_like
     for i, (t, a, a_next) in _steps(alphas_cumprod, steps, disable, spacing):
-        eps, var_values = model_fn(x, _batch_t(x, t)), None
+        eps, var_values = model_fn(x, batch_time(x, t)), None
         if variance == "learned":
             eps, var_values = eps.chunk(2, dim=1)
         step_noise = noise(x) if a_next < 1.0 else None
         x, x0 = ddpm_step(
             x, eps, a=a, a_next=a_next, variance=variance, var_values=var_values, noise=step_noise
         )
-        _report(callback, i, t, x, x0)
+        report(callback, i, t, x, x0)
     return x
 
 
@@ -267,13 +238,13 @@ def sample_ddim(
     """
     noise = noise or torch.randn_like
     for i, (t, a, a_next) in _steps(alphas_cumprod, steps, disable, spacing, ddim=True):
-        eps = model_fn(x, _batch_t(x, t))
+        eps = model_fn(x, batch_time(x, t))
         x0 = _predict_x0(x, eps, a)
         sigma = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
         x = math.sqrt(a_next) * x0 + math.sqrt(max(1 - a_next - sigma**2, 0.0)) * eps
         if sigma > 0:
             x = x + sigma * noise(x)
-        _report(callback, i, t, x, x0)
+        report(callback, i, t, x, x0)
     return x
 
 
@@ -299,7 +270,7 @@ def sample_dpmpp_2m(
 
     x0_prev, h_prev = None, None
     for i, (t, a, a_next) in _steps(alphas_cumprod, steps, disable, spacing):
-        eps = model_fn(x, _batch_t(x, t))
+        eps = model_fn(x, batch_time(x, t))
         x0 = _predict_x0(x, eps, a)
         if a_next >= 1.0:
             x = x0
@@ -312,7 +283,7 @@ def sample_dpmpp_2m(
             sigma_ratio = math.sqrt((1 - a_next) / (1 - a))
             x = sigma_ratio * x - math.sqrt(a_next) * math.expm1(-h) * d
             x0_prev, h_prev = x0, h
-        _report(callback, i, t, x, x0)
+        report(callback, i, t, x, x0)
     return x
 
 
@@ -327,15 +298,24 @@ class Solver:
     kind: str  # the objective kind: "flow_matching" (velocity) or "ddpm" (noise prediction)
     takes_noise: bool  # draws fresh noise during sampling (accepts `noise=`)
     calls_per_step: int = 1
+    options: tuple[str, ...] = ()
+    """The `SolveConfig` fields passed to `fn` as keywords of the same name."""
 
 
 SOLVERS: dict[str, Solver] = {
-    "euler": Solver(sample_euler, "flow_matching", False),
-    "heun": Solver(sample_heun, "flow_matching", False, calls_per_step=2),
-    "euler-maruyama": Solver(sample_euler_maruyama, "flow_matching", True),
-    "ddpm": Solver(sample_ddpm, "ddpm", True),
-    "ddim": Solver(sample_ddim, "ddpm", True),
-    "dpm++2m": Solver(sample_dpmpp_2m, "ddpm", False),
+    "euler": Solver(sample_euler, "flow_matching", False, options=("shift",)),
+    "heun": Solver(sample_heun, "flow_matching", False, calls_per_step=2, options=("shift",)),
+    "euler-maruyama": Solver(
+        sample_euler_maruyama, "flow_matching", True, options=("shift", "diffusion", "last_step")
+    ),
+    "repa-euler": Solver(sample_repa_ode, "flow_matching", False),
+    "repa-heun": Solver(
+        partial(sample_repa_ode, heun=True), "flow_matching", False, calls_per_step=2
+    ),
+    "repa-euler-maruyama": Solver(sample_repa_sde, "flow_matching", True),
+    "ddpm": Solver(sample_ddpm, "ddpm", True, options=("spacing", "variance")),
+    "ddim": Solver(sample_ddim, "ddpm", True, options=("spacing", "eta")),
+    "dpm++2m": Solver(sample_dpmpp_2m, "ddpm", False, options=("spacing",)),
 }
 DEFAULT_SOLVER = {"flow_matching": "heun", "ddpm": "dpm++2m"}
 
@@ -343,3 +323,8 @@ DEFAULT_SOLVER = {"flow_matching": "heun", "ddpm": "dpm++2m"}
 def solvers_for(kind: str) -> list[str]:
     """Names of the solvers that serve an objective kind."""
     return [name for name, s in SOLVERS.items() if s.kind == kind]
+
+
+def solvers_taking(option: str) -> list[str]:
+    """Names of the solvers that take a `SolveConfig` option."""
+    return [name for name, s in SOLVERS.items() if option in s.options]

@@ -27,6 +27,7 @@ from latent_store import (
     dequantize,
     load_latents,
 )
+from latent_store.arrays import latent_arrays
 
 BATCH = 256
 LATENT = (4, 32, 32)
@@ -59,8 +60,9 @@ def bench(samples: int, out: str, batches: int) -> dict:
     rng = np.random.default_rng(0)
     spec = StoreSpec(
         num_samples=samples,
-        latent_shape=LATENT,
-        quant=calibrate(rng.standard_normal((64, *LATENT)).astype(np.float32)),
+        arrays=latent_arrays(
+            LATENT, calibrate(rng.standard_normal((64, *LATENT)).astype(np.float32))
+        ),
         vae=VaeInfo(id="bench"),
         classes=tuple(ClassInfo(index=i, id=str(i)) for i in range(1000)),
     )
@@ -71,7 +73,7 @@ def bench(samples: int, out: str, batches: int) -> dict:
     t0 = time.perf_counter()
     for i in range(spec.num_shards):
         a, b = spec.shard_bounds(i)
-        writer.write_shard(i, shard[: b - a], labels[: b - a])
+        writer.write_shard(i, {"latents": shard[: b - a]}, labels[: b - a])
     write_s = time.perf_counter() - t0
 
     bare_s = _bare_zarr_write(out + ".bare", spec, shard)

@@ -36,6 +36,7 @@ from latent_store import (
     finalize_store,
     load_latents,
 )
+from latent_store.arrays import latent_arrays
 from latent_store.reader import LOAD_THREADS
 from latent_store.store import CHECKSUM, CHECKSUMS, shard_checksum
 from latent_store.verify import verify_store
@@ -50,8 +51,7 @@ def write(out: str, samples: int, checksum: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
     spec = StoreSpec(
         num_samples=samples,
-        latent_shape=LATENT,
-        quant=QuantParams(offset=(-4.0,) * 4, scale=(8 / 255,) * 4),
+        arrays=latent_arrays(LATENT, QuantParams(offset=(-4.0,) * 4, scale=(8 / 255,) * 4)),
         vae=VaeInfo(id="bench/vae", scaling_factor=0.18215),
         classes=tuple(ClassInfo(index=i, id=f"n{i:08d}") for i in range(CLASSES)),
         source={"kind": "bench"},
@@ -67,7 +67,7 @@ def write(out: str, samples: int, checksum: str) -> float:
         for shard in range(spec.num_shards):
             a, b = spec.shard_bounds(shard)
             labels = (np.arange(a, b) % CLASSES).astype(np.int16)
-            writer.write_shard(shard, block[: b - a], labels)
+            writer.write_shard(shard, {"latents": block[: b - a]}, labels)
     finalize_store(store)
     return time.perf_counter() - t0
 

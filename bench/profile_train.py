@@ -110,9 +110,9 @@ def profile(cfg, store, dist, args) -> dict:
     def fwd_bwd():
         from foundation.precision import autocast, resolve_precision
 
-        x, y = batches[0]
+        x, y = batches[0]["latents"], batches[0]["labels"]
         with autocast(device, resolve_precision(cfg.precision, device)):
-            loss = objective.loss(model, x, y, torch.Generator(device).manual_seed(0))
+            loss = objective.loss(model, x, y, torch.Generator(device).manual_seed(0)).value
         loss.backward()
         model.zero_grad(set_to_none=True)
 

@@ -4,6 +4,8 @@
 
 `offset_c` and `scale_c` are calibrated once from the first latents (robust percentiles) and
 stored in the store's metadata. For values inside the calibrated range, |x - x̂| <= scale_c / 2.
+Channels are on axis CHANNEL_DIM of latents (..., C, H, W); `decode` inverts any declared array
+(`latent_store.arrays`), whatever its shape after the channel axis, quantized or not.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 import numpy as np
 import torch
 
+from latent_store.arrays import ArraySpec
 from latent_store.quant_params import CHANNEL_DIM, QMAX, SCHEME, QuantParams
 
 __all__ = [
@@ -21,6 +24,7 @@ __all__ = [
     "SCHEME",
     "QuantParams",
     "calibrate",
+    "decode",
     "dequantize",
     "quantize",
     "quantize_codes",
@@ -32,18 +36,19 @@ def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _per_channel_on(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+def _per_channel_on(values: tuple[float, ...], device: torch.device, dims: int) -> torch.Tensor:
     with torch.inference_mode(False):  # a normal tensor, even when first asked for in inference
-        return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1).to(device)
+        return torch.tensor(values, dtype=torch.float32).view(-1, *[1] * dims).to(device)
 
 
-def _per_channel(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
-    """A per-channel vector shaped to broadcast against (..., C, H, W), on `like`'s device.
+def _per_channel(values: tuple[float, ...], like: torch.Tensor, dims: int = 2) -> torch.Tensor:
+    """A per-channel vector shaped (C, 1, ...) to broadcast against (..., C, *`dims` axes), on
+    `like`'s device.
 
     Made once per device and reused (read-only): building it anew from a Python tuple is a
     blocking host-to-device copy that would make the host wait for the GPU at every batch.
     """
-    return _per_channel_on(tuple(values), like.device)
+    return _per_channel_on(tuple(values), like.device, dims)
 
 
 def calibrate(
@@ -52,15 +57,18 @@ def calibrate(
     lower_percentile: float = 0.01,
     upper_percentile: float = 99.99,
     margin: float = 0.05,
+    dims: int = 2,
 ) -> QuantParams:
-    """Choose per-channel offset/scale from sample latents (..., C, H, W).
+    """Choose per-channel offset/scale from sample latents (..., C, H, W) (`dims`: the axes after
+    the channel axis; 1 for tokens (..., C, T)).
 
     The range spans the given percentiles of each channel, widened by `margin` of its width on
     both sides so that later batches rarely clip. Parameters are rounded to float32 so that
     dequantization is bit-reproducible in float32 on any device.
     """
     t = _as_tensor(x).detach().float().cpu()
-    per_channel = t.movedim(CHANNEL_DIM, 0).reshape(t.shape[CHANNEL_DIM], -1).numpy()
+    axis = -1 - dims
+    per_channel = t.movedim(axis, 0).reshape(t.shape[axis], -1).numpy()
     lo = np.percentile(per_channel, lower_percentile, axis=1)
     hi = np.percentile(per_channel, upper_percentile, axis=1)
     width = np.maximum(hi - lo, 1e-6)
@@ -84,22 +92,38 @@ def quantize_codes(
     return codes.clamp_(0, QMAX).to(torch.uint8), clipped
 
 
-def quantize(x: torch.Tensor, params: QuantParams) -> tuple[torch.Tensor, int]:
-    """Quantize float latents (..., C, H, W) to uint8 on their device.
+def quantize(x: torch.Tensor, params: QuantParams, *, dims: int = 2) -> tuple[torch.Tensor, int]:
+    """Quantize float latents (..., C, H, W) to uint8 on their device (`dims`: as `calibrate`).
 
     Returns the codes and the number of values that fell outside the range and were clipped.
     """
     x = _as_tensor(x).float()
-    codes, clipped = quantize_codes(
-        x.reshape(1, *x.shape), _per_channel(params.offset, x), _per_channel(params.scale, x)
-    )
+    offset, scale = (_per_channel(v, x, dims) for v in (params.offset, params.scale))
+    codes, clipped = quantize_codes(x.reshape(1, *x.shape), offset, scale)
     return codes[0], int(clipped.sum())
 
 
 def dequantize(
-    q: np.ndarray | torch.Tensor, params: QuantParams, *, dtype: torch.dtype = torch.float32
+    q: np.ndarray | torch.Tensor,
+    params: QuantParams,
+    *,
+    dtype: torch.dtype = torch.float32,
+    dims: int = 2,
 ) -> torch.Tensor:
-    """Invert `quantize`: uint8 codes (..., C, H, W) to latents, computed on the codes' device."""
+    """Invert `quantize`: uint8 codes (..., C, H, W) to latents, computed on the codes' device.
+
+    `dims`: the axes after the channel axis (2 for latents; 1 for tokens (..., C, T)).
+    """
     q = _as_tensor(q)
-    x = q.float() * _per_channel(params.scale, q) + _per_channel(params.offset, q)
+    x = q.float() * _per_channel(params.scale, q, dims) + _per_channel(params.offset, q, dims)
     return x.to(dtype)
+
+
+def decode(
+    stored: np.ndarray | torch.Tensor, array: ArraySpec, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """An array's stored rows (..., *array.shape) as values, on their device: dequantized, or
+    cast when the array is stored unquantized."""
+    if array.quant is None:
+        return _as_tensor(stored).to(dtype)
+    return dequantize(stored, array.quant, dtype=dtype, dims=len(array.shape) - 1)

@@ -1,79 +1,107 @@
 """Read a store into RAM, or stream it shard by shard.
 
-Training never indexes Zarr sample by sample: `load_latents` reads whole shards into one uint8
-array, `iter_shards` yields whole shards in a seeded, rank-aware order for stores larger than RAM.
-Dequantize batches with `latent_store.dequantize` on the consumer's device.
+Training never indexes Zarr sample by sample: `load_latents` reads whole shards into one array
+per declared array it is asked for, `iter_shards` yields whole shards in a seeded, rank-aware
+order for stores larger than RAM. Readers name the arrays they need (`names`, default the
+latents), and only those are read and verified. Decode batches with `latent_store.quantize.decode`
+(or `dequantize`) on the consumer's device.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from latent_store.arrays import LABELS, LATENTS
 from latent_store.schema import LABEL_FILL, ShardRecord, StoreSpec
 from latent_store.store import LatentStore, open_store
 from latent_store.verify import verify_shard, verify_store, verify_summary
 
 LOAD_THREADS = 16  # shards fetched at once by load_latents (object stores: requests in flight)
 PREFETCH = 1  # shards iter_shards fetches ahead of the one it yields
+DEFAULT_NAMES = (LATENTS,)
 
 
 @dataclass(frozen=True)
 class LatentArrays:
     """Written samples held in RAM.
 
-    latents: uint8 (M, V, C, H, W); labels: int64 (M,); indices: int64 (M,) positions in the
-    store (to look up keys); logstd: uint8 like latents, only for posterior "moments".
+    arrays: name -> stored rows (M, [V,] *shape) of each array read (`arrays["latents"]`: uint8
+    (M, V, C, H, W)); labels: int64 (M,); indices: int64 (M,) positions in the store (to look up
+    keys).
     """
 
-    latents: np.ndarray
+    arrays: Mapping[str, np.ndarray]
     labels: np.ndarray
     indices: np.ndarray
-    logstd: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
 
-def _shard_arrays(store: LatentStore, shard: int, record: ShardRecord | None) -> LatentArrays:
-    """A shard's written samples; checked against `record` first unless it is None (no verify)."""
-    data = store.read_shard(shard) if record is None else verify_shard(store, shard, record)
-    keep = data["labels"] != LABEL_FILL
+    @property
+    def latents(self) -> np.ndarray:
+        return self.arrays[LATENTS]
+
+
+def _shard_arrays(
+    store: LatentStore,
+    shard: int,
+    record: ShardRecord | None,
+    names: Sequence[str],
+    added: Mapping[str, list] | None,
+) -> LatentArrays:
+    """A shard's written samples of `names`; checked against `record` (and the added arrays'
+    records, `added`: name -> records) first, unless `record` is None (no verify)."""
+    if record is None:
+        data = store.read_shard(shard, names)
+    else:
+        mine = {n: rs[shard] for n, rs in (added or {}).items()}
+        data = verify_shard(store, shard, record, names=names, added=mine)
+    keep = data[LABELS] != LABEL_FILL
+    rows = slice(None) if keep.all() else keep  # no copy of a shard with every sample written
     start, _ = store.spec.shard_bounds(shard)
     return LatentArrays(
-        latents=data["latents"][keep],
-        labels=data["labels"][keep].astype(np.int64),
+        arrays={n: data[n][rows] for n in names},
+        labels=data[LABELS][rows].astype(np.int64),
         indices=np.flatnonzero(keep) + start,
-        logstd=data["logstd"][keep] if "logstd" in data else None,
     )
 
 
-def _concat(parts: Sequence[LatentArrays], spec: StoreSpec) -> LatentArrays:
+def _concat(parts: Sequence[LatentArrays], spec: StoreSpec, names: Sequence[str]) -> LatentArrays:
     if not parts:
-        empty = np.zeros((0, *spec.sample_shape), np.uint8)
+        empty = {n: np.zeros((0, *spec.row_shape(n)), spec.array(n).dtype) for n in names}
         return LatentArrays(empty, np.zeros(0, np.int64), np.zeros(0, np.int64))
-    logstd = [p.logstd for p in parts]
     return LatentArrays(
-        latents=np.concatenate([p.latents for p in parts]),
+        arrays={n: np.concatenate([p.arrays[n] for p in parts]) for n in names},
         labels=np.concatenate([p.labels for p in parts]),
         indices=np.concatenate([p.indices for p in parts]),
-        logstd=None if logstd[0] is None else np.concatenate(logstd),
     )
+
+
+def _added_records(store: LatentStore, names: Sequence[str], verify: bool) -> dict[str, list]:
+    """The records of the added arrays among `names` (read once, for every shard's check)."""
+    if not verify:
+        return {}
+    return {n: store.records(n) for n in names if store.spec.array(n).added}
 
 
 def load_latents(
     path: str | os.PathLike | LatentStore,
     *,
+    names: Sequence[str] = DEFAULT_NAMES,
     shards: Sequence[int] | None = None,
     allow_incomplete: bool = False,
     threads: int = LOAD_THREADS,
     verify: bool = True,
 ) -> LatentArrays:
-    """Load the written samples of a store (or of some shards) into RAM.
+    """Load the written samples of the arrays `names` of a store (or of some shards) into RAM.
 
     `threads` whole shards are fetched at once: on an object store each is one GET per array,
     so the load runs at the store's aggregate bandwidth instead of one request's latency.
@@ -84,6 +112,7 @@ def load_latents(
     the reads.
     """
     store = open_store(path)
+    names = [store.spec.array(n).name for n in names]  # unknown names: one line, here
     with ThreadPoolExecutor(max(1, threads)) as pool:
         # the store-wide checks (their requests too, at a URL) overlap the records and shards
         sealed = pool.submit(verify_store, store, summary=False) if verify else None
@@ -91,16 +120,19 @@ def load_latents(
         try:
             records = store.records()
             todo = store.require_complete(
-                shards, allow_incomplete=allow_incomplete, records=records
+                shards, allow_incomplete=allow_incomplete, records=records, names=names
             )
             checked = records if verify else [None] * len(records)
-            parts = list(pool.map(lambda s: _shard_arrays(store, s, checked[s]), todo))
+            added = _added_records(store, names, verify)
+            parts = list(
+                pool.map(lambda s: _shard_arrays(store, s, checked[s], names, added), todo)
+            )
         finally:  # a broken seal or summary explains shard problems: it is reported first
             if sealed is not None:
                 sealed.result()
                 if records is not None:
                     verify_summary(store, records)
-    return _concat(parts, store.spec)
+    return _concat(parts, store.spec, names)
 
 
 def shard_order(num_shards: int, *, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
@@ -112,6 +144,7 @@ def shard_order(num_shards: int, *, seed: int, epoch: int, rank: int, world_size
 def iter_shards(
     path: str | os.PathLike | LatentStore,
     *,
+    names: Sequence[str] = DEFAULT_NAMES,
     seed: int = 0,
     epoch: int = 0,
     rank: int = 0,
@@ -119,21 +152,26 @@ def iter_shards(
     allow_incomplete: bool = False,
     verify: bool = True,
 ) -> Iterator[LatentArrays]:
-    """Yield this rank's complete shards, whole, in a seeded order that changes every epoch.
+    """Yield this rank's complete shards of the arrays `names`, whole, in a seeded order that
+    changes every epoch.
 
     The next shard is fetched (and, with `verify`, checked) while the consumer works on the
     current one; with `verify` the store's seal is checked first.
     """
     store = open_store(path)
+    names = [store.spec.array(n).name for n in names]
     records = store.records()
     if verify:
         verify_store(store, records=records)
-    complete = store.require_complete(allow_incomplete=allow_incomplete, records=records)
+    complete = store.require_complete(
+        allow_incomplete=allow_incomplete, records=records, names=names
+    )
     checked = records if verify else [None] * len(records)
+    added = _added_records(store, names, verify)
     order = shard_order(len(complete), seed=seed, epoch=epoch, rank=rank, world_size=world_size)
 
     def fetch(i: int) -> LatentArrays:
-        return _shard_arrays(store, complete[i], checked[complete[i]])
+        return _shard_arrays(store, complete[i], checked[complete[i]], names, added)
 
     with ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch") as pool:
         ahead = [pool.submit(fetch, i) for i in order[:PREFETCH]]

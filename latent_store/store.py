@@ -7,7 +7,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from foundation.urls import check_options_apply, is_url
+from latent_store.arrays import BASE_RECORDS, LABELS, RECORDS_SUFFIX, STATS_SUFFIX, ArraySpec
 from latent_store.errors import (
     LatentditError,
     SchemaMismatchError,
@@ -30,10 +31,10 @@ from latent_store.errors import (
 from latent_store.provenance import PROVENANCE_KEY, seal
 from latent_store.retry import retry
 from latent_store.schema import ATTRS_KEY, LABEL_FILL, ShardRecord, StoreSpec
+from latent_store.shard_file import read_shard_file
 
 log = logging.getLogger(__name__)
 
-DATA_ARRAYS = ("latents", "logstd", "labels")  # arrays written shard by shard
 SUMMARY_KEY = "summary"
 # Shard checksums by the name their records carry. Writers record CHECKSUM (xxh3: ~30 GB/s on
 # a core here against blake2b's 0.9, which cost as much as the load itself); readers verify both,
@@ -102,18 +103,8 @@ def create_store(
     attrs = spec.to_attrs()
     attrs[PROVENANCE_KEY] = seal(attrs, np.asarray(keys, dtype=object).astype(str))
     group = zarr.create_group(str(path), zarr_format=3, attributes={ATTRS_KEY: attrs}, **kw)
-    sample = spec.sample_shape
-    latent_arrays = ["latents"] + (["logstd"] if spec.posterior == "moments" else [])
-    for name in latent_arrays:
-        group.create_array(
-            name,
-            shape=(spec.num_samples, *sample),
-            dtype="uint8",
-            chunks=(spec.chunk_size, *sample),
-            shards=(spec.shard_size, *sample),
-            compressors=None,
-            fill_value=0,
-        )
+    for array in spec.base_arrays:
+        create_arrays(group, spec, array)
     group.create_array(
         "labels",
         shape=(spec.num_samples,),
@@ -124,9 +115,49 @@ def create_store(
     )
     group.create_array("keys", shape=(spec.num_samples,), dtype=str, chunks=(spec.shard_size,))
     group["keys"][:] = np.asarray(keys, dtype=object).astype(str)
-    group.create_array("shard_records", shape=(spec.num_shards,), dtype=str, chunks=(1,))
+    group.create_array(BASE_RECORDS, shape=(spec.num_shards,), dtype=str, chunks=(1,))
     log.info("created store %s: %d samples in %d shards", path, spec.num_samples, spec.num_shards)
     return LatentStore(path, storage_options=storage_options)
+
+
+def array_layouts(spec: StoreSpec, array: ArraySpec) -> dict[str, tuple[str | None, tuple, tuple]]:
+    """The Zarr arrays a declared array lives in: {name: (dtype, shape, chunks)}.
+
+    The data (N, [V,] *shape), sharded like the latents; its statistics rows (`latent_store.stats`)
+    where the store keeps them; an added array's records.
+    """
+    row = spec.row_shape(array.name)
+    layouts = {
+        array.name: (array.dtype, (spec.num_samples, *row), (spec.chunk_size, *row)),
+    }
+    if spec.has_stats(array.name):
+        stats = (2, *array.shape)
+        layouts[array.name + STATS_SUFFIX] = ("float32", (spec.num_shards + 1, *stats), (1, *stats))
+    if array.added:
+        layouts[array.name + RECORDS_SUFFIX] = (None, (spec.num_shards,), (1,))
+    return layouts
+
+
+def create_arrays(
+    group: zarr.Group, spec: StoreSpec, array: ArraySpec, *, overwrite: bool = False
+) -> None:
+    """Create the Zarr arrays of one declared array (see `array_layouts`), empty."""
+    for name, (dtype, shape, chunks) in array_layouts(spec, array).items():
+        if dtype is None:  # records: one JSON string per shard
+            group.create_array(name, shape=shape, dtype=str, chunks=chunks, overwrite=overwrite)
+            continue
+        shards = (spec.shard_size, *chunks[1:]) if name == array.name else None
+        fill = np.nan if dtype == "float32" and name != array.name else 0
+        group.create_array(
+            name,
+            shape=shape,
+            dtype=dtype,
+            chunks=chunks,
+            shards=shards,
+            compressors=None,
+            fill_value=fill,
+            overwrite=overwrite,
+        )
 
 
 def _holds_something(path: str | os.PathLike, storage_options: dict | None) -> bool:
@@ -197,27 +228,31 @@ class LatentStore:
         """Bytes of every object (file) of the store."""
         return retry(lambda: sync(self.group.store.getsize_prefix("")), self.path)
 
-    @property
-    def data_arrays(self) -> list[str]:
-        return [n for n in DATA_ARRAYS if n != "logstd" or self.spec.posterior == "moments"]
-
-    def shard_files(self, shard: int) -> list[str]:
-        """Store keys (relative paths) of the files holding a shard's data."""
+    def shard_files(self, shard: int, names: Sequence[str] | None = None) -> list[str]:
+        """Store keys (relative paths) of the files holding a shard's data: of the arrays `names`
+        (default: those made with the store, and the labels), with their statistics rows."""
         keys = []
-        for name in self.data_arrays:
-            arr = self.array(name)
-            chunk = (shard, *([0] * (arr.ndim - 1)))
-            keys.append(f"{name}/{arr.metadata.encode_chunk_key(chunk)}")
+        for name in (*self.spec.base_names, LABELS) if names is None else names:
+            stats = [name + STATS_SUFFIX] if name != LABELS and self.spec.has_stats(name) else []
+            keys += [self.chunk_key(part, shard) for part in (name, *stats)]
         return keys
 
-    def records(self) -> list[ShardRecord | None]:
-        """The completion record of every shard (None where the shard is not complete).
+    def chunk_key(self, name: str, shard: int) -> str:
+        """The store key of the file holding shard `shard` of array `name`."""
+        arr = self.array(name)
+        return f"{name}/{arr.metadata.encode_chunk_key((shard, *([0] * (arr.ndim - 1))))}"
+
+    def records(self, name: str | None = None) -> list[ShardRecord | None]:
+        """The completion record of every shard (None where the shard is not complete): of the
+        arrays made with the store (`name` None), or of the added array `name`.
 
         A record that cannot be read (a torn chunk) counts as missing, like an unparsable one.
         """
-        arr = self.array("shard_records")
+        added = name is not None and self.spec.array(name).added
+        key = name + RECORDS_SUFFIX if added else BASE_RECORDS
+        arr = self.array(key)
         try:
-            raw = self.fetch(lambda: arr[:].tolist(), f"{self.path}/shard_records")
+            raw = self.fetch(lambda: arr[:].tolist(), f"{self.path}/{key}")
         except LatentditError:  # the store cannot be reached: not a torn record
             raise
         except Exception:  # zarr/numcodecs raise what their codecs raise; find the torn ones
@@ -233,32 +268,56 @@ class LatentStore:
         *,
         allow_incomplete: bool = False,
         records: Sequence[ShardRecord | None] | None = None,
+        names: Sequence[str] = (),
     ) -> list[int]:
-        """Return the complete shards among `shards` (default: all).
+        """Return the complete shards among `shards` (default: all): their base records, and
+        the records of the added arrays among `names`, are there.
 
         Raises StoreIncompleteError naming the incomplete ones, unless `allow_incomplete`.
         `records`: the store's records if already read (`records()`; on an object store each
         reading is a request per shard).
         """
         records = self.records() if records is None else records
-        wanted = range(len(records)) if shards is None else shards
+        wanted = list(range(len(records)) if shards is None else shards)
         missing = [i for i in wanted if records[i] is None]
         if missing and not allow_incomplete:
             raise StoreIncompleteError(
                 f"{self.path}: {len(missing)} of {len(wanted)} shards are not complete "
                 f"({_format_ranges(missing)}); re-run the same encode command to finish it"
             )
-        return [i for i in wanted if records[i] is not None]
+        complete = [i for i in wanted if records[i] is not None]
+        for array in (a for a in self.spec.added_arrays if a.name in names):
+            added = self.records(array.name)
+            unwritten = [i for i in complete if added[i] is None]
+            if unwritten and not allow_incomplete:
+                raise StoreIncompleteError(
+                    f"{self.path}: array {array.name!r} is not written for {len(unwritten)} of "
+                    f"{len(complete)} shards ({_format_ranges(unwritten)}); re-run the command "
+                    "that adds it to finish it"
+                )
+            complete = [i for i in complete if added[i] is not None]
+        return complete
 
-    def read_shard(self, shard: int) -> dict[str, np.ndarray]:
-        """Read one shard's data arrays (latents, labels and logstd if present) into RAM.
+    def read_shard(self, shard: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Read one shard of the arrays `names` (default: those made with the store) and of the
+        labels into RAM: {name: rows}.
 
         Each array's shard is one object, fetched whole, the arrays' objects at once (on an
         object store: concurrent requests); a failed fetch is retried, then raises
         StoreReadError naming the shard.
         """
         start, stop = self.spec.shard_bounds(shard)
-        names = self.data_arrays
+        wanted = [*(self.spec.base_names if names is None else names)]
+        wanted += [LABELS] if LABELS not in wanted else []
+        if self.local_root is not None:  # one read per file, no decoding copy (shard_file.py)
+            local = [
+                read_shard_file(
+                    self.array(n), self.local_root / self.chunk_key(n, shard), stop - start
+                )
+                for n in wanted
+            ]
+            if all(a is not None for a in local):
+                return dict(zip(wanted, local, strict=True))
 
         async def read(arrays: list[zarr.Array]) -> list:
             return await asyncio.gather(
@@ -266,7 +325,7 @@ class LatentStore:
             )
 
         return self.fetch(
-            lambda: dict(zip(names, sync(read([self.array(n) for n in names])), strict=True)),
+            lambda: dict(zip(wanted, sync(read([self.array(n) for n in wanted])), strict=True)),
             f"{self.path}: shard {shard}",
         )
 
@@ -281,15 +340,22 @@ def _read_record(arr: zarr.Array, shard: int) -> str:
         return ""
 
 
-def shard_checksum(data: dict[str, np.ndarray], algorithm: str = CHECKSUM) -> str:
-    """Checksum of a shard's data, in the order of DATA_ARRAYS: "ALGORITHM:HEX".
+def shard_checksum(data: Mapping[str, np.ndarray], algorithm: str = CHECKSUM) -> str:
+    """Checksum of arrays' bytes, in the mapping's order: "ALGORITHM:HEX".
 
     Both kinds release the GIL, so shards hash in parallel in the threads that read them.
     """
     h = CHECKSUMS[algorithm]()
-    for name in DATA_ARRAYS:
-        if name in data:
-            h.update(np.ascontiguousarray(data[name]).data)
+    for values in data.values():
+        h.update(np.ascontiguousarray(values).data)
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def parts_checksum(checksums: Sequence[str]) -> str:
+    """A v2 record's checksum: the digest of its parts' checksums, in their kind."""
+    algorithm = checksum_algorithm(checksums[0]) or CHECKSUM
+    h = CHECKSUMS[algorithm]()
+    h.update("\n".join(checksums).encode())
     return f"{algorithm}:{h.hexdigest()}"
 
 

@@ -1,4 +1,5 @@
-"""Describe a store for `latentdit inspect`: counts, classes, size, provenance, completion."""
+"""Describe a store for `latentdit inspect`: counts, classes, size, provenance, completion, and
+each declared array (shape, dtype, quantization, statistics)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from dataclasses import asdict
 
 import numpy as np
 
+from latent_store.finalize import ARRAYS_KEY, summarize_records, summary_rows
 from latent_store.schema import LABEL_FILL
 from latent_store.store import LatentStore, _format_ranges, open_store
 from latent_store.verify import verify_labels, verify_store
-from latent_store.writer import summarize_records
 
 FAILURES_SHOWN = 10
 
@@ -33,7 +34,7 @@ def describe_store(path: str | os.PathLike | LatentStore, *, verify: bool = True
     records = store.records()
     if verify:
         verify_store(store, records=records)
-    summary = summarize_records(store, records)
+    summary = summarize_records(store, records, summary_rows(store))
     labels = verify_labels(store) if verify else store.array("labels")[:]
     counts = np.bincount(labels[labels != LABEL_FILL], minlength=spec.num_classes)
     failures = [asdict(f) for r in records if r for f in r.failures]
@@ -53,10 +54,11 @@ def describe_store(path: str | os.PathLike | LatentStore, *, verify: bool = True
         "per_class_max": int(counts.max()) if counts.size else 0,
         "bytes_on_disk": _bytes_on_disk(store),
         "vae": asdict(spec.vae),
-        "quantization": spec.quant.to_attrs(),
+        "quantization": spec.quant.to_attrs() if spec.quant else {"scheme": "none"},
         "clipped_fraction": summary["clipped_fraction"],
-        "channel_mean": summary["channel_mean"],
-        "channel_std": summary["channel_std"],
+        "channel_mean": summary.get("channel_mean"),
+        "channel_std": summary.get("channel_std"),
+        "arrays": [_describe_array(store, a.name, summary) for a in spec.arrays],
         "shards_complete": summary["shards_complete"],
         "shards_total": summary["shards_total"],
         "incomplete": _format_ranges(missing) if missing else "",
@@ -67,6 +69,23 @@ def describe_store(path: str | os.PathLike | LatentStore, *, verify: bool = True
         "source": dict(spec.source),
         "tool_version": spec.tool_version,
         "command": spec.command,
+    }
+
+
+def _describe_array(store: LatentStore, name: str, summary: dict) -> dict:
+    """One declared array: its declaration, bytes per sample, and its summarized statistics."""
+    array, spec = store.spec.array(name), store.spec
+    section = (summary.get(ARRAYS_KEY) or {}).get(name, {})
+    if spec.format_version == 1 and name == "latents":
+        section = summary
+    return {
+        **array.to_attrs(),
+        "quant": array.quant.to_attrs()["scheme"] if array.quant else None,
+        "row_shape": list(spec.row_shape(name)),
+        "bytes_per_sample": array.nbytes_per_sample(len(spec.variants)),
+        "added": array.added,
+        "position_stats": spec.has_stats(name),
+        **{k: section.get(k) for k in ("clipped_fraction", "channel_mean", "channel_std")},
     }
 
 
@@ -86,11 +105,23 @@ def format_description(d: dict) -> str:
         f"images       {d['image_size']} px, crop {d['crop']}, modes {d['image_modes']}",
         f"classes      {d['classes']} (per class: min {d['per_class_min']}, max {d['per_class_max']})",
         f"vae          {d['vae']['id']} ({d['vae']['cls']}, scaling {d['vae']['scaling_factor']}, shift {d['vae']['shift_factor']})",
-        f"quantization {d['quantization']['scheme']}, clipped {d['clipped_fraction']:.2e}",
-        f"mean         {floats(d['channel_mean'])}",
-        f"std          {floats(d['channel_std'])}",
+        f"quantization {d['quantization']['scheme']}, clipped {_clipped(d['clipped_fraction'])}",
+        f"mean         {floats(d['channel_mean'] or [])}",
+        f"std          {floats(d['channel_std'] or [])}",
     ]
+    for a in d["arrays"]:
+        kind = f"{a['dtype']} {a['quant'] or 'unquantized'}"
+        added = ", added" if a["added"] else ""
+        stats = "per position" if a["position_stats"] else "per channel"
+        lines.append(
+            f"array        {a['name']}: {'x'.join(map(str, a['row_shape']))} {kind}, "
+            f"{a['bytes_per_sample']} B/sample, statistics {stats}{added}"
+        )
     if d["failures"]:
         lines.append(f"failures     {d['failure_reasons']}")
         lines += [f"  {f['key']}: {f['reason']}" for f in d["failures_first"]]
     return "\n".join(lines)
+
+
+def _clipped(value: float | None) -> str:
+    return "not summarized" if value is None else f"{value:.2e}"

@@ -11,10 +11,14 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+from latent_store.arrays import ArraySpec
 from latent_store.config import DEFAULT_MAX_CLIPPED
+from latent_store.errors import LatentditError
+from latent_store.finalize import ARRAYS_KEY, shard_stats_rows, summarize_records, summarized_arrays
 from latent_store.provenance import UNSEALED, provenance_problems
 from latent_store.quantize import QMAX
 from latent_store.schema import ShardRecord
+from latent_store.stats import combine
 from latent_store.store import LatentStore, _format_ranges, open_store
 from latent_store.verify import (
     array_problems,
@@ -22,7 +26,6 @@ from latent_store.verify import (
     read_keys,
     summary_problems,
 )
-from latent_store.writer import summarize_records
 
 MAX_LISTED = 5  # problems listed per check before "..."
 
@@ -69,12 +72,22 @@ def check_completion(store: LatentStore, records: list[ShardRecord | None]) -> C
 
 
 def check_shards(store: LatentStore, records: list[ShardRecord | None]) -> tuple[Check, Check]:
-    """Records, checksums and labels of every complete shard (one read of each shard)."""
+    """Records, checksums and labels of every complete shard (one read of each shard), of every
+    array: those made with the store, and each added one where its shard is written."""
     corrupt, bad_labels = [], []
+    added = {a.name: store.records(a.name) for a in store.spec.added_arrays}
     for shard, record in enumerate(records):
         if record is not None:
-            _, problems, labels = check_shard(store, shard, record)
+            names = [*store.spec.base_names, *(n for n, r in added.items() if r[shard])]
+            mine = {n: r[shard] for n, r in added.items()}
+            _, problems, labels = check_shard(store, shard, record, names=names, added=mine)
             corrupt, bad_labels = corrupt + problems, bad_labels + labels
+    for name, recs in added.items():
+        if missing := [i for i, r in enumerate(recs) if r is None and records[i] is not None]:
+            corrupt.append(
+                f"array {name!r} is not written for {_format_ranges(missing)}; re-run the "
+                "command that adds it"
+            )
     return (
         _check("checksums", corrupt, "every complete shard matches its record and checksum"),
         _check(
@@ -83,8 +96,36 @@ def check_shards(store: LatentStore, records: list[ShardRecord | None]) -> tuple
     )
 
 
-def check_summary(store: LatentStore, records: list[ShardRecord | None]) -> Check:
-    return _check("summary", summary_problems(store, records), "summary matches the shard records")
+def check_summary(
+    store: LatentStore, records: list[ShardRecord | None], fresh: dict, stats_problems: list[str]
+) -> Check:
+    """The stored summary against the records and the statistics rows it names (what readers
+    check), and against `fresh`, the summary made anew from every shard's statistics row."""
+    problems = summary_problems(store, records) + stats_problems
+    stored = store.summary
+    if stored is not None and not problems and all(r is not None for r in records):
+        named = stored.get(ARRAYS_KEY) or {}
+        for name, section in (fresh.get(ARRAYS_KEY) or {}).items():
+            if name not in named:
+                problems.append(f"array {name!r} is written but not summarized; finalize the store")
+            elif section != named[name]:
+                problems.append(f"the store's statistics of {name!r} are not its shards' combined")
+    return _check("summary", problems, "summary matches the shard records and statistics")
+
+
+def fresh_rows(store: LatentStore) -> tuple[dict, list[str]]:
+    """The statistics rows of every summarized array, combined anew from its shards' rows (each
+    checked against its record), and the problems met."""
+    rows, problems = {}, []
+    for name in summarized_arrays(store):
+        try:
+            parts = shard_stats_rows(store, name, store.records(name))
+        except LatentditError as e:
+            problems.append(str(e).removeprefix(f"{store.path}: ").split("; run")[0])
+            continue
+        if any(count for count, _ in parts):
+            rows[name] = combine(parts)[0]
+    return rows, problems
 
 
 def check_keys(store: LatentStore) -> Check:
@@ -97,40 +138,79 @@ def check_keys(store: LatentStore) -> Check:
     return _check("keys", problems, f"{len(keys)} keys, unique")
 
 
+def _array_summaries(store: LatentStore, summary: dict) -> dict[str, dict]:
+    """name -> the summary's clipped fraction and statistics of each array that has them."""
+    sections = dict(summary.get(ARRAYS_KEY) or {})
+    if store.spec.format_version == 1:  # the latents' are at the top
+        sections["latents"] = summary
+    return sections
+
+
 def check_quantization(store: LatentStore, summary: dict, max_clipped: float) -> Check:
-    spec = store.spec
-    problems = []
-    for name, q in (("quant", spec.quant), ("logstd_quant", spec.logstd_quant)):
-        if q is not None and not q.is_finite():
-            problems.append(f"{name} parameters are not finite and positive: {q.to_attrs()}")
-    clipped = summary["clipped_fraction"]
-    if clipped > max_clipped:
-        problems.append(
-            f"{clipped:.2e} of values were clipped, above {max_clipped:.0e}: the calibration "
-            "range is too narrow; re-encode with more calibration samples"
-        )
-    return _check("quantization", problems, f"parameters finite, clipped fraction {clipped:.2e}")
+    """Per quantized array: finite parameters, the clipped fraction, and the error that rounding
+    adds (rms step / sqrt(12), as a share of each channel's std: reported, never failed)."""
+    problems, notes = [], []
+    sections = _array_summaries(store, summary)
+    for array in (a for a in store.spec.arrays if a.quant is not None):
+        q, section = array.quant, sections.get(array.name, {})
+        if not q.is_finite():
+            problems.append(f"{array.name}: parameters are not finite and positive")
+        clipped = section.get("clipped_fraction")
+        if clipped is not None and clipped > max_clipped:
+            problems.append(
+                f"{array.name}: {clipped:.2e} of values were clipped, above {max_clipped:.0e}: "
+                "the calibration range is too narrow; re-encode with more calibration samples"
+            )
+        notes.append(f"{array.name}: clipped {_fraction(clipped)}{_error(q, section)}")
+    return _check("quantization", problems, "; ".join(notes))
+
+
+def _fraction(value: float | None) -> str:
+    return "not summarized" if value is None else f"{value:.2e}"
+
+
+def _error(q, section: dict) -> str:
+    """', error 0.9% of std (worst channel 2: 1.4%)': rounding's rms error against the std."""
+    stds = section.get("channel_std")
+    if not stds or not all(math.isfinite(s) and s > 0 for s in stds):
+        return ""
+    shares = [scale / math.sqrt(12) / std for scale, std in zip(q.scale, stds, strict=True)]
+    worst = max(range(len(shares)), key=shares.__getitem__)
+    mean = sum(shares) / len(shares)
+    return f", error {mean:.1%} of std (worst channel {worst}: {shares[worst]:.1%})"
 
 
 def check_statistics(store: LatentStore, summary: dict) -> Check:
-    q = store.spec.quant
+    """Per array with statistics: finite, each channel's mean inside its quantized range, and its
+    std at least one quantization step (constant values mean a broken encoder or input)."""
     problems = []
-    for c, (mean, std) in enumerate(
-        zip(summary["channel_mean"], summary["channel_std"], strict=True)
-    ):
-        lo, hi = q.offset[c], q.offset[c] + QMAX * q.scale[c]
-        if not (math.isfinite(mean) and math.isfinite(std)):
-            problems.append(f"channel {c}: statistics not finite (mean {mean}, std {std})")
-        elif not lo <= mean <= hi:
+    for name, section in _array_summaries(store, summary).items():
+        if name in store.spec.names and "channel_mean" in section:
+            problems += _channel_problems(store.spec.array(name), section)
+    return _check("statistics", problems, "per-channel mean and std plausible")
+
+
+def _channel_problems(array: ArraySpec, section: dict) -> list[str]:
+    problems, q = [], array.quant
+    prefix = "" if array.name == "latents" else f"{array.name}: "
+    pairs = zip(section["channel_mean"], section["channel_std"], strict=True)
+    for c, (mean, std) in enumerate(pairs):
+        if mean is None or std is None or not (math.isfinite(mean) and math.isfinite(std)):
+            problems.append(f"{prefix}channel {c}: statistics not finite (mean {mean}, std {std})")
+        elif q is None:
+            continue
+        elif not q.offset[c] <= mean <= q.offset[c] + QMAX * q.scale[c]:
+            lo, hi = q.offset[c], q.offset[c] + QMAX * q.scale[c]
             problems.append(
-                f"channel {c}: mean {mean:.4g} outside the quantized range [{lo:.4g}, {hi:.4g}]"
+                f"{prefix}channel {c}: mean {mean:.4g} outside the quantized range "
+                f"[{lo:.4g}, {hi:.4g}]"
             )
         elif std < q.scale[c]:
             problems.append(
-                f"channel {c}: std {std:.3g} below one quantization step {q.scale[c]:.3g} "
-                "(constant latents: was the VAE or the input broken?)"
+                f"{prefix}channel {c}: std {std:.3g} below one quantization step "
+                f"{q.scale[c]:.3g} (constant latents: was the VAE or the input broken?)"
             )
-    return _check("statistics", problems, "per-channel mean and std plausible")
+    return problems
 
 
 def validate_store(
@@ -145,8 +225,9 @@ def validate_store(
     if not checks[0].ok:  # reading shards through wrong shapes would only add noise
         return checks
     records = store.records()
-    summary = summarize_records(store, records)
+    rows, stats_problems = fresh_rows(store)
+    summary = summarize_records(store, records, rows)
     checks += [check_completion(store, records), *check_shards(store, records), check_keys(store)]
-    checks.append(check_summary(store, records))
+    checks.append(check_summary(store, records, summary, stats_problems))
     checks += [check_quantization(store, summary, max_clipped), check_statistics(store, summary)]
     return checks

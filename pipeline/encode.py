@@ -130,14 +130,15 @@ def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
 
 
 class ShardBuffer:
-    """The latents, labels, failures and modes of one shard while it is being encoded."""
+    """The declared arrays, labels, failures and modes of one shard while it is being encoded."""
 
     def __init__(self, spec: StoreSpec, shard: int) -> None:
         self.shard = shard
         self.start, self.stop = spec.shard_bounds(shard)
-        shape = (self.stop - self.start, *spec.sample_shape)
-        self.latents = np.zeros(shape, np.uint8)
-        self.logstd = np.zeros(shape, np.uint8) if spec.posterior == "moments" else None
+        self.arrays = {
+            a.name: np.zeros((self.stop - self.start, *spec.row_shape(a.name)), a.dtype)
+            for a in spec.base_arrays
+        }
         self.labels = np.full(self.stop - self.start, LABEL_FILL, np.int16)
         self.failures: list[Failure] = []
         self.modes: Counter[str] = Counter()
@@ -151,12 +152,11 @@ class ShardBuffer:
     def write(self, writer: StoreWriter):
         return writer.write_shard(
             self.shard,
-            self.latents,
+            self.arrays,
             self.labels,
-            logstd=self.logstd,
             failures=self.failures,
             image_modes=self.modes,
-            clipped=self.clipped,
+            clipped={"latents": self.clipped},
         )
 
 
@@ -279,10 +279,10 @@ def _finish(source, batch: Batch, buf: ShardBuffer, launched, bar, buffers, writ
     if launched is not None:
         out = launched.wait()
         rows = np.asarray(batch.ok) - buf.start
-        buf.latents[rows] = out.codes.numpy()
+        buf.arrays["latents"][rows] = out.codes.numpy()
         buf.clipped += int(out.clipped.sum())
         if out.logstd is not None:
-            buf.logstd[rows] = out.logstd.numpy()
+            buf.arrays["logstd"][rows] = out.logstd.numpy()
         buf.labels[rows] = [source.label(i) for i in batch.ok]
         buf.modes.update(batch.modes)
     buf.seen += len(batch.indices)

@@ -26,6 +26,7 @@ from latent_store import (
     create_store,
     open_store,
 )
+from latent_store.arrays import latent_arrays
 from pipeline.encode_config import EncodeConfig
 from pipeline.loader import collate, load_item
 from pipeline.preprocess import PreprocessConfig
@@ -45,7 +46,7 @@ RESUME_FIELDS = (
     "variants",
     "posterior",
     "num_samples",
-    "latent_shape",
+    "arrays",
     "classes",
     "chunk_size",
     "shard_size",
@@ -65,11 +66,14 @@ def store_spec(
     channels = vae_info.latent_channels
     placeholder = QuantParams(offset=(0.0,) * channels, scale=(1.0,) * channels)
     moments = cfg.posterior == "moments"
+    arrays = latent_arrays(
+        (channels, side, side),
+        quant or placeholder,
+        (logstd_quant or placeholder) if moments else None,
+    )
     return StoreSpec(
         num_samples=len(source),
-        latent_shape=(channels, side, side),
-        quant=quant or placeholder,
-        logstd_quant=(logstd_quant or placeholder) if moments else None,
+        arrays=arrays,
         vae=vae_info,
         classes=source.classes,
         variants=cfg.variants,

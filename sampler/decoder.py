@@ -28,11 +28,10 @@ DECODE_CHUNK = 64
 def check_vae_fits(meta: Mapping[str, Any], vae, vae_id: str) -> None:
     """Refuse a VAE whose latents differ from the checkpoint's, naming both values."""
     recorded = meta.get("vae", {})
-    norm = meta["normalization"]
+    norm = LatentNormalization.from_meta(dict(meta["normalization"]))
     checks = [
         ("latent channels", meta["latent_shape"][0], vae.config.latent_channels),
-        ("normalization mean length", len(norm["mean"]), vae.config.latent_channels),
-        ("normalization std length", len(norm["std"]), vae.config.latent_channels),
+        ("normalization channels", norm.channels, vae.config.latent_channels),
     ] + [
         (key, recorded[key], mine)
         for key, mine in (
@@ -60,7 +59,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class LatentDecoder:
-    """Invert the checkpoint's latent normalization and decode with the VAE decoder."""
+    """Invert the checkpoint's latent normalization and decode with the VAE decoder.
+
+    `normalization`: meta["normalization"] of a loaded checkpoint (`load_for_inference`, or the
+    meta the trainer hands its hooks), per-position values included.
+    """
 
     def __init__(self, vae, normalization: Mapping[str, Any]) -> None:
         self.vae = vae

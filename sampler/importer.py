@@ -40,7 +40,7 @@ from trainer.checkpoint import CHECKPOINTS, FORMAT, VERSION, latest_checkpoint, 
 from trainer.model import DiT, ModelConfigError
 from trainer.normalization import LatentNormalization
 from trainer.objective import DDPM, FlowMatching
-from trainer.presets import DIT_PRESETS
+from trainer.presets import DIT_PRESETS, has_head
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +163,16 @@ def model_config(shapes: dict[str, Any], cfg: ImportConfig, args: dict) -> tuple
     """(preset, DiT config): the shapes, heads from flags/args/preset; contradictions refused."""
     named = cfg.model or args.get("model")
     source = "--model" if cfg.model else "the checkpoint's args.model"
+    plain = {n: v for n, v in DIT_PRESETS.items() if not has_head(n)}  # official: no DDT head
     matches = [
-        n for n, v in DIT_PRESETS.items()
+        n for n, v in plain.items()
         if (v["hidden_size"], v["depth"], v["patch_size"]) == (shapes["hidden_size"], shapes["depth"], shapes["patch_size"])
     ]  # fmt: skip
     preset = _preset_name(named) if named else (matches[0] if matches else None)
-    if named and preset not in DIT_PRESETS:
+    if named and preset not in plain:
         raise CheckpointImportError(
-            f"{source} {named!r} is not a preset; use one of {', '.join(DIT_PRESETS)}"
+            f"{source} {named!r} is not a preset of a DiT without a DDT head (official DiT/SiT/REPA "
+            f"checkpoints have none); use one of {', '.join(plain)}"
         )
     wanted = dict(DIT_PRESETS[preset]) if preset else {}
     for key in ("hidden_size", "depth", "num_heads"):

@@ -79,7 +79,7 @@ def test_incomplete_store_refused_naming_shards(tmp_path):
     spec = make_spec(40)
     store = create_store(tmp_path / "s.zarr", spec, [f"k{i}" for i in range(40)])
     q, _ = quantize(random_latents(16), spec.quant)
-    StoreWriter(store).write_shard(0, q.numpy(), np.zeros(16, np.int16))
+    StoreWriter(store).write_shard(0, {"latents": q.numpy()}, np.zeros(16, np.int16))
     with pytest.raises(
         StoreIncompleteError, match=r"2 of 3 shards are not complete \(shards 1-2\)"
     ):
@@ -111,7 +111,9 @@ def test_writer_rejects_wrong_shape(tmp_path):
     spec = make_spec(40)
     store = create_store(tmp_path / "s.zarr", spec, [f"k{i}" for i in range(40)])
     with pytest.raises(SchemaMismatchError, match=r"store wants uint8\(16, 1, 4, 8, 8\)"):
-        StoreWriter(store).write_shard(0, np.zeros((16, 1, 4, 4, 4), np.uint8), np.zeros(16))
+        StoreWriter(store).write_shard(
+            0, {"latents": np.zeros((16, 1, 4, 4, 4), np.uint8)}, np.zeros(16)
+        )
 
 
 def _same_store(a: Path, b: Path) -> None:
@@ -170,7 +172,8 @@ def _missing_marker(path):
 def _wrong_shape_metadata(path):
     g = zarr.open_group(str(path), mode="r+")
     attrs = g.attrs["latentdit"]
-    g.attrs["latentdit"] = {**attrs, "latent_shape": [4, 16, 16]}
+    latents = {**attrs["arrays"][0], "shape": [4, 16, 16]}
+    g.attrs["latentdit"] = {**attrs, "arrays": [latents, *attrs["arrays"][1:]]}
 
 
 def _unwritten_sample(path):

@@ -68,8 +68,22 @@ def _set(values, index, value) -> None:
     values[index] = value
 
 
+def _latents(attrs: dict) -> dict:
+    """The latents' declaration: its entry in "arrays" (format v2), else the attributes (v1)."""
+    return attrs["arrays"][0] if "arrays" in attrs else attrs
+
+
 def _scale(store: Path, section: str, key: str, factor: float = 1.1) -> None:
-    _edit_attrs(store, lambda a: _set(a[section][key], 0, a[section][key][0] * factor))
+    _edit_attrs(
+        store, lambda a: _set(_latents(a)[section][key], 0, _latents(a)[section][key][0] * factor)
+    )
+
+
+def _malform(attrs: dict) -> None:
+    attrs.update(**{"arrays" if "arrays" in attrs else "quant": 5})
+
+
+SEALED_QUANT = "sealed at encoding: (quant|arrays)"  # v1 seals the latents' fields, v2 "arrays"
 
 
 # name: (corruption, what validate reports, what the readers' one line says, inspect sees it)
@@ -90,8 +104,8 @@ CORRUPTIONS = {
     "labels swapped": (lambda s: _edit_array(s, "labels", lambda v: _set(v, slice(16, 18), v[16:18][::-1].copy())), "shard 1: checksum mismatch", None, False),
     "label set to -7": (lambda s: _edit_array(s, "labels", lambda v: _set(v, 17, -7)), "first -7 at sample 17", "shard 1: checksum mismatch", True),
     "label set to num_classes": (lambda s: _edit_array(s, "labels", lambda v: _set(v, 17, 3)), "first 3 at sample 17", "shard 1: checksum mismatch", True),
-    "quantization offset edited": (lambda s: _scale(s, "quant", "offset"), "sealed at encoding: quant", None, True),
-    "quantization scale edited": (lambda s: _scale(s, "quant", "scale"), "sealed at encoding: quant", None, True),
+    "quantization offset edited": (lambda s: _scale(s, "quant", "offset"), SEALED_QUANT, None, True),
+    "quantization scale edited": (lambda s: _scale(s, "quant", "scale"), SEALED_QUANT, None, True),
     "vae scaling_factor edited": (lambda s: _edit_attrs(s, lambda a: a["vae"].update(scaling_factor=0.18215)), "sealed at encoding: vae", None, True),
     "vae id edited": (lambda s: _edit_attrs(s, lambda a: a["vae"].update(id="other/vae")), "sealed at encoding: vae", None, True),
     "image size edited": (lambda s: _edit_attrs(s, lambda a: a.update(image_size=512)), "sealed at encoding: image_size", None, True),
@@ -107,16 +121,18 @@ CORRUPTIONS = {
     "group zarr.json truncated": (lambda s: _cut(s / "zarr.json", 700), r"zarr.json \(the store's metadata\) is malformed", None, True),
     "group zarr.json empty": (lambda s: _cut(s / "zarr.json", 0), r"zarr.json \(the store's metadata\) is malformed", None, True),
     "attributes not a table": (lambda s: _replace_attrs(s, [1, 2]), "attribute 'latentdit' is malformed", None, True),
-    "attributes malformed": (lambda s: _edit_attrs(s, lambda a: a.update(quant=5)), "store metadata is malformed", None, True),
+    "attributes malformed": (lambda s: _edit_attrs(s, _malform), "store metadata is malformed", None, True),
     "latents zarr.json truncated": (lambda s: _cut(s / "latents/zarr.json", 300), "latents/zarr.json is malformed", None, True),
     "labels array removed": (lambda s: shutil.rmtree(s / "labels"), "array 'labels' is missing", None, True),
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    """40 samples in 3 shards of 16 (sample 5 a recorded failure), 3 classes."""
-    return write_store(tmp_path_factory.mktemp("pristine") / "s.zarr", n=40, failures=(5,))
+@pytest.fixture(scope="module", params=[2, 1], ids=["v2", "v1"])
+def pristine(tmp_path_factory, request) -> Path:
+    """40 samples in 3 shards of 16 (sample 5 a recorded failure), 3 classes; in today's format
+    and in format v1 (as stores written before arrays were declared are)."""
+    folder = tmp_path_factory.mktemp("pristine")
+    return write_store(folder / "s.zarr", n=40, failures=(5,), format_version=request.param)
 
 
 @pytest.fixture(params=sorted(CORRUPTIONS))
@@ -222,6 +238,7 @@ def test_stream_mode_verifies_each_shard_as_it_arrives(pristine, tmp_path):
 def test_seal_covers_what_the_codes_mean(pristine):
     attrs = LatentStore(pristine).attrs
     fields = attrs["provenance"]["fields"]
-    assert {"quant", "vae", "image_size", "crop", "posterior", "variants", "classes"} <= set(fields)
-    assert {"num_samples", "latent_shape", "keys"} <= set(fields)
+    declaration = {"arrays"} if "arrays" in attrs else {"quant", "latent_shape"}  # v2, v1
+    assert {"vae", "image_size", "crop", "posterior", "variants", "classes"} <= set(fields)
+    assert {"num_samples", "keys", *declaration} <= set(fields)
     assert attrs["provenance"]["digest"].startswith("blake2b-128:")

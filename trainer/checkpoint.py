@@ -6,6 +6,8 @@
                                                 (torch.load(..., weights_only=True) loads it)
                             meta.json           format, step, model preset + config, objective,
                                                 normalization, latent shape, classes, VAE, store
+                            normalization.safetensors   per-position normalization only (its
+                                                digest in meta.json; `trainer.normalization`)
     RUN/checkpoints/latest                      text: the name of the newest step folder
 
 Folders are written under a temporary name and renamed; `latest` is replaced atomically, so a
@@ -20,6 +22,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -159,11 +162,13 @@ def save_checkpoint(
     train_state: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int | None = None,
+    files: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write RUN/checkpoints/<step>/ atomically, point `latest` at it, keep the newest `keep_last`.
 
     `model` and `ema` must be the unwrapped modules (not DDP, not torch.compile wrappers).
-    `train_state` must hold only tensors, numbers, strings and containers of them.
+    `train_state` must hold only tensors, numbers, strings and containers of them. `files`:
+    more safetensors files of the folder, {name: tensors} (`LatentNormalization.files()`).
     """
     folder = Path(run_dir) / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,6 +180,8 @@ def save_checkpoint(
     for name, module in (("model", model), ("ema", ema)):
         state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
         save_file(state, tmp / WEIGHTS[name])
+    for name, tensors in (files or {}).items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / name)
     torch.save({**train_state, "step": step}, tmp / STATE)
     (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
     if final.exists():
@@ -292,12 +299,16 @@ def load_for_inference(
 ) -> tuple[DiT, dict[str, Any]]:
     """Rebuild the DiT of a checkpoint (folder or run dir) with its EMA or raw weights, in eval mode.
 
-    Returns (model, meta); meta.json holds the objective, normalization, classes and VAE.
+    Returns (model, meta); meta.json holds the objective, normalization, classes and VAE. A
+    per-position normalization's values are read from the folder (and checked against their
+    digest) into meta["normalization"].
     """
     if weights not in WEIGHTS:
         raise CheckpointMismatchError(f"weights {weights!r} is not one of {list(WEIGHTS)}")
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
+    norm = LatentNormalization.from_meta(meta["normalization"], folder)
+    meta["normalization"] = norm.resolved_meta()
     model = model_from_config(meta["model"]["config"])
     model.load_state_dict(load_file(folder / WEIGHTS[weights]))
     return model.to(device).eval(), meta

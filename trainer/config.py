@@ -16,7 +16,7 @@ from foundation.config import resolve_config as resolve_options
 from foundation.errors import ConfigError
 from foundation.precision import AUTO, Precision
 from foundation.urls import is_url, parse_storage_options
-from trainer.presets import DIT_PRESETS, POS_EMBEDS
+from trainer.presets import DIT_PRESETS, POS_EMBEDS, preset_names
 
 DATA_MODES = ("memory", "gpu", "stream")
 COMPILE_SCOPES = ("model", "blocks")
@@ -41,12 +41,26 @@ class TrainConfig:
         "log.jsonl and checkpoints; `--run RUN` alone resumes it.",
         flags=("--run", "--run-dir"),
     )
-    model: str = option("DiT-B/2", f"DiT preset: {', '.join(DIT_PRESETS)}.")
+    model: str = option(
+        "DiT-B/2",
+        f"DiT preset: {preset_names()} (DiT-DH: with RAE's DDT head; patch 1 for wide latents).",
+    )
     hidden_size: int | None = option(
         None, "Override the preset's hidden size (e.g. tiny test models)."
     )
     depth: int | None = option(None, "Override the preset's number of blocks.")
     num_heads: int | None = option(None, "Override the preset's number of attention heads.")
+    head_depth: int | None = option(
+        None,
+        "Blocks of the DDT head after the trunk (RAE's DiT^DH, for wide latents; give "
+        "--head-width too); None: the preset's (DiT-DH-*: 2, DiT-*: no head).",
+    )
+    head_width: int | None = option(
+        None, "Width of the DDT head (RAE: 2048); None: the preset's (DiT-*: no head)."
+    )
+    head_heads: int | None = option(
+        None, "Attention heads of the DDT head; None: the preset's (RAE's 16)."
+    )
     steps: int = option(400_000, "Optimizer steps in total (resuming continues up to this step).")
     batch_size: int = option(256, "Global batch: samples per optimizer step over all ranks.")
     grad_accum: int = option(1, "Micro-batches accumulated per optimizer step on each rank.")
@@ -75,7 +89,9 @@ class TrainConfig:
     )
     p_uncond: float = option(0.1, "Probability of dropping a label to the null class (for CFG).")
     normalization: str = option(
-        "channel_stats", "Latent normalization: channel_stats or vae_scaling."
+        "channel_stats",
+        "Latent normalization: channel_stats (per channel), vae_scaling (the VAE's factors) or "
+        "position_stats (per channel and position, as RAE; stores encoded since format v2).",
     )
     qk_norm: bool = option(False, "LayerNorm on queries and keys in attention.")
     pos_embed: str = option("sincos", "Positions: sincos (2-D sin-cos) or rope (2-D RoPE).")
@@ -174,7 +190,10 @@ class TrainConfig:
         from trainer.objective import DDPM, OBJECTIVES, FlowMatching
 
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
-        depth = self.depth or DIT_PRESETS.get(self.model, {}).get("depth", 0)
+        preset = DIT_PRESETS.get(self.model, {})
+        blocks = (self.depth or preset.get("depth", 0)) + (
+            self.head_depth or preset.get("head_depth", 0)
+        )
         checks = [
             (bool(self.store), "--store is required: the latent store to train on"),
             (bool(self.run), "--run is required: the run folder"),
@@ -198,7 +217,10 @@ class TrainConfig:
             (self.compile_scope in COMPILE_SCOPES, f"--compile-scope {self.compile_scope!r} is not one of {', '.join(COMPILE_SCOPES)}"),
             (self.compile_mode in COMPILE_MODES, f"--compile-mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}"),
             (not (self.bf16_weights and self.precision == Precision.fp32.value), "--bf16-weights needs bf16 compute: give --precision bf16 (or auto on a GPU), or drop --bf16-weights"),
-            (self.checkpoint_blocks is None or 0 <= self.checkpoint_blocks <= depth, f"--checkpoint-blocks must be in [0, {depth}] (the model's depth), got {self.checkpoint_blocks}"),
+            (all(v is None or v >= 1 for v in (self.head_depth, self.head_width, self.head_heads)), "--head-depth, --head-width and --head-heads must be >= 1 (None: the preset's)"),
+            (bool(self.head_depth or preset.get("head_depth")) == bool(self.head_width or preset.get("head_width")), f"--head-depth and --head-width make the DDT head together: give both (RAE: 2 and 2048) or a DiT-DH-* preset, not one on --model {self.model}"),
+            (self.head_heads is None or bool(self.head_depth or preset.get("head_depth")), f"--head-heads sets the DDT head's heads, and --model {self.model} has no head: give --head-depth and --head-width too, or a DiT-DH-* preset"),
+            (self.checkpoint_blocks is None or 0 <= self.checkpoint_blocks <= blocks, f"--checkpoint-blocks must be in [0, {blocks}] (the model's blocks, trunk and head), got {self.checkpoint_blocks}"),
             (self.checkpoint_blocks is None or not self.grad_checkpointing, "--checkpoint-blocks and --grad-checkpointing both choose the recomputed blocks: give one"),
             (self.attention in ATTENTION_BACKENDS, f"--attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}"),
             (self.ddp_bucket_mb > 0, f"--ddp-bucket-mb must be > 0, got {self.ddp_bucket_mb}"),

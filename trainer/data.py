@@ -1,8 +1,13 @@
 """Batches of normalized latents for training, from RAM, from the GPU, or streamed by shard.
 
 Every mode answers `batches.get(epoch, step_in_epoch)` with this rank's micro-batches for that
-optimizer step: a list of `grad_accum` pairs (x float (b, C, H, W) normalized, y long (b,)) on
-the device, b = batch_size / (world_size * grad_accum). All ranks take `steps_per_epoch` steps.
+optimizer step: a list of `grad_accum` named batches on the device, b = batch_size /
+(world_size * grad_accum) samples each:
+
+    {"latents": float (b, C, H, W) normalized, "labels": long (b,),
+     name: float (b, *shape) decoded, for each other declared array a consumer asks for}
+
+All ranks take `steps_per_epoch` steps. Only the arrays asked for are read from the store.
 
 - memory: the whole uint8 array in host RAM (`load_latents`); each step gathers its samples,
   moves the uint8 codes to the device and dequantizes there.
@@ -13,26 +18,32 @@ the device, b = batch_size / (world_size * grad_accum). All ranks take `steps_pe
 memory and gpu share one seeded permutation per epoch across ranks: the global batch of step k
 is `perm[k*B:(k+1)*B]`, laid out as [micro 0: rank 0, rank 1, ...; micro 1: ...], so a run's
 global batches do not depend on the number of ranks. One stored variant (image or hflip) is
-drawn per sample. Positions are pure functions of (seed, epoch, step), hence resumable.
+drawn per sample, the same for every array of the sample that has variants. Positions are pure
+functions of (seed, epoch, step), hence resumable.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from latent_store import LatentArrays, LatentditError, LatentStore, dequantize, load_latents
+from latent_store import LatentArrays, LatentditError, LatentStore, load_latents
+from latent_store.arrays import LABELS, LATENTS
+from latent_store.quantize import decode
 from latent_store.reader import iter_shards, shard_order
 from latent_store.verify import verify_store
+from trainer.memory_budget import check_fits
 from trainer.normalization import LatentNormalization
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = dict[str, torch.Tensor]
+"""A named batch: "latents" (normalized), "labels", and the other arrays asked for (decoded)."""
+Rows = dict[str, np.ndarray]  # stored rows of a micro-batch by array name, and its "labels"
 VARIANT_STREAM = 1  # second RNG stream of an epoch: which variant each sample uses
 
 
@@ -77,18 +88,36 @@ class BatchLayout:
 
 
 class _Batches:
-    """Shared by the modes: turning uint8 codes into normalized float latents on the device."""
+    """Shared by the modes: turning stored rows into a named batch of values on the device."""
 
-    def __init__(self, store: LatentStore, norm: LatentNormalization, device: torch.device):
-        self.quant, self.norm, self.device = store.spec.quant, norm, device
+    def __init__(
+        self,
+        store: LatentStore,
+        norm: LatentNormalization,
+        device: torch.device,
+        arrays: Sequence[str] = (),
+    ):
+        self.norm, self.device = norm, device
         self.variants = len(store.spec.variants)
+        names = [LATENTS, *(n for n in arrays if n != LATENTS)]
+        self.arrays = {n: store.spec.array(n) for n in names}  # unknown names: one line, here
 
-    def _to_model(self, codes: torch.Tensor, labels: torch.Tensor) -> Batch:
-        if self.device.type == "cuda" and not codes.is_cuda:
-            codes, labels = codes.pin_memory(), labels.pin_memory()  # asynchronous copies
-        codes = codes.to(self.device, non_blocking=True)
-        x = self.norm.normalize(dequantize(codes, self.quant))
-        return x, labels.to(self.device, non_blocking=True)
+    def _to_model(self, rows: Mapping[str, torch.Tensor]) -> Batch:
+        """Stored rows (the arrays and "labels") to values on the device: decoded there, the
+        latents normalized."""
+        batch = {}
+        for name, values in rows.items():
+            if self.device.type == "cuda" and not values.is_cuda:
+                values = values.pin_memory()  # an asynchronous copy
+            batch[name] = values.to(self.device, non_blocking=True)
+        for name, array in self.arrays.items():
+            batch[name] = decode(batch[name], array)
+        batch[LATENTS] = self.norm.normalize(batch[LATENTS])
+        return batch
+
+    def _pick(self, name: str, rows, index, variant):
+        """Rows of samples `index`, at their drawn variant where the array has variants."""
+        return rows[index, variant] if self.arrays[name].variants else rows[index]
 
 
 class ArrayBatches(_Batches):
@@ -104,10 +133,11 @@ class ArrayBatches(_Batches):
         device: torch.device,
         on_device: bool,
         verify: bool = True,
+        arrays: Sequence[str] = (),
     ) -> None:
-        super().__init__(store, norm, device)
-        arrays = load_latents(store, verify=verify)
-        self.layout, self.seed, self.n = layout, seed, len(arrays)
+        super().__init__(store, norm, device, arrays)
+        loaded = load_latents(store, names=list(self.arrays), verify=verify)
+        self.layout, self.seed, self.n = layout, seed, len(loaded)
         if self.n < layout.batch_size:
             raise DataError(
                 f"{store.path}: {self.n} samples, fewer than one global batch of "
@@ -115,10 +145,11 @@ class ArrayBatches(_Batches):
             )
         self.steps_per_epoch = self.n // layout.batch_size
         home = device if on_device else torch.device("cpu")
-        self.latents = torch.from_numpy(arrays.latents).to(home)
-        self.labels = torch.from_numpy(arrays.labels).to(home)
+        self.rows = {n: torch.from_numpy(v).to(home) for n, v in loaded.arrays.items()}
+        self.labels = torch.from_numpy(loaded.labels).to(home)
         self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
-        log.info("%d samples held on %s (%.1f MB)", self.n, home, arrays.latents.nbytes / 1e6)
+        size = sum(v.nbytes for v in loaded.arrays.values())
+        log.info("%d samples held on %s (%.1f MB)", self.n, home, size / 1e6)
 
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if self._epoch is None or self._epoch[0] != epoch:
@@ -132,8 +163,9 @@ class ArrayBatches(_Batches):
         out = []
         for micro in range(self.layout.grad_accum):
             pos = step * self.layout.batch_size + self.layout.positions(micro)
-            idx, var = (_index(a[pos], self.latents.device) for a in (perm, variant))
-            out.append(self._to_model(self.latents[idx, var], self.labels[idx]))
+            idx, var = (_index(a[pos], self.labels.device) for a in (perm, variant))
+            rows = {n: self._pick(n, v, idx, var) for n, v in self.rows.items()}
+            out.append(self._to_model({**rows, LABELS: self.labels[idx]}))
         return out
 
 
@@ -158,14 +190,15 @@ class StreamBatches(_Batches):
         device: torch.device,
         shuffle_shards: int,
         verify: bool = True,
+        arrays: Sequence[str] = (),
     ) -> None:
-        super().__init__(store, norm, device)
+        super().__init__(store, norm, device, arrays)
         self.store, self.layout, self.seed, self.buffer = store, layout, seed, shuffle_shards
         self.verify = verify
         records = store.records()
         if verify:  # the seal now; each shard as it arrives (`iter_shards`)
             verify_store(store, records=records)
-        complete = store.require_complete(records=records)
+        complete = store.require_complete(records=records, names=list(self.arrays))
         sizes = sorted(records[s].written for s in complete)
         per_rank = len(complete) // layout.world_size
         if per_rank == 0:
@@ -181,15 +214,16 @@ class StreamBatches(_Batches):
                 f"{store.path}: too few samples per rank for one step; lower --batch-size"
             )
         self._num_shards = len(complete)
-        self._iter: Iterator[tuple[np.ndarray, np.ndarray]] | None = None
+        self._iter: Iterator[Rows] | None = None
         self._next: tuple[int, int] | None = None
 
-    def _micro_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """This rank's (codes, labels) micro-batches of an epoch, in host RAM."""
+    def _micro_batches(self, epoch: int) -> Iterator[Rows]:
+        """This rank's micro-batches of an epoch (stored rows and labels), in host RAM."""
         rng = np.random.default_rng([self.seed, epoch, self.layout.rank])
         mine = len(self._ranks_shards(epoch))
         shards = iter_shards(
             self.store,
+            names=list(self.arrays),
             seed=self.seed,
             epoch=epoch,
             rank=self.layout.rank,
@@ -197,23 +231,26 @@ class StreamBatches(_Batches):
             verify=self.verify,
         )
         held: list[LatentArrays] = []
-        rest_codes = np.zeros((0, *self.store.spec.latent_shape), np.uint8)
-        rest_labels = np.zeros(0, np.int64)
+        rest = {n: np.zeros((0, *a.shape), a.dtype) for n, a in self.arrays.items()}
+        rest[LABELS] = np.zeros(0, np.int64)
         for i, shard in enumerate(shards):
             held.append(shard)
             if len(held) < self.buffer and i + 1 < mine:
                 continue
-            lat = np.concatenate([h.latents for h in held])
-            variant = rng.integers(self.variants, size=len(lat))
-            codes = np.concatenate([rest_codes, lat[np.arange(len(lat)), variant]])
-            labels = np.concatenate([rest_labels, *[h.labels for h in held]])
-            order = rng.permutation(len(labels))
-            codes, labels, held = codes[order], labels[order], []
+            count = sum(len(h) for h in held)
+            variant, every = rng.integers(self.variants, size=count), np.arange(count)
+            rows = {}
+            for name in self.arrays:
+                picked = self._pick(name, np.concatenate([h[name] for h in held]), every, variant)
+                rows[name] = np.concatenate([rest[name], picked])
+            rows[LABELS] = np.concatenate([rest[LABELS], *[h.labels for h in held]])
+            order = rng.permutation(len(rows[LABELS]))
+            rows, held = {n: v[order] for n, v in rows.items()}, []
             b = self.layout.micro_batch
-            full = len(labels) // b * b
+            full = len(rows[LABELS]) // b * b
             for a in range(0, full, b):
-                yield codes[a : a + b], labels[a : a + b]
-            rest_codes, rest_labels = codes[full:], labels[full:]
+                yield {n: v[a : a + b] for n, v in rows.items()}
+            rest = {n: v[full:] for n, v in rows.items()}
 
     def _ranks_shards(self, epoch: int) -> list[int]:
         return shard_order(
@@ -230,7 +267,7 @@ class StreamBatches(_Batches):
             for _ in range(step * self.layout.grad_accum):
                 next(self._iter)
         raw = [next(self._iter) for _ in range(self.layout.grad_accum)]
-        out = [self._to_model(torch.from_numpy(c), torch.from_numpy(y)) for c, y in raw]
+        out = [self._to_model({n: torch.from_numpy(v) for n, v in rows.items()}) for rows in raw]
         self._next = (epoch, step + 1)
         return out
 
@@ -245,21 +282,16 @@ def build_batches(
     device: torch.device,
     shuffle_shards: int = 4,
     verify: bool = True,
+    arrays: Sequence[str] = (),
 ) -> ArrayBatches | StreamBatches:
-    """The batch source of a data mode: "memory", "gpu" or "stream"; `verify`: see the readers."""
+    """The batch source of a data mode: "memory", "gpu" or "stream"; `verify`: see the readers.
+
+    arrays: declared arrays besides the latents that the batches carry (e.g. "features").
+    """
+    common = dict(seed=seed, device=device, verify=verify, arrays=arrays)
     if mode == "stream":
-        return StreamBatches(
-            store,
-            norm,
-            layout,
-            seed=seed,
-            device=device,
-            shuffle_shards=shuffle_shards,
-            verify=verify,
-        )
+        return StreamBatches(store, norm, layout, shuffle_shards=shuffle_shards, **common)
     if mode == "gpu" and device.type != "cuda":
         raise DataError(f"--data gpu needs a CUDA device, got {device}; use --data memory")
-    on_device = mode == "gpu"
-    return ArrayBatches(
-        store, norm, layout, seed=seed, device=device, on_device=on_device, verify=verify
-    )
+    check_fits(store, mode=mode, device=device, names=(LATENTS, *arrays))  # before any load
+    return ArrayBatches(store, norm, layout, on_device=mode == "gpu", **common)

@@ -1,4 +1,6 @@
-"""Training metrics: loss (all-reduced), throughput and MFU, to RUN/log.jsonl, tqdm and TensorBoard.
+"""Training metrics: loss and its terms (all-reduced), throughput and MFU, to RUN/log.jsonl, tqdm
+and TensorBoard. A record holds "loss" and one "loss_<term>" per named term of the objective's
+loss (e.g. "loss_mse", "loss_vlb"), each the mean over the steps since the last record and ranks.
 
 MFU = (3 x forward FLOPs per image) x images/s per device / the device's peak FLOP/s; forward plus
 backward costs about three forwards (Kaplan et al. 2020). FLOPs come from the model config
@@ -98,24 +100,37 @@ class TrainLogger:
 
     def _reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.dist.device)
+        self.term_sums: dict[str, torch.Tensor] = {}
         self.steps, self.data_s, self.t0 = 0, 0.0, time.perf_counter()
 
     def update(
-        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, data_s: float
+        self,
+        step: int,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        lr: float,
+        data_s: float,
+        terms: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, Any] | None:
-        """Record step `step` (1-based count of finished steps); returns the record when one is written."""
+        """Record step `step` (1-based count of finished steps) and its loss terms; returns the
+        record when one is written."""
         self.loss_sum += loss
+        for name, value in (terms or {}).items():
+            self.term_sums[name] = self.term_sums.get(name, 0) + value
         self.steps, self.data_s = self.steps + 1, self.data_s + data_s
         if self.bar is not None:
             self.bar.update(1)
         if step % self.every and step != self.total:
             return None
-        loss_mean = all_reduce_mean(self.loss_sum / self.steps).item()  # waits for the device
+        names = sorted(self.term_sums)
+        sums = torch.stack([self.loss_sum, *(self.term_sums[n] for n in names)])
+        means = all_reduce_mean(sums / self.steps).tolist()  # one collective; waits for the device
         elapsed = time.perf_counter() - self.t0
         images_per_s = self.steps * self.batch / elapsed
         record = {
             "step": step,
-            "loss": loss_mean,
+            "loss": means[0],
+            **{f"loss_{name}": value for name, value in zip(names, means[1:], strict=True)},
             "grad_norm": grad_norm.item(),
             "lr": lr,
             "steps_per_s": self.steps / elapsed,

@@ -7,137 +7,40 @@ Label `model.null_class` (= num_classes) is the unconditional class used by clas
 guidance; the label table has num_classes + 1 rows. The model predicts one tensor of the input's
 shape (velocity or noise, per the objective); with `learn_sigma` it predicts 2C channels: the
 prediction, then the variance interpolation v in [-1, 1] of Nichol & Dhariwal 2021 (eq. 15), as
-the official DiT checkpoints do.
+the official DiT checkpoints do. With `head_depth` and `head_width` a DDT head (RAE's DiT^DH,
+`trainer.ddt_head`) follows the trunk and predicts instead of the trunk's final layer.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from foundation.errors import LatentditError
-from trainer.presets import DIT_PRESETS, PATCH_SIZES, POS_EMBEDS
+from trainer.ddt_head import DDTHead
+from trainer.layers import (
+    FREQ_EMBED_DIM,
+    DiTBlock,
+    FinalLayer,
+    rope_angles_2d,
+    sincos_pos_embed_2d,
+    swiglu_hidden,
+    timestep_features,
+)
+from trainer.presets import DDT_HEAD, DIT_PRESETS, PATCH_SIZES, POS_EMBEDS
 
-FREQ_EMBED_DIM = 256  # sinusoidal timestep features fed to the timestep MLP (DiT)
-MAX_PERIOD = 10_000  # of the sinusoidal timestep and position features (Vaswani et al. 2017)
-ROPE_THETA = 10_000.0
-NORM_EPS = 1e-6
 INIT_STD = 0.02  # label and timestep embeddings (DiT's initialize_weights)
+HEAD_KEYS = tuple(DDT_HEAD)  # ("head_depth", "head_width", "head_heads")
+# Preset entries that training options may override (TrainConfig fields of the same names).
+MODEL_OVERRIDES = ("hidden_size", "depth", "num_heads", *HEAD_KEYS)
 
 
 class ModelConfigError(LatentditError):
     """A model preset or size does not fit the data."""
-
-
-def timestep_features(t: torch.Tensor, dim: int = FREQ_EMBED_DIM) -> torch.Tensor:
-    """Sinusoidal features of (B,) float times: [cos(t f_k), sin(t f_k)], f_k = 10000^(-k/half)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=t.device) / half)
-    angles = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-
-
-def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
-    omega = 1.0 / MAX_PERIOD ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
-    angles = pos.double()[:, None] * omega[None]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-
-
-def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position table (grid_h*grid_w, dim), rows in row-major token order.
-
-    Half the channels encode the column (x), half the row (y), as in MAE and DiT.
-    """
-    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
-    table = torch.cat([_sincos_1d(dim // 2, xs.flatten()), _sincos_1d(dim // 2, ys.flatten())], 1)
-    return table.float()
-
-
-def rope_angles_2d(head_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Axial 2-D RoPE angles (T, head_dim/2): the first half of the pairs rotate by row, the rest by column."""
-    quarter = head_dim // 4
-    freqs = 1.0 / ROPE_THETA ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
-    rows = ys.flatten().double()[:, None] * freqs[None]
-    cols = xs.flatten().double()[:, None] * freqs[None]
-    return torch.cat([rows, cols], dim=1).float()
-
-
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (B, heads, T, head_dim) by angles (T, head_dim/2)."""
-    pairs = rearrange(x.float(), "... (d two) -> ... d two", two=2)
-    cos, sin = angles.cos(), angles.sin()
-    a, b = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
-    return rearrange(rotated, "... d two -> ... (d two)").type_as(x)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x (B, T, D) scaled and shifted per sample by (B, D) vectors."""
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention through `F.scaled_dot_product_attention` (flash kernels on GPU)."""
-
-    def __init__(self, dim: int, num_heads: int, *, qk_norm: bool) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        head_dim = dim // num_heads
-        self.q_norm = nn.LayerNorm(head_dim, eps=NORM_EPS) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(head_dim, eps=NORM_EPS) if qk_norm else nn.Identity()
-
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = rearrange(
-            self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads
-        )
-        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # LayerNorm autocasts up
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(rearrange(out, "b h t d -> b t (h d)"))
-
-
-class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning (DiT section 3.2)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, qk_norm: bool) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
-        self.attn = Attention(dim, num_heads, qk_norm=qk_norm)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
-        )
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
-
-
-class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm, then a linear map from tokens to patches."""
-
-    def __init__(self, dim: int, patch_values: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
-        self.linear = nn.Linear(dim, patch_values)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale))
 
 
 class DiT(nn.Module):
@@ -158,6 +61,9 @@ class DiT(nn.Module):
         pos_embed: str = "sincos",
         grad_checkpointing: bool = False,
         learn_sigma: bool = False,
+        head_depth: int | None = None,
+        head_width: int | None = None,
+        head_heads: int = DDT_HEAD["head_heads"],
     ) -> None:
         super().__init__()
         self.config: dict[str, Any] = {
@@ -174,10 +80,16 @@ class DiT(nn.Module):
             "grad_checkpointing": grad_checkpointing,
             "learn_sigma": learn_sigma,
         }
+        if head_depth is not None or head_width is not None:  # listed only with a head, so a
+            # head-less config (and checkpoint meta) is exactly what it was before heads existed
+            head = {"head_depth": head_depth, "head_width": head_width, "head_heads": head_heads}
+            self.config |= head
         check_config(self.config)
         self.patch_size, self.grid = patch_size, input_size // patch_size
         self.null_class = num_classes  # label of the unconditional class (guidance)
-        self.checkpoint_blocks = depth if grad_checkpointing else 0
+        self.num_blocks = depth + (head_depth or 0)
+        """Trunk blocks, then head blocks: what `checkpoint_blocks` counts."""
+        self.checkpoint_blocks = self.num_blocks if grad_checkpointing else 0
         """Training recomputes the activations of blocks [0, checkpoint_blocks) in backward."""
         patch_values = patch_size * patch_size * in_channels
         self.out_channels = in_channels * (2 if learn_sigma else 1)
@@ -189,7 +101,23 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm) for _ in range(depth)
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
+        out_values = patch_size * patch_size * self.out_channels
+        self.head: DDTHead | None = None
+        self.final_layer: FinalLayer | None = None
+        if head_depth is None:
+            self.final_layer = FinalLayer(hidden_size, out_values)
+        else:  # the head predicts: the trunk has no final layer (RAE's DiTwDDTHead)
+            self.head = DDTHead(
+                trunk_width=hidden_size,
+                width=head_width,
+                depth=head_depth,
+                num_heads=head_heads,
+                mlp_ratio=mlp_ratio,
+                patch_values=patch_values,
+                out_values=out_values,
+                qk_norm=qk_norm,
+                rope_grid=self.grid if pos_embed == "rope" else None,
+            )
         # Fixed tables derived from the config: buffers, not parameters, and not saved.
         head_dim = hidden_size // num_heads
         if pos_embed == "sincos":
@@ -206,19 +134,40 @@ class DiT(nn.Module):
             )
         self.reset_parameters()
 
+    @property
+    def transformer_blocks(self) -> list[nn.Module]:
+        """Every transformer block in order: the trunk's, then the head's (e.g. to compile each)."""
+        return [*self.blocks, *(self.head.blocks if self.head is not None else [])]
+
     def reset_parameters(self) -> None:
-        """DiT's initialization: Xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output."""
+        """DiT's initialization: Xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output.
+
+        The head, if any, is initialized as RAE's (`DDTHead.reset_parameters`).
+        """
+        in_head = set(self.head.modules()) if self.head is not None else set()
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m not in in_head:
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.y_embedder.weight, std=INIT_STD)
         nn.init.normal_(self.t_embedder[0].weight, std=INIT_STD)
         nn.init.normal_(self.t_embedder[2].weight, std=INIT_STD)
-        for block in [*self.blocks, self.final_layer]:
+        final = [self.final_layer] if self.final_layer is not None else []
+        for block in [*self.blocks, *final]:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
+        if self.final_layer is not None:
+            nn.init.zeros_(self.final_layer.linear.weight)
+        if self.head is not None:
+            self.head.reset_parameters()
+
+    def _block(
+        self, i: int, block: nn.Module, h: torch.Tensor, c: torch.Tensor, rope
+    ) -> torch.Tensor:
+        """Block `i` of `num_blocks`, recomputed in backward when i < checkpoint_blocks."""
+        if self.training and i < self.checkpoint_blocks:
+            return checkpoint(block, h, c, rope, use_reentrant=False)
+        return block(h, c, rope)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) float, t (B,) float model time, y (B,) long labels -> (B, C, H, W).
@@ -230,13 +179,15 @@ class DiT(nn.Module):
         h = self.x_embedder(tokens)
         if self.pos_embed is not None:
             h = h + self.pos_embed.to(h.dtype)
-        c = self.t_embedder(timestep_features(t).to(h.dtype)) + self.y_embedder(y)
+        t_emb = self.t_embedder(timestep_features(t).to(h.dtype))
+        c = t_emb + self.y_embedder(y)
         for i, block in enumerate(self.blocks):
-            if self.training and i < self.checkpoint_blocks:
-                h = checkpoint(block, h, c, self.rope, use_reentrant=False)
-            else:
-                h = block(h, c, self.rope)
-        out = self.final_layer(h, c)
+            h = self._block(i, block, h, c, self.rope)
+        if self.head is None:
+            out = self.final_layer(h, c)
+        else:  # head block j is block depth + j of the recompute count
+            depth = len(self.blocks)
+            out = self.head(tokens, h, t_emb, lambda j, *args: self._block(depth + j, *args))
         return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid, p=p, q=p)
 
 
@@ -257,6 +208,27 @@ def check_config(config: dict[str, Any]) -> None:
         raise ModelConfigError(f"2-D sin-cos positions need a hidden size divisible by 4, got {d}")
     if config["pos_embed"] == "rope" and (d // heads) % 4:
         raise ModelConfigError(f"2-D RoPE needs a head size divisible by 4, got {d // heads}")
+    if "head_depth" in config:
+        _check_head(config)
+
+
+def _check_head(config: dict[str, Any]) -> None:
+    depth, width, heads = (config[k] for k in HEAD_KEYS)
+    if depth is None or width is None:
+        raise ModelConfigError(
+            f"a DDT head needs both a depth and a width (got head_depth {depth}, head_width "
+            f"{width}): give both (RAE: 2 and 2048), or neither for no head"
+        )
+    if depth < 1 or width < 1 or heads < 1:
+        raise ModelConfigError(
+            f"head depth, width and heads must be >= 1, got {depth}, {width}, {heads}"
+        )
+    if width % heads:
+        raise ModelConfigError(f"head width {width} is not divisible by {heads} head heads")
+    if config["pos_embed"] == "rope" and (width // heads) % 4:
+        raise ModelConfigError(
+            f"2-D RoPE needs a head size divisible by 4, got {width // heads} in the head"
+        )
 
 
 def build_model(
@@ -287,19 +259,33 @@ def model_from_config(config: dict[str, Any]) -> DiT:
     return DiT(**config)
 
 
+def _block_macs(tokens: int, width: int, mlp_macs: int, *, per_token_condition: bool) -> int:
+    """Multiply-adds of one adaLN block for one sample: qkv, scores and values, projection, MLP
+    (`mlp_macs` per token) and the adaLN linear (once per sample, or per token in the head)."""
+    attention = tokens * 4 * width * width + 2 * tokens * tokens * width
+    ada_ln = (tokens if per_token_condition else 1) * width * 6 * width
+    return attention + tokens * mlp_macs + ada_ln
+
+
 def forward_flops(config: dict[str, Any]) -> float:
     """Floating-point operations (2 per multiply-add) of one forward pass for one sample.
 
-    Counts the matrix products (patch embedding, qkv, attention scores and values, projections,
-    MLP, adaLN, output); elementwise work is left out. DiT-XL/2 at 32x32: ~237 GFLOP (the DiT
-    paper's 118.6 "GFLOPs" are multiply-adds).
+    Counts the matrix products (patch embeddings, qkv, attention scores and values, projections,
+    MLPs, adaLN, the head's condition projection, output); elementwise work is left out.
+    DiT-XL/2 at 32x32: ~237 GFLOP (the DiT paper's 118.6 "GFLOPs" are multiply-adds).
     """
     d, depth = config["hidden_size"], config["depth"]
     tokens = (config["input_size"] // config["patch_size"]) ** 2
     patch_values = config["patch_size"] ** 2 * config["in_channels"]
-    mlp = int(d * config["mlp_ratio"])
-    per_block = tokens * (3 * d * d + d * d + 2 * d * mlp) + 2 * tokens * tokens * d + 6 * d * d
-    outputs = 2 if config.get("learn_sigma") else 1  # output channels per input channel
-    macs = depth * per_block + (1 + outputs) * tokens * d * patch_values + 2 * d * d
-    macs += FREQ_EMBED_DIM * d + d * d  # timestep MLP
+    out_values = patch_values * (2 if config.get("learn_sigma") else 1)
+    gelu_mlp = 2 * d * int(d * config["mlp_ratio"])
+    macs = tokens * patch_values * d + FREQ_EMBED_DIM * d + d * d  # patches, timestep MLP
+    macs += depth * _block_macs(tokens, d, gelu_mlp, per_token_condition=False)
+    if config.get("head_depth") is None:
+        return 2.0 * (macs + d * 2 * d + tokens * d * out_values)  # final adaLN, output
+    w = config["head_width"]
+    swiglu = 3 * w * swiglu_hidden(w, config["mlp_ratio"])
+    macs += tokens * patch_values * w + (tokens * d * w if w != d else 0)  # embed, condition
+    macs += config["head_depth"] * _block_macs(tokens, w, swiglu, per_token_condition=True)
+    macs += tokens * w * 2 * w + tokens * w * out_values  # per-token final adaLN, output
     return 2.0 * macs

@@ -11,6 +11,8 @@ DDPM (Ho et al. 2020): 1000 steps, linear or cosine betas, epsilon prediction,
 
 Every objective has `loss(model_fn, x0, y, generator)`, `to_meta()` and `from_meta(dict)`;
 `objective_from_meta` rebuilds whichever one a checkpoint names. `model_fn(x_t, t, y)` is the DiT.
+A loss is a `Loss`: the value backward takes, and its named terms for the log (the MSE alone:
+{"mse"}; DDPM with a learned variance: {"mse", "vlb"}).
 
 Randomness: with `total` > len(x0), t and eps are drawn for `total` rows and rows
 `offset:offset+len(x0)` are used, so ranks that seed one generator alike draw one global batch
@@ -24,7 +26,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,14 @@ DEFAULT_P_UNCOND = 0.1  # label dropout for classifier-free guidance (Ho & Salim
 
 class ObjectiveError(LatentditError):
     """An objective name or setting that latentdit does not know."""
+
+
+class Loss(NamedTuple):
+    """A training loss: its value (scalar float32, what backward takes) and its named terms
+    (scalars, their sum or mix is `value`), which the trainer logs."""
+
+    value: torch.Tensor
+    terms: dict[str, torch.Tensor]
 
 
 def _draw(
@@ -95,14 +105,16 @@ class _MSEObjective(ABC):
         *,
         offset: int = 0,
         total: int | None = None,
-    ) -> torch.Tensor:
-        """Scalar float32 loss for clean latents x0 (B, C, H, W) and labels y (B,)."""
+    ) -> Loss:
+        """The loss (scalar float32) and its terms for clean latents x0 (B, C, H, W) and labels
+        y (B,)."""
         x_t, t, target = self.corrupt(x0, generator, offset=offset, total=total)
         return self.loss_of(model_fn(x_t, t, y).float(), x0=x0, x_t=x_t, t=t, target=target)
 
-    def loss_of(self, out, *, x0, x_t, t, target) -> torch.Tensor:
+    def loss_of(self, out, *, x0, x_t, t, target) -> Loss:
         """The loss of model output `out` at (x_t, t), made from x0 with `target`."""
-        return F.mse_loss(out, target.float())
+        mse = F.mse_loss(out, target.float())
+        return Loss(mse, {"mse": mse.detach()})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,7 +227,7 @@ class DDPM(_MSEObjective):
         """The model's time input: the DDPM step itself."""
         return t
 
-    def loss_of(self, out, *, x0, x_t, t, target) -> torch.Tensor:
+    def loss_of(self, out, *, x0, x_t, t, target) -> Loss:
         """The MSE on eps; with learn_sigma plus L_vlb on the variance half (`trainer.vlb`)."""
         if not self.learn_sigma:
             return super().loss_of(out, x0=x0, x_t=x_t, t=t, target=target)
@@ -223,7 +235,7 @@ class DDPM(_MSEObjective):
         mse, vb = hybrid_terms(
             out, x0=x0.float(), x_t=x_t.float(), t=t.long(), eps=target.float(), betas=betas
         )
-        return (mse + vb).mean()
+        return Loss((mse + vb).mean(), {"mse": mse.detach().mean(), "vlb": vb.detach().mean()})
 
     def corrupt(
         self,

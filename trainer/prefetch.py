@@ -42,7 +42,7 @@ class Prefetcher:
         if self.stream is not None:
             main = torch.cuda.current_stream(self.stream.device)
             main.wait_stream(self.stream)
-            for x, y in ahead[1]:  # made on the side stream, used (and freed) on the main one
-                x.record_stream(main)
-                y.record_stream(main)
+            for batch in ahead[1]:  # made on the side stream, used (and freed) on the main one
+                for tensor in batch.values():
+                    tensor.record_stream(main)
         return ahead[1]

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +28,15 @@ from trainer.model import DiT
 from trainer.objective import Objective, drop_labels
 
 NOISE_STREAM = 2  # RNG stream tag of the per-step noise, apart from the data streams
+
+
+class StepResult(NamedTuple):
+    """What a step reports, as 0-dim tensors on the device, not synchronized: this rank's mean
+    loss, the global grad norm before clipping, and the loss's named terms (means)."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    terms: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -108,7 +118,7 @@ def make_trainee(model: DiT, cfg: TrainConfig, dist: DistInfo) -> Trainee:
     compute = bf16_compute_copy(model) if cfg.bf16_weights else model
     mode = None if cfg.compile_mode == "default" else cfg.compile_mode
     if cfg.compile and cfg.compile_scope == "blocks":
-        for block in compute.blocks:
+        for block in compute.transformer_blocks:  # the trunk's and the DDT head's
             block.compile(fullgraph=True, dynamic=False, mode=mode)
     ddp = DistributedDataParallel(
         compute,
@@ -161,32 +171,36 @@ def train_step(
     cfg: TrainConfig,
     layout: BatchLayout,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> StepResult:
     """Forward, backward (accumulating over micro-batches), clip, AdamW, EMA (and with
-    --bf16-weights the bf16 copy refreshed from the updated masters).
+    --bf16-weights the bf16 copy refreshed from the updated masters), on named batches
+    (`trainer.data`).
 
-    Returns (this rank's mean loss, global grad norm before clipping) as 0-dim tensors on the
-    device, not synchronized (so the caller decides when to wait for the device).
+    Returns this rank's mean loss, the global grad norm before clipping and the loss's mean
+    terms, on the device and not synchronized (so the caller decides when to wait for it).
     """
     trainee.forward.train()
     if cfg.compile and uses_cuda_graphs(cfg.compile_mode):  # reduce-overhead, max-autotune
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graph outputs of the last step: dead
     total = torch.zeros((), device=device)
-    for micro, (x, y) in enumerate(batches):
+    terms: dict[str, torch.Tensor] = {}
+    for micro, batch in enumerate(batches):
         g = step_generator(cfg.seed, step, micro, device)
         rows = {"offset": layout.rank_offset(), "total": layout.rows_per_micro}
-        y = drop_labels(y, cfg.p_uncond, trainee.model.null_class, g, **rows)
+        y = drop_labels(batch["labels"], cfg.p_uncond, trainee.model.null_class, g, **rows)
         last = micro == len(batches) - 1
         with contextlib.nullcontext() if last else trainee.ddp.no_sync():
             with (
                 autocast(device, resolve_precision(cfg.precision, device)),
                 attention_backend(cfg.attention),
             ):
-                loss = objective.loss(trainee.forward, x, y, g, **rows)
-            (loss / len(batches)).backward()
+                loss = objective.loss(trainee.forward, batch["latents"], y, g, **rows)
+            (loss.value / len(batches)).backward()
         if trainee.kept_copy and not last:
             trainee.master_grads.accumulate()
-        total += loss.detach() / len(batches)
+        total += loss.value.detach() / len(batches)
+        for name, value in loss.terms.items():
+            terms[name] = terms.get(name, 0) + value.detach() / len(batches)
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
     with record_function("grad_clip"):  # labels for bench/profile_train.py's kernel classes
         grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), max_norm)
@@ -200,4 +214,4 @@ def train_step(
             trainee.sync_compute()
     with record_function("ema"):
         update_ema(trainee.ema, trainee.model, cfg.ema_decay)
-    return total, grad_norm
+    return StepResult(total, grad_norm, terms)

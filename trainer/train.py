@@ -40,7 +40,7 @@ from trainer.config import TrainConfig
 from trainer.cost import RunCost
 from trainer.data import BatchLayout, build_batches
 from trainer.metrics import LOG_FILE, TrainLogger, peak_flops
-from trainer.model import DiT, ModelConfigError, build_model, forward_flops
+from trainer.model import MODEL_OVERRIDES, DiT, ModelConfigError, build_model, forward_flops
 from trainer.normalization import normalization_from_store
 from trainer.objective import DDPM, FlowMatching, Objective
 from trainer.prefetch import Prefetcher
@@ -68,7 +68,7 @@ def build_objective(cfg: TrainConfig) -> Objective:
 def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
     """The configured preset sized to the store's latents (channels, size) and classes."""
     c, h, w = store.spec.latent_shape
-    sizes = {"hidden_size": cfg.hidden_size, "depth": cfg.depth, "num_heads": cfg.num_heads}
+    sizes = {k: getattr(cfg, k) for k in MODEL_OVERRIDES}
     if h != w:
         raise ModelConfigError(f"{store.path}: latents are {h}x{w}; the DiT needs square latents")
     try:
@@ -88,7 +88,7 @@ def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
             f"{store.path} ({c}x{h}x{w} latents) does not fit --model {cfg.model}: {e}"
         ) from None
     blocks = cfg.recomputed_blocks
-    model.checkpoint_blocks = model.config["depth"] if blocks is None else blocks
+    model.checkpoint_blocks = model.num_blocks if blocks is None else blocks
     return model
 
 
@@ -127,7 +127,16 @@ def resume(run: Path, trainee: Trainee, start: int) -> None:
 
 
 def save(
-    run: Path, trainee: Trainee, *, step: int, lr: float, steps_per_epoch: int, meta, cfg, dist
+    run: Path,
+    trainee: Trainee,
+    *,
+    step: int,
+    lr: float,
+    steps_per_epoch: int,
+    meta,
+    cfg,
+    dist,
+    files=None,
 ) -> None:
     """Rank 0 writes the checkpoint of finished step `step`; every rank waits for it."""
     if dist.is_main:
@@ -146,6 +155,7 @@ def save(
             train_state=state,
             meta=meta,
             keep_last=cfg.keep_last,
+            files=files,
         )
     barrier()
 
@@ -218,7 +228,7 @@ def _train(
         t0 = time.perf_counter()
         batches = data.get(*divmod(step, data.steps_per_epoch))
         data_s, lr = time.perf_counter() - t0, lr_at(step, cfg)
-        loss_t, grad_norm = train_step(
+        result = train_step(
             trainee,
             objective,
             batches,
@@ -231,7 +241,7 @@ def _train(
         done = step + 1
         if cfg.prefetch and done < cfg.steps:  # gathered while this step runs on the device
             data.prefetch(*divmod(done, data.steps_per_epoch))
-        record = logger.update(done, loss_t, grad_norm, lr, data_s)
+        record = logger.update(done, result.loss, result.grad_norm, lr, data_s, result.terms)
         loss = record["loss"] if record else loss
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             save(
@@ -243,16 +253,18 @@ def _train(
                 meta=meta,
                 cfg=cfg,
                 dist=dist,
+                files=norm.files(),
             )
+        loaded = {**meta, "normalization": norm.resolved_meta(), "step": done}  # as if loaded
         if (
             sample_fn
             and dist.is_main
             and (done == cfg.steps or done % (cfg.sample_every or cfg.steps) == 0)
         ):
-            grid = sample_fn(trainee.ema, {**meta, "step": done}, done, run)
+            grid = sample_fn(trainee.ema, loaded, done, run)
             logger.log_image("samples/ema_grid", grid, done)
         if eval_fn and (done == cfg.steps or done % (cfg.eval_every or cfg.steps) == 0):
-            logger.log_eval(done, eval_fn(trainee.ema, {**meta, "step": done}, done, run))
+            logger.log_eval(done, eval_fn(trainee.ema, loaded, done, run))
     logger.close()
     seconds = time.perf_counter() - began
     return TrainSummary.of(cfg, model, start=start, seconds=seconds, loss=loss, rank=dist.rank)

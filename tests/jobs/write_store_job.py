@@ -23,8 +23,8 @@ class PausingWriter(StoreWriter):
         super().__init__(store)
         self.pause_at = pause_at
 
-    def _sync(self, shard):
-        super()._sync(shard)
+    def _sync(self, shard, names):
+        super()._sync(shard, names)
         if shard == self.pause_at:
             print(f"DATA {shard}", flush=True)
             time.sleep(60)
@@ -44,7 +44,7 @@ def main(out: str, n: int, pause_at: int | None) -> None:
     writer = PausingWriter(store, pause_at)
     for shard in writer.todo:
         a, b = spec.shard_bounds(shard)
-        writer.write_shard(shard, q[a:b].numpy(), labels[a:b])
+        writer.write_shard(shard, {"latents": q[a:b].numpy()}, labels[a:b])
     finalize_store(store)
 
 

@@ -228,7 +228,9 @@ def main() -> None:
         t = time.perf_counter()
         items = [load_item(source, i, pre) for i in range(min(len(source), args.distinct))]
         decode_s = time.perf_counter() - t
-        spec = store_spec(cfg, source, vae_info, *calibrate_quantization(cfg, source, vae, pre))
+        spec = store_spec(
+            cfg, source, vae, vae_info, *calibrate_quantization(cfg, source, vae, pre)
+        )
         context = {
             "bench": "encode",
             "device": torch.cuda.get_device_name()
@@ -281,7 +283,7 @@ def main() -> None:
                     rate(n, pipeline_s) / forward["graph_images_per_s"], 3
                 ),
                 "attention_processors": sorted(
-                    {type(p).__name__ for p in vae.attn_processors.values()}
+                    {type(p).__name__ for p in vae.model.attn_processors.values()}
                 ),
             }
         )

@@ -268,7 +268,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         vae_dir = make_vae(Path(tmp) / "vae", **(SD_VAE if args.sd_vae else SMALL_VAE))
         decoder = LatentDecoder.load(str(vae_dir), meta_for(args.latent_size), device=args.dev)
-        report["decoder_params"] = sum(w.numel() for w in decoder.vae.parameters())
+        report["decoder_params"] = sum(w.numel() for w in decoder.ae.model.parameters())
         if args.auto_batch:
             report["auto_batch"] = probe_batch(model, decoder, args)
             for row in rows:

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernel_profile import flop_counts, profile_region, summarize
 
+from foundation.autoencoders.loading import VaeConfig
 from foundation.compile import compile_cache
-from foundation.vae import VaeConfig
 from latent_store import calibrate
 from pipeline.encode import cudnn_benchmark
 from pipeline.encode_graph import EncodeGraph
@@ -51,7 +51,7 @@ def activation_bytes(vae, run) -> dict[str, float]:
         m.register_forward_hook(
             hook("group_norm" if isinstance(m, nn.GroupNorm) else "elementwise")
         )
-        for m in vae.encoder.modules()
+        for m in vae.model.encoder.modules()
         if isinstance(m, (nn.GroupNorm, nn.SiLU))
     ]
     try:

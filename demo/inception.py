@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 from demo import heldout
-from demo.data import as_tensor, load_split
+from demo.data import load_split
 from demo.heldout import HeldOut
 from demo.verdict import split_halves
 from evaluation.features import extract_features
 from evaluation.inputs import array_images
 from evaluation.metrics import GaussianStats, frechet_distance
 from evaluation.network import InceptionFeatures, load_inception
-from foundation.vae import VaeConfig, decode_latents, load_autoencoder
+from foundation.autoencoders.loading import VaeConfig, load_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,11 @@ def per_class(images: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
 @torch.no_grad()
 def reconstruct(images: np.ndarray, vae_dir: Path) -> np.ndarray:
     """uint8 images through the VAE: posterior mean, then the decoder."""
-    vae = load_autoencoder(VaeConfig(id=str(vae_dir), channels_last=False))
+    ae = load_autoencoder(VaeConfig(id=str(vae_dir), channels_last=False))
     out = []
     for i in range(0, len(images), BATCH):
-        z = vae.encode(as_tensor(images[i : i + BATCH])).latent_dist.mean
-        out.append(decode_latents(vae, z).numpy())
+        pixels = torch.from_numpy(images[i : i + BATCH]).permute(0, 3, 1, 2)
+        out.append(ae.decode_to_uint8(ae.encode(ae.to_input(pixels))[0]).numpy())
     return np.concatenate(out)
 
 

@@ -5,7 +5,8 @@
 Scored against real images, these give the reconstruction floor: the FID a generator that
 reproduced the stored latents exactly would reach. Shards are read whole, in order; the image
 variant (not the flip) of each written sample is decoded with the decoder-only loader the
-sampler uses (`foundation.vae.load_vae_decoder`), the encoder's weights never being read.
+sampler uses (`foundation.autoencoders.loading.load_decoder`, any family), the encoder's weights
+never being read; an autoencoder that does not make the store's latents is refused first.
 Batches run across shard boundaries (cut at multiples of the batch size from sample 0), so a
 rank's share of whole batches reads only the shards it overlaps.
 """
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 
 from evaluation.inputs import ImageSet, rebatch
-from foundation.vae import decode_latents, load_vae_decoder
-from latent_store import LatentStore, dequantize, load_latents
+from foundation.autoencoders.loading import load_decoder
+from latent_store import LatentStore, SchemaMismatchError, dequantize, load_latents
 
 IMAGE_VARIANT = 0  # (N, V, C, h, w): V = 0 is the image, 1 its flip
 
@@ -37,11 +38,18 @@ def open_store_images(
     spec = store.spec
 
     def read(batch_size: int, start: int, stop: int) -> Iterator[np.ndarray]:
-        decoder = load_vae_decoder(vae or spec.vae.id, revision=None if vae else spec.vae.revision,
-                                   device=device)  # fmt: skip
+        vae_id = vae or spec.vae.id
+        decoder = load_decoder(vae_id, revision=None if vae else spec.vae.revision, device=device)
+        if why := decoder.misfit(
+            family=spec.vae.cls, image_size=spec.image_size, latent_shape=spec.latent_shape
+        ):
+            raise SchemaMismatchError(
+                f"--vae {vae_id} does not decode this store ({why}; encoded with {spec.vae.id}): "
+                "pass the store's autoencoder as --vae"
+            )
         for codes in rebatch(_codes(store, shards, counts, start, stop), batch_size):
             z = dequantize(torch.from_numpy(codes), spec.quant)
-            yield decode_latents(decoder, z).numpy()
+            yield decoder.decode_to_uint8(z).numpy()
 
     return ImageSet("store", Path(path), count, read)
 

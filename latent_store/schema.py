@@ -23,6 +23,7 @@ they are read as they are, never rewritten.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -47,17 +48,94 @@ DEFAULT_SHARD_SIZE = 8192
 V1_ARRAY_FIELDS = ("latent_shape", "quant", "logstd_quant")  # v1's form of the declaration
 
 
+# the facts of a VaeInfo that decide what stored latents mean to a consumer
+DECODING_FACTS = (
+    "cls",
+    "latent_channels",
+    "downsampling",
+    "scaling_factor",
+    "shift_factor",
+    "image_range",
+    "normalized_by",
+    "latents_mean",
+    "latents_std",
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class VaeInfo:
-    """Which VAE made the latents, and the factors a consumer needs to use them."""
+    """Which autoencoder made the latents, and what a consumer needs to use them.
+
+    Every value is read from the model (`foundation.autoencoders`), never typed in; the fields
+    after `downsampling` came with the other families and default to an AutoencoderKL's, so v1
+    stores read unchanged.
+    """
 
     id: str  # hub id or local folder
     revision: str | None = None
-    cls: str = "AutoencoderKL"
-    scaling_factor: float = 1.0  # read from the VAE config, never typed in
+    cls: str = "AutoencoderKL"  # the diffusers class: the autoencoder's family
+    scaling_factor: float = 1.0  # z = (x - shift_factor) * scaling_factor for the diffusion model
     shift_factor: float | None = None
     latent_channels: int = 4
-    downsampling: int = 8
+    downsampling: int = 8  # image pixels per latent position along a side
+    image_range: tuple[float, float] = (
+        -1.0,
+        1.0,
+    )  # the pixel values the model takes (black, white)
+    posterior_kind: str = "gaussian"  # "gaussian" or "deterministic" (no sample / moments)
+    normalized_by: str | None = None  # the model's own normalization, applied in the stored latents
+    latents_mean: tuple[float, ...] | None = None  # per channel, carried by the config (VA-VAE)
+    latents_std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:  # JSON gives lists; compare and hash as tuples
+        for name in ("image_range", "latents_mean", "latents_std"):
+            if (value := getattr(self, name)) is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+
+    @classmethod
+    def of(cls, autoencoder, *, id: str, revision: str | None = None) -> VaeInfo:
+        """The record of a `foundation.autoencoders` Autoencoder (its facts, not its weights)."""
+        return cls(
+            id=id,
+            revision=revision,
+            cls=autoencoder.family,
+            scaling_factor=autoencoder.scaling_factor,
+            shift_factor=autoencoder.shift_factor,
+            latent_channels=autoencoder.latent_channels,
+            downsampling=autoencoder.spatial_factor,
+            image_range=autoencoder.image_range,
+            posterior_kind=autoencoder.posterior,
+            normalized_by=autoencoder.normalized_by,
+            latents_mean=autoencoder.latents_mean,
+            latents_std=autoencoder.latents_std,
+        )
+
+    def channel_affine(self, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """`channels` (mean, std) with z = (x - mean) / std the diffusers convention of this
+        model: (x - shift) * scaling, or (x - latents_mean) * scaling / latents_std."""
+        if self.latents_mean is not None and self.latents_std is not None:
+            return self.latents_mean, tuple(s / self.scaling_factor for s in self.latents_std)
+        return (self.shift_factor or 0.0,) * channels, (1.0 / self.scaling_factor,) * channels
+
+    def mismatches(
+        self, other: VaeInfo, names: Sequence[str] = DECODING_FACTS
+    ) -> list[tuple[str, Any, Any]]:
+        """(field, mine, other's) for each of `names` that differs (floats to a relative 1e-6)."""
+        out = []
+        for name in names:
+            a, b = getattr(self, name), getattr(other, name)
+            if not _same(a, b):
+                out.append((name, a, b))
+        return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, floats (and tuples of them) to a relative 1e-6 (JSON round trips)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6)
+    return a == b
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from foundation.vae import VaeConfig, decode_latents
+from foundation.autoencoders.loading import VaeConfig
 from latent_store import LatentditError, LatentStore, SchemaMismatchError, dequantize, open_store
 from latent_store.config import DEFAULT_MIN_PSNR
 from latent_store.verify import verify_shard, verify_store
@@ -89,6 +89,17 @@ def _read_codes(store: LatentStore, indices: np.ndarray, verify: bool) -> np.nda
     return np.concatenate(rows)
 
 
+def check_fits_store(ae, spec, posterior: str) -> None:
+    """Refuse an autoencoder that does not make the store's latents, naming both."""
+    why = ae.misfit(family=spec.vae.cls, image_size=spec.image_size, latent_shape=spec.latent_shape)
+    if why:
+        raise SchemaMismatchError(
+            f"--vae {ae.name} does not make this store's latents ({why}; encoded with "
+            f"{spec.vae.id}): pass the store's autoencoder as --vae"
+        )
+    ae.check_posterior(posterior)
+
+
 def decode_check(path: str | os.PathLike | LatentStore, cfg: DecodeCheckConfig) -> dict:
     """Decode `cfg.samples` stored latents (image variant); PSNR against the source crops.
 
@@ -99,7 +110,7 @@ def decode_check(path: str | os.PathLike | LatentStore, cfg: DecodeCheckConfig) 
     spec = store.spec
     chosen = _choose(store, cfg.samples)
     codes = _read_codes(store, chosen, cfg.verify)  # refuses a damaged store before the VAE loads
-    vae, info = load_vae(
+    ae, info = load_vae(
         VaeConfig(
             id=cfg.vae or spec.vae.id,
             revision=cfg.vae_revision or spec.vae.revision,
@@ -108,15 +119,8 @@ def decode_check(path: str | os.PathLike | LatentStore, cfg: DecodeCheckConfig) 
             channels_last=False,
         )
     )
-    if (info.latent_channels, info.downsampling) != (
-        spec.vae.latent_channels,
-        spec.vae.downsampling,
-    ):
-        raise SchemaMismatchError(
-            f"--vae {info.id} makes {info.latent_channels}-channel latents at 1/{info.downsampling}, "
-            f"the store holds {spec.vae.latent_channels} at 1/{spec.vae.downsampling} "
-            f"(encoded with {spec.vae.id})"
-        )
+    posterior = "mean" if spec.posterior == "moments" else spec.posterior
+    check_fits_store(ae, spec, posterior)
     source = reopen_source(spec.source)
     if source.describe()["fingerprint"] != spec.source["fingerprint"]:
         raise SchemaMismatchError(
@@ -134,10 +138,9 @@ def decode_check(path: str | os.PathLike | LatentStore, cfg: DecodeCheckConfig) 
             )
         stored = dequantize(codes[b : b + cfg.batch_size, 0], spec.quant)
         keys = [source.key(int(i)) for i in idx]
-        posterior = "mean" if spec.posterior == "moments" else spec.posterior
-        fresh = encode_variants(vae, batch.crops, keys, flip=False, posterior=posterior)[0][:, 0]
-        stored_psnr.append(psnr(decode_latents(vae, stored), batch.crops))
-        float_psnr.append(psnr(decode_latents(vae, fresh.cpu()), batch.crops))
+        fresh = encode_variants(ae, batch.crops, keys, flip=False, posterior=posterior)[0][:, 0]
+        stored_psnr.append(psnr(ae.decode_to_uint8(stored), batch.crops))
+        float_psnr.append(psnr(ae.decode_to_uint8(fresh.cpu()), batch.crops))
         errors.append((stored - fresh.cpu()).pow(2).flatten(1).mean(1))
     stored_db, float_db = torch.cat(stored_psnr).mean().item(), torch.cat(float_psnr).mean().item()
     result = {

@@ -7,11 +7,11 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from foundation.autoencoders.loading import VaeConfig
 from foundation.compile import COMPILE_MODES
 from foundation.config import option
 from foundation.precision import NAMES as DTYPES
 from foundation.urls import check_options_apply, parse_storage_options
-from foundation.vae import VaeConfig
 from latent_store import VARIANTS, LatentditError
 from latent_store.schema import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, POSTERIOR_MODES
 from pipeline.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig
@@ -51,7 +51,8 @@ class EncodeConfig:
     """JSON object of fsspec options for a store URL (endpoint_url, key, ...); None: the
     driver's usual places (environment, AWS_ENDPOINT_URL, ~/.aws, fsspec config)."""
     vae: str = DEFAULT_VAE
-    """Hub id or local folder of a diffusers AutoencoderKL."""
+    """Hub id or local folder of a diffusers autoencoder: AutoencoderKL, AutoencoderKLFlux2,
+    AutoencoderDC or AutoencoderRAE (a pipeline's, in its vae/ subfolder, works too)."""
     vae_revision: str | None = None
     """Hub revision of the VAE."""
     dtype: str = "fp32"

@@ -1,15 +1,17 @@
 """The encode graph: uint8 crops in, uint8 codes out, every step on the device.
 
-    graph = EncodeGraph(vae, quant=spec.quant, posterior="mean", flip=True)
+    graph = EncodeGraph(ae, quant=spec.quant, posterior="mean", flip=True)
     out = graph(crops)     # uint8 (b, H, W, 3) -> out.codes uint8 (b, V, C, h, w)
 
 One module does, in one pass on the device, what `encode_variants` then `quantize` do: the flip
-variant stacked into the same batch, to float in [-1, 1], channels_last, the VAE encoder and its
-`quant_conv`, the posterior (mean, std, a sample from noise given as input), and the per-channel
-uint8 quantization of the store (`latent_store.quantize_codes`, the arithmetic `quantize` runs).
-Only uint8 codes and the per-sample clip counts leave the GPU, and `torch.compile` sees the whole
-encode as one graph (GroupNorm + SiLU fusion, the quantization folded into the last convolution's
-epilogue). Eager, it computes exactly what `encode_variants` + `quantize` compute.
+variant stacked into the same batch, to float in the model's image range, channels_last, the
+autoencoder's own `encode` (`foundation.autoencoders`: a KL model's encoder, `quant_conv` and
+posterior moments, FLUX.2's patchify and BatchNorm normalization, a DC-AE, an RAE's ViT), a
+posterior sample from noise given as input, and the per-channel uint8 quantization of the store
+(`latent_store.quantize_codes`, the arithmetic `quantize` runs). Only uint8 codes and the
+per-sample clip counts leave the GPU, and `torch.compile` sees the whole encode as one graph
+(GroupNorm + SiLU fusion, the quantization folded into the last layer's epilogue). Eager, it
+computes exactly what `encode_variants` + `quantize` compute.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ from torch import nn
 
 from latent_store import QuantParams
 from latent_store.quantize import quantize_codes
-from pipeline.vae import key_seed, posterior_noise
+from pipeline.vae import key_seed, posterior_latents, posterior_noise
 
 LAYOUTS = ("NHWC", "NCHW")
-LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps log variance so
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,11 @@ def _channel_buffer(values: tuple[float, ...]) -> torch.Tensor:
 
 
 class EncodeGraph(nn.Module):
-    """uint8 crops to uint8 latent codes (see the module docstring); shares the VAE's weights."""
+    """uint8 crops to uint8 latent codes (see the module docstring); shares the model's weights."""
 
     def __init__(
         self,
-        vae,
+        ae,
         *,
         quant: QuantParams,
         posterior: str = "mean",
@@ -56,10 +57,11 @@ class EncodeGraph(nn.Module):
         super().__init__()
         assert layout in LAYOUTS, f"layout {layout!r} is not one of {LAYOUTS}"
         assert (posterior == "moments") == (logstd_quant is not None), "moments need logstd_quant"
-        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
-        self.dtype, self.posterior, self.flip, self.layout = vae.dtype, posterior, flip, layout
+        ae.check_posterior(posterior)
+        self.ae, self.model = ae, ae.model  # the model registered: the graph holds its weights
+        self.posterior, self.flip, self.layout = posterior, flip, layout
         self.variants = 2 if flip else 1
-        device = vae.device
+        device = ae.device
         self.register_buffer("offset", _channel_buffer(quant.offset).to(device), persistent=False)
         self.register_buffer("scale", _channel_buffer(quant.scale).to(device), persistent=False)
         if logstd_quant is not None:
@@ -72,12 +74,10 @@ class EncodeGraph(nn.Module):
 
     def model_input(self, crops: torch.Tensor) -> torch.Tensor:
         """uint8 crops (b, H, W, 3) or (b, 3, H, W), with their flips when asked, to the encoder's
-        input: (V*b, 3, H, W) in [-1, 1], the VAE's dtype, channels_last (as `to_model_input`)."""
+        input: (V*b, 3, H, W) in the image range, the model's dtype, channels_last."""
         width = 2 if self.layout == "NHWC" else 3
         views = torch.cat([crops, crops.flip(width)]) if self.flip else crops
-        x = views.permute(0, 3, 1, 2) if self.layout == "NHWC" else views
-        x = x.to(self.dtype).div_(127.5).sub_(1.0)
-        return x.contiguous(memory_format=torch.channels_last)
+        return self.ae.to_input(views.permute(0, 3, 1, 2) if self.layout == "NHWC" else views)
 
     def forward(
         self, crops: torch.Tensor, noise: torch.Tensor | None = None
@@ -86,16 +86,10 @@ class EncodeGraph(nn.Module):
         (variant-major: all crops' first variant, then all their flips). Returns the fields of an
         `EncodedBatch` as a tuple (codes, clipped, logstd codes or None)."""
         b = crops.shape[0]
-        h = self.encoder(self.model_input(crops))
-        if self.quant_conv is not None:
-            h = self.quant_conv(h)
-        mean, logvar = torch.chunk(h, 2, dim=1)
-        mean, log_codes = mean.float(), None
-        if self.posterior != "mean":
-            logstd = 0.5 * torch.clamp(logvar, *LOGVAR_RANGE).float()
-        if self.posterior == "sample":
-            mean = mean + logstd.exp() * noise
-        codes, clipped = quantize_codes(_by_variant(mean, b), self.offset, self.scale)
+        mean, logstd = self.ae.encode(self.model_input(crops))
+        latents = posterior_latents(mean, logstd, self.posterior, noise)
+        codes, clipped = quantize_codes(_by_variant(latents, b), self.offset, self.scale)
+        log_codes = None
         if self.posterior == "moments":
             log_codes, _ = quantize_codes(
                 _by_variant(logstd, b), self.logstd_offset, self.logstd_scale

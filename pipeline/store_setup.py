@@ -31,7 +31,7 @@ from pipeline.encode_config import EncodeConfig
 from pipeline.loader import collate, load_item
 from pipeline.preprocess import PreprocessConfig
 from pipeline.source import ImageSource
-from pipeline.vae import encode_variants
+from pipeline.vae import encodable_shape, encode_variants
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +54,17 @@ RESUME_FIELDS = (
 
 
 def store_spec(
-    cfg: EncodeConfig, source: ImageSource, vae_info, quant=None, logstd_quant=None
+    cfg: EncodeConfig, source: ImageSource, vae, vae_info, quant=None, logstd_quant=None
 ) -> StoreSpec:
-    """The spec this configuration asks for; placeholder quantization when none is given yet."""
-    if cfg.image_size % vae_info.downsampling:
-        raise LatentditError(
-            f"--image-size {cfg.image_size} is not a multiple of the VAE's downsampling "
-            f"{vae_info.downsampling}"
-        )
-    side = cfg.image_size // vae_info.downsampling
-    channels = vae_info.latent_channels
-    placeholder = QuantParams(offset=(0.0,) * channels, scale=(1.0,) * channels)
+    """The spec this configuration asks for; placeholder quantization when none is given yet.
+
+    Refuses, in one line, an image size the autoencoder `vae` cannot take and a posterior mode it
+    has nothing for (before anything is written)."""
+    shape = encodable_shape(vae, image_size=cfg.image_size, posterior=cfg.posterior)
+    placeholder = QuantParams(offset=(0.0,) * shape[0], scale=(1.0,) * shape[0])
     moments = cfg.posterior == "moments"
     arrays = latent_arrays(
-        (channels, side, side),
+        shape,
         quant or placeholder,
         (logstd_quant or placeholder) if moments else None,
     )
@@ -97,7 +94,7 @@ def _tool_version() -> str:
 
 def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfig) -> None:
     """Create the store (calibrating its quantization), or check an existing one matches."""
-    wanted = store_spec(cfg, source, vae_info)
+    wanted = store_spec(cfg, source, vae, vae_info)
     out, options = cfg.out, cfg.store_options
     if _store_exists(out, options):
         try:
@@ -115,7 +112,7 @@ def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfi
         log.info("resuming %s", out)
         return
     quant, logstd_quant = calibrate_quantization(cfg, source, vae, pre)
-    spec = store_spec(cfg, source, vae_info, quant, logstd_quant)
+    spec = store_spec(cfg, source, vae, vae_info, quant, logstd_quant)
     keys = [source.key(i) for i in range(len(source))]
     create_store(out, spec, keys, storage_options=options)
 

@@ -1,7 +1,9 @@
-"""Encode uint8 crops into posterior latents with a diffusers AutoencoderKL (loaded by `foundation.vae`).
+"""Encode uint8 crops into stored-space latents with any autoencoder of `foundation.autoencoders`.
 
-Stored latents are the raw posterior (before `scaling_factor` / `shift_factor`); the factors are
-read from the VAE's config and recorded in the store, never typed in.
+Stored latents are what the family's `encode` returns: the raw posterior of a KL or DC model
+(before `scaling_factor` / `shift_factor`, which are read from its config and recorded in the
+store, never typed in), or latents its model normalizes itself (FLUX.2's BatchNorm statistics,
+RAE's latents_mean/latents_std), as `VaeInfo.normalized_by` records.
 """
 
 from __future__ import annotations
@@ -11,67 +13,40 @@ import logging
 
 import torch
 
-from foundation.vae import VaeConfig, downsampling, load_autoencoder, resolve_vae_id
+from foundation.autoencoders.loading import VaeConfig, load_autoencoder, resolve_vae_id
 from latent_store import VaeInfo
 
-__all__ = ["VaeConfig", "encode_posterior", "encode_variants", "load_vae", "vae_info"]
+__all__ = [
+    "VaeConfig",
+    "encodable_shape",
+    "encode_posterior",
+    "encode_variants",
+    "load_vae",
+    "posterior_latents",
+]
 
 log = logging.getLogger(__name__)
 
 
 def load_vae(cfg: VaeConfig):
-    """Load the AutoencoderKL in eval mode on cfg.device; returns (vae, VaeInfo)."""
-    path, _ = resolve_vae_id(cfg.id)
-    vae = load_autoencoder(cfg)
-    return vae, vae_info(vae, path, cfg)
+    """Load the whole autoencoder in eval mode on cfg.device; returns (Autoencoder, VaeInfo)."""
+    ae = load_autoencoder(cfg)
+    info = VaeInfo.of(ae, id=resolve_vae_id(cfg.id)[0], revision=cfg.revision)
+    log.info("autoencoder %s: %s", info.id, ae.describe())
+    return ae, info
 
 
-def vae_info(vae, vae_id: str, cfg: VaeConfig) -> VaeInfo:
-    """Provenance and latent factors of a loaded VAE, from its config."""
-    c = vae.config
-    return VaeInfo(
-        id=vae_id,
-        revision=cfg.revision,
-        cls=type(vae).__name__,
-        scaling_factor=float(c.scaling_factor),
-        shift_factor=None if c.get("shift_factor") is None else float(c.shift_factor),
-        latent_channels=int(c.latent_channels),
-        downsampling=downsampling(vae),
-    )
-
-
-def to_model_input(crops: torch.Tensor, vae) -> torch.Tensor:
-    """uint8 (B, H, W, 3) crops to the VAE's input: (B, 3, H, W) in [-1, 1], its dtype."""
-    x = crops.to(vae.device, non_blocking=True).permute(0, 3, 1, 2)
-    x = x.to(vae.dtype).div_(127.5).sub_(1.0)
-    return x.contiguous(memory_format=torch.channels_last)
+def encodable_shape(ae, *, image_size: int, posterior: str) -> tuple[int, int, int]:
+    """The stored latent shape (C, h, w) of `image_size` crops; one line (a LatentditError) for
+    a size the model cannot take or a posterior mode it has nothing for."""
+    ae.check_posterior(posterior)
+    return ae.latent_shape(image_size)
 
 
 def key_seed(key: str, variant: int) -> int:
     """A 63-bit seed from a sample's key and variant, the same on every rank and every run."""
     digest = hashlib.blake2b(f"{variant}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-@torch.inference_mode()
-def encode_posterior(
-    vae, crops: torch.Tensor, *, posterior: str, seeds: list[int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Encode uint8 (B, H, W, 3) crops; returns float32 latents (B, C, h, w) and log std or None.
-
-    posterior: "mean" (the posterior mean), "sample" (mean + std * noise, noise drawn on the CPU
-    from `seeds`, one per crop, so it is the same on any device and split), or "moments" (the mean,
-    plus the log std as the second output).
-    """
-    dist = vae.encode(to_model_input(crops, vae)).latent_dist
-    mean = dist.mean.float()
-    if posterior == "mean":
-        return mean, None
-    logstd = 0.5 * dist.logvar.float()  # diffusers clamps logvar to [-30, 20]
-    if posterior == "moments":
-        return mean, logstd
-    assert seeds is not None and len(seeds) == len(mean), "sample mode needs one seed per crop"
-    return mean + logstd.exp() * posterior_noise(seeds, mean.shape[1:]).to(mean.device), None
 
 
 def posterior_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -81,20 +56,50 @@ def posterior_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     )
 
 
+def posterior_latents(
+    mean: torch.Tensor, logstd: torch.Tensor | None, posterior: str, noise: torch.Tensor | None
+) -> torch.Tensor:
+    """The latents a posterior mode stores: the mean ("mean", "moments"), or mean + std * noise
+    ("sample"; the noise drawn beforehand, in the stored space)."""
+    if posterior != "sample":
+        return mean
+    assert logstd is not None and noise is not None, "sample needs a Gaussian posterior and noise"
+    return mean + logstd.exp() * noise
+
+
+@torch.inference_mode()
+def encode_posterior(
+    ae, crops: torch.Tensor, *, posterior: str, seeds: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encode uint8 (B, H, W, 3) crops; returns float32 latents (B, C, h, w) and log std or None.
+
+    posterior: "mean" (the posterior mean), "sample" (mean + std * noise, noise drawn on the CPU
+    from `seeds`, one per crop, so it is the same on any device and split), or "moments" (the mean,
+    plus the log std as the second output).
+    """
+    mean, logstd = ae.encode(ae.to_input(crops.to(ae.device).permute(0, 3, 1, 2)))
+    noise = None
+    if posterior == "sample":
+        assert seeds is not None and len(seeds) == len(mean), "sample mode needs one seed per crop"
+        noise = posterior_noise(seeds, mean.shape[1:]).to(mean.device)
+    latents = posterior_latents(mean, logstd, posterior, noise)
+    return latents, logstd if posterior == "moments" else None
+
+
 def encode_variants(
-    vae, crops: torch.Tensor, keys: list[str], *, flip: bool, posterior: str
+    ae, crops: torch.Tensor, keys: list[str], *, flip: bool, posterior: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode uint8 (b, H, W, 3) crops and, with `flip`, their horizontal flips in the same pass.
 
     Returns float (b, V, C, h, w) latents and log std (posterior "moments") or None. `keys` (one
     per crop) seed the noise of posterior "sample", per key and variant.
     """
-    crops = crops.to(vae.device, non_blocking=True)
+    crops = crops.to(ae.device, non_blocking=True)
     views = [crops, crops.flip(2)] if flip else [crops]  # (b, H, W, 3): flip W
     seeds = (
         [key_seed(k, v) for v in range(len(views)) for k in keys] if posterior == "sample" else None
     )
-    mean, logstd = encode_posterior(vae, torch.cat(views), posterior=posterior, seeds=seeds)
+    mean, logstd = encode_posterior(ae, torch.cat(views), posterior=posterior, seeds=seeds)
 
     def by_variant(x):  # (V*b, C, h, w) -> (b, V, C, h, w)
         return torch.stack(x.split(len(keys)), dim=1)

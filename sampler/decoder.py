@@ -1,22 +1,23 @@
-"""Check a VAE decoder against a checkpoint, and turn a model's normalized latents into 8-bit images.
+"""Check an autoencoder's decoder against a checkpoint, and turn a model's normalized latents into
+8-bit images.
 
     decoder = LatentDecoder.load("stabilityai/sd-vae-ft-ema", meta)
     images = decoder(z)  # uint8 (B, H, W, 3)
 
-Only the decoder is loaded (`foundation.vae.load_vae_decoder`): the encoder's weights never reach
-memory.
+Only the decoder is loaded (`foundation.autoencoders.loading.load_decoder`, any family): the
+encoder's weights never reach memory.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from foundation.vae import decode_latents, downsampling, load_vae_decoder
+from foundation.autoencoders.loading import load_decoder
+from latent_store import VaeInfo
 from sampler.errors import VaeMismatchError
 from trainer.normalization import LatentNormalization
 
@@ -25,50 +26,51 @@ DECODE_CHUNK = 64
 64 images keep each under 2^31 elements and ~1 GiB in bf16, and still fill a GPU."""
 
 
-def check_vae_fits(meta: Mapping[str, Any], vae, vae_id: str) -> None:
-    """Refuse a VAE whose latents differ from the checkpoint's, naming both values."""
-    recorded = meta.get("vae", {})
+def check_vae_fits(meta: Mapping[str, Any], ae, vae_id: str) -> None:
+    """Refuse an autoencoder whose latents differ from the checkpoint's, naming both values.
+
+    Compares the checkpoint's latent shape with what the model makes of images of that size, and
+    each decoding fact the checkpoint recorded (family, channels, factors, image range, the model's
+    normalization); a checkpoint made before a fact was recorded is not held to it."""
+    recorded = dict(meta.get("vae", {}))
+    wanted = tuple(meta["latent_shape"])
     norm = LatentNormalization.from_meta(dict(meta["normalization"]))
     checks = [
-        ("latent channels", meta["latent_shape"][0], vae.config.latent_channels),
-        ("normalization channels", norm.channels, vae.config.latent_channels),
+        ("latent channels", wanted[0], ae.latent_channels),
+        ("normalization channels", norm.channels, ae.latent_channels),
     ] + [
-        (key, recorded[key], mine)
-        for key, mine in (
-            ("scaling_factor", vae.config.scaling_factor),
-            ("shift_factor", vae.config.shift_factor),
-            ("downsampling", downsampling(vae)),
+        (name, recorded[name], theirs)
+        for name, _, theirs in VaeInfo(**{**recorded, "id": vae_id}).mismatches(
+            VaeInfo.of(ae, id=vae_id)
         )
-        if key in recorded
+        if name in recorded
     ]
-    for what, ckpt, mine in checks:
-        if not _same(ckpt, mine):
+    for what, ckpt, theirs in checks:
+        if ckpt != theirs:
             raise VaeMismatchError(
                 f"the checkpoint does not fit VAE {vae_id}: {what} {ckpt} (checkpoint, VAE "
-                f"{recorded.get('id')}) vs {mine} (VAE {vae_id}); pass the VAE it was trained "
+                f"{recorded.get('id')}) vs {theirs} (VAE {vae_id}); pass the VAE it was trained "
                 "with as --vae"
             )
-
-
-def _same(a: Any, b: Any) -> bool:
-    if a is None or b is None:
-        return a is b
-    if isinstance(a, float) or isinstance(b, float):
-        return math.isclose(float(a), float(b), rel_tol=1e-6)
-    return a == b
+    image_size = wanted[-1] * ae.spatial_factor
+    if why := ae.misfit(family=ae.family, image_size=image_size, latent_shape=wanted):
+        raise VaeMismatchError(
+            f"the checkpoint does not fit VAE {vae_id}: its latents are {wanted} ({why}); pass "
+            "the VAE it was trained with as --vae"
+        )
 
 
 class LatentDecoder:
-    """Invert the checkpoint's latent normalization and decode with the VAE decoder.
+    """Invert the checkpoint's latent normalization and decode with the autoencoder's decoder.
 
     `normalization`: meta["normalization"] of a loaded checkpoint (`load_for_inference`, or the
     meta the trainer hands its hooks), per-position values included.
     """
 
-    def __init__(self, vae, normalization: Mapping[str, Any]) -> None:
-        self.vae = vae
+    def __init__(self, ae, normalization: Mapping[str, Any]) -> None:
+        self.ae = ae
         self.normalization = LatentNormalization.from_meta(dict(normalization))
-        self.downsampling = downsampling(vae)
+        self.downsampling = ae.spatial_factor
 
     @classmethod
     def load(
@@ -80,18 +82,18 @@ class LatentDecoder:
         device: str | torch.device = "cpu",
     ) -> LatentDecoder:
         """Load the decoder of `vae_id` and check it against the checkpoint's `meta`."""
-        vae = load_vae_decoder(vae_id, revision=revision, device=device)
-        check_vae_fits(meta, vae, vae_id)
-        return cls(vae, meta["normalization"])
+        ae = load_decoder(vae_id, revision=revision, device=device)
+        check_vae_fits(meta, ae, vae_id)
+        return cls(ae, meta["normalization"])
 
     def __call__(self, z: Tensor, *, to_cpu: bool = True) -> Tensor:
-        """uint8 images (B, H, W, 3) on the CPU (or the VAE's device) from normalized latents z.
+        """uint8 images (B, H, W, 3) on the CPU (or the model's device) from normalized latents z.
 
         Decoded DECODE_CHUNK images at a time: the decoder's memory stays that of one chunk
         whatever the sampling batch (`--auto-batch` sizes the batch for the DiT).
         """
         images = [
-            decode_latents(self.vae, self.normalization.denormalize(part.float()), to_cpu=to_cpu)
+            self.ae.decode_to_uint8(self.normalization.denormalize(part.float()), to_cpu=to_cpu)
             for part in z.split(DECODE_CHUNK)
         ]
         return images[0] if len(images) == 1 else torch.cat(images)

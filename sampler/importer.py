@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from latent_store import LatentditError
 from latent_store.schema import ClassInfo, VaeInfo
 from sampler.errors import CheckpointImportError
 from sampler.import_config import ImportConfig
@@ -280,24 +281,20 @@ def objective_for(fmt: str, learn_sigma: bool, args: dict, path: Path):
     return FlowMatching(timesteps="uniform", time_scale=1.0, reverse_time=True)
 
 
-def vae_info(vae_id: str) -> VaeInfo:
-    """The VAE's factors from its config (scaling_factor is read, never typed)."""
-    from foundation.vae import hub_offline, read_vae_config, resolve_vae_id
+def vae_info(vae_id: str, latent_side: int) -> VaeInfo:
+    """The record of the autoencoder `vae_id` from its config alone (every fact read, never
+    typed), checked to make latents of `latent_side` positions per side."""
+    from foundation.autoencoders.loading import read_autoencoder, resolve_vae_id
 
-    path, subfolder = resolve_vae_id(vae_id)
+    ae = read_autoencoder(vae_id)
     try:
-        config, _ = read_vae_config(path, subfolder, local_files_only=hub_offline())
-    except (OSError, ValueError) as e:
+        ae.latent_side(latent_side * ae.spatial_factor)
+    except LatentditError as e:
         raise CheckpointImportError(
-            f"--vae {vae_id}: cannot read its config ({str(e).splitlines()[0]})"
+            f"the model's {latent_side}x{latent_side} latents: {e}"
         ) from None
-    return VaeInfo(
-        id=path if Path(path).exists() else vae_id,
-        scaling_factor=float(config.get("scaling_factor", 1.0)),
-        shift_factor=config.get("shift_factor"),
-        latent_channels=int(config.get("latent_channels", 4)),
-        downsampling=2 ** (len(config.get("block_out_channels", [0])) - 1),
-    )
+    path = resolve_vae_id(vae_id)[0]
+    return VaeInfo.of(ae, id=path if Path(path).exists() else vae_id)
 
 
 def read_classes(path: Path | None, num_classes: int) -> list[dict]:
@@ -330,16 +327,15 @@ def import_checkpoint(cfg: ImportConfig) -> Path:
     except ModelConfigError as e:
         raise CheckpointImportError(f"{src}: {e}") from None
     model.load_state_dict(map_state(state, model, src))
-    vae = vae_info(cfg.vae)
+    vae = vae_info(cfg.vae, config["input_size"])
     if vae.latent_channels != config["in_channels"]:
         raise CheckpointImportError(
             f"--vae {cfg.vae} has {vae.latent_channels} latent channels, the model {config['in_channels']}"
         )
     objective = objective_for(cfg.format, config["learn_sigma"], args, src)
     channels, size = config["in_channels"], config["input_size"]
-    norm = LatentNormalization(
-        kind="vae_scaling", mean=(vae.shift_factor or 0.0,) * channels, std=(1.0 / vae.scaling_factor,) * channels
-    )  # fmt: skip
+    mean, std = vae.channel_affine(channels)
+    norm = LatentNormalization(kind="vae_scaling", mean=mean, std=std)
     meta = {
         "format": FORMAT,
         "version": VERSION,

@@ -65,6 +65,7 @@ def make_spec(
         num_samples=n,
         arrays=(*latent_arrays((channels, size, size), quant), *extra),
         vae=VaeInfo(id=vae_id, scaling_factor=scaling_factor, latent_channels=channels),
+        image_size=size * VaeInfo(id=vae_id).downsampling,  # what an 8x VAE makes these from
         classes=tuple(
             ClassInfo(index=i, id=f"n{i:08d}", name=f"class {i}") for i in range(classes)
         ),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from testkit import (  # noqa: F401  (re-exported: tests import these from conftest)
+    TINY_AUTOENCODERS,
     TINY_DIT,
     make_checkpoint,
     make_spec,
@@ -47,6 +48,43 @@ def python() -> str:
 def tiny_vae_dir(tmp_path_factory) -> Path:
     """A tiny 4-channel, 8x-downsampling AutoencoderKL saved in the standard diffusers folder format."""
     return make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
+
+
+@pytest.fixture(scope="session")
+def tiny_autoencoders(tmp_path_factory) -> dict[str, Path]:
+    """A folder per tiny autoencoder of `testkit.TINY_AUTOENCODERS` (every family), saved once."""
+    root = tmp_path_factory.mktemp("autoencoders")
+    return {name: tiny.make(root / name) for name, tiny in TINY_AUTOENCODERS.items()}
+
+
+@pytest.fixture
+def safetensors_reads(monkeypatch) -> list[str]:
+    """The tensor names read through `safetensors.safe_open` while the test runs, in order."""
+    import safetensors
+
+    read: list[str] = []
+    real_safe_open = safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kw):
+            self.inner = real_safe_open(*args, **kw)
+
+        def __enter__(self):
+            self.f = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.f.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    return read
 
 
 # --- fixtures: encode (pipeline) ----------------------------------------------------------------

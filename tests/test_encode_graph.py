@@ -169,7 +169,7 @@ def test_every_compile_mode_gives_the_eager_codes(vae, crops, mode):
 def test_mid_block_attention_runs_on_sdpa(vae, crops):
     """The loaded VAE's attention keeps diffusers' SDPA processor, and the encode graph's forward
     does call F.scaled_dot_product_attention (once per mid-block attention)."""
-    assert {type(p).__name__ for p in vae.attn_processors.values()} == {"AttnProcessor2_0"}
+    assert {type(p).__name__ for p in vae.model.attn_processors.values()} == {"AttnProcessor2_0"}
 
     class Calls(TorchFunctionMode):
         def __init__(self):
@@ -183,13 +183,13 @@ def test_mid_block_attention_runs_on_sdpa(vae, crops):
     quant = calibrate(encode_variants(vae, crops, KEYS, flip=False, posterior="mean")[0])
     with torch.inference_mode(), Calls() as calls:
         EncodeGraph(vae, quant=quant)(crops)
-    assert calls.sdpa == len(vae.encoder.mid_block.attentions) >= 1
+    assert calls.sdpa == len(vae.model.encoder.mid_block.attentions) >= 1
 
 
 def test_channels_last_through_the_encoder(vae, crops):
     """Weights and activations stay channels_last: every conv's weight and input and every 4-D
     GroupNorm input in the graph (the mid-block attention normalizes (b, C, h*w) tokens instead)."""
-    convs = [m for m in vae.modules() if isinstance(m, nn.Conv2d) and m.weight.ndim == 4]
+    convs = [m for m in vae.model.modules() if isinstance(m, nn.Conv2d) and m.weight.ndim == 4]
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     seen = []
 
@@ -199,7 +199,7 @@ def test_channels_last_through_the_encoder(vae, crops):
 
     hooks = [
         m.register_forward_pre_hook(check)
-        for m in vae.modules()
+        for m in vae.model.modules()
         if isinstance(m, (nn.Conv2d, nn.GroupNorm))
     ]
     quant = calibrate(encode_variants(vae, crops, KEYS, flip=False, posterior="mean")[0])

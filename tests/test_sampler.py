@@ -9,8 +9,8 @@ import torch
 from conftest import make_tiny_vae
 from typer.testing import CliRunner
 
+from foundation.autoencoders.loading import load_decoder
 from foundation.errors import VaeLoadError
-from foundation.vae import decode_latents, load_vae_decoder
 from latent_store import LatentditError
 from sampler.decoder import LatentDecoder
 from sampler.errors import SamplerError, VaeMismatchError
@@ -157,32 +157,11 @@ def test_guidance_interval():
 # --- decoder-only VAE loading --------------------------------------------------------------------
 
 
-def test_only_the_decoder_is_read(tiny_vae_dir, monkeypatch):
-    read: list[str] = []
-    real_safe_open = safetensors.safe_open
-
-    class Recording:
-        def __init__(self, *args, **kw):
-            self.inner = real_safe_open(*args, **kw)
-
-        def __enter__(self):
-            self.f = self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def keys(self):
-            return self.f.keys()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.f.get_tensor(key)
-
-    monkeypatch.setattr(safetensors, "safe_open", Recording)
-    vae = load_vae_decoder(str(tiny_vae_dir))
-    with real_safe_open(tiny_vae_dir / "diffusion_pytorch_model.safetensors", "pt") as f:
-        on_disk = list(f.keys())
+def test_only_the_decoder_is_read(tiny_vae_dir, safetensors_reads):
+    read = safetensors_reads
+    vae = load_decoder(str(tiny_vae_dir)).model
+    with safetensors.safe_open(tiny_vae_dir / "diffusion_pytorch_model.safetensors", "pt") as f:
+        on_disk = list(f.keys())  # listing names reads no tensor
     assert any(k.startswith("encoder.") for k in on_disk)
     assert read and all(k.startswith(("decoder.", "post_quant_conv.")) for k in read)
     assert sorted(read) == sorted(k for k in on_disk if k.startswith(("decoder.", "post_quant")))
@@ -218,8 +197,8 @@ def test_pre_0_14_attention_names_are_renamed(tiny_vae_dir, tmp_path):
     save_file(renamed, legacy_dir / "diffusion_pytorch_model.safetensors")
     z = torch.randn(1, 4, 3, 3)
     with torch.no_grad():
-        expected = load_vae_decoder(str(tiny_vae_dir)).decode(z).sample
-        torch.testing.assert_close(load_vae_decoder(str(legacy_dir)).decode(z).sample, expected)
+        expected = load_decoder(str(tiny_vae_dir)).decode(z)
+        torch.testing.assert_close(load_decoder(str(legacy_dir)).decode(z), expected)
 
 
 def test_hub_ids_resolve_through_the_hub_cache_offline(tiny_vae_dir, tmp_path, monkeypatch):
@@ -235,10 +214,10 @@ def test_hub_ids_resolve_through_the_hub_cache_offline(tiny_vae_dir, tmp_path, m
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    vae = load_vae_decoder("acme/tiny-diffusion")
+    vae = load_decoder("acme/tiny-diffusion").model
     assert vae.encoder is None and vae.config.latent_channels == 4
     with pytest.raises(VaeLoadError, match="--vae acme/absent: cannot load its decoder"):
-        load_vae_decoder("acme/absent")
+        load_decoder("acme/absent")
 
 
 def checkpoint_meta_for(vae_dir, **vae):
@@ -256,8 +235,8 @@ def test_a_mismatched_vae_is_refused_naming_both(tiny_vae_dir, tmp_path):
     raw = z * 2.0 + torch.tensor([0.1, 0.2, -0.3, 0.4]).view(1, 4, 1, 1)  # x = z * std + mean
     images = decoder(z)
     assert images.shape == (2, 32, 32, 3) and images.dtype == torch.uint8
-    assert torch.equal(images, decode_latents(decoder.vae, raw))
-    assert not torch.equal(images, decode_latents(decoder.vae, z))
+    assert torch.equal(images, decoder.ae.decode_to_uint8(raw))
+    assert not torch.equal(images, decoder.ae.decode_to_uint8(z))
     wide = make_tiny_vae(tmp_path / "wide", latent_channels=8)
     with pytest.raises(VaeMismatchError, match=r"latent channels 4 \(checkpoint.*vs 8 \(VAE"):
         LatentDecoder.load(str(wide), meta)
@@ -266,7 +245,7 @@ def test_a_mismatched_vae_is_refused_naming_both(tiny_vae_dir, tmp_path):
             str(tiny_vae_dir), checkpoint_meta_for(tiny_vae_dir, scaling_factor=0.18215)
         )
     with pytest.raises(LatentditError, match="nowhere: no such folder"):
-        load_vae_decoder(str(tmp_path / "nowhere"))
+        load_decoder(str(tmp_path / "nowhere"))
 
 
 # --- what to make --------------------------------------------------------------------------------

@@ -329,11 +329,11 @@ def test_the_decoder_decodes_in_chunks(flow_run, tiny_vae_dir, monkeypatch):
     z = torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     whole = decoder(z)
     sizes = []
-    real = decoder_module.decode_latents
+    real = decoder.ae.decode_to_uint8
     monkeypatch.setattr(decoder_module, "DECODE_CHUNK", 2)
     monkeypatch.setattr(
-        decoder_module, "decode_latents", lambda vae, x, **kw: sizes.append(len(x)) or real(vae, x, **kw)
-    )  # fmt: skip
+        decoder.ae, "decode_to_uint8", lambda x, **kw: sizes.append(len(x)) or real(x, **kw)
+    )
     chunked = decoder(z)
     assert sizes == [2, 2, 1] and chunked.shape == whole.shape == (5, 32, 32, 3)
     assert (chunked.int() - whole.int()).abs().max() <= 1

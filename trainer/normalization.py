@@ -4,7 +4,8 @@ x is the raw latent as stored (decoded; what `vae.decode` takes after the sample
 z is what the DiT sees. Three kinds:
 - "channel_stats":  mean and std per channel from the store summary (`channel_mean`, `channel_std`).
 - "vae_scaling":    mean = the VAE's shift_factor (or 0), std = 1 / scaling_factor, the
-                    diffusers convention z = (x - shift) * scaling.
+                    diffusers convention z = (x - shift) * scaling (with the per-channel
+                    latents_mean / latents_std a config may carry: `VaeInfo.channel_affine`).
 - "position_stats": mean and std at every position (C, H, W) from the store's statistics of its
                     latents (`latent_store.stats`), std = sqrt(var + POSITION_EPS), as RAE
                     normalizes its encoder's tokens (Zheng et al. 2025, `RAE(eps=1e-5)`).
@@ -184,11 +185,8 @@ def normalization_from_store(store: LatentStore, kind: str) -> LatentNormalizati
     """The normalization of `kind` for a store's latents."""
     channels = store.spec.latent_shape[0]
     if kind == "vae_scaling":
-        vae = store.spec.vae
-        shift = vae.shift_factor or 0.0
-        return LatentNormalization(
-            kind=kind, mean=(shift,) * channels, std=(1.0 / vae.scaling_factor,) * channels
-        )
+        mean, std = store.spec.vae.channel_affine(channels)
+        return LatentNormalization(kind=kind, mean=mean, std=std)
     if kind == "channel_stats":
         summary = store.summary or {}
         if summary.get("channel_mean") is None:

@@ -83,11 +83,20 @@ def check_networks(opened: StatsFile, metrics: tuple[str, ...], nets: dict[str, 
 
 def open_inputs(cfg: EvaluateConfig, device: str) -> list[ImageSet | StatsFile]:
     """SAMPLES (and REF) opened and checked, before any network is loaded or image featurized."""
-    from evaluation.inputs import open_input
+    from evaluation.inputs import DecodeLimits, open_input
 
     paths = [cfg.samples] + ([cfg.ref] if cfg.ref is not None else [])
+    decode = DecodeLimits(max_pixels=cfg.max_pixels, max_file_mb=cfg.max_file_mb)
     opened = [
-        open_input(p, limit=cfg.limit, workers=cfg.workers, vae=cfg.vae, device=device)
+        open_input(
+            p,
+            limit=cfg.limit,
+            workers=cfg.workers,
+            vae=cfg.vae,
+            device=device,
+            storage_options=cfg.store_options,
+            decode=decode,
+        )
         for p in paths
     ]
     for o in opened:
@@ -141,6 +150,9 @@ def summarize(
     if f is None:  # another rank than 0
         return None
     s = set_stats(opened.kind, opened.path, f, nets)
+    s.skipped = opened.skipped + opened.count - s.count  # listed, then failed to decode
+    if s.skipped:
+        log.warning("%s: %d image files skipped (see the warnings above)", opened.path, s.skipped)
     s.stats.update(opened.stats)  # a reference batch's own statistics win, as in ADM
     s.warnings += [warning] if warning else []
     return s
@@ -201,7 +213,8 @@ def _score(
         log.warning(w)
 
     def describe(s: SetStats) -> dict:
-        return {"kind": s.kind, "path": s.path, "count": s.count, "images_per_s": s.images_per_s}
+        shown = ("kind", "path", "count", "images_per_s", "skipped")
+        return {k: getattr(s, k) for k in shown}
 
     inception = nets.get(INCEPTION)
     return {
@@ -225,6 +238,7 @@ def format_result(r: dict[str, Any]) -> str:
         if r[role] is not None:
             s = r[role]
             count = "" if s["count"] is None else f", {s['count']} images"
+            count += f", {s['skipped']} files skipped" if s.get("skipped") else ""
             lines.append(f"{role:<16} {s['path']} ({s['kind']}{count})")
     if r["ref"] is not None and r["ref"]["identity"]["sha256"]:
         ident = r["ref"]["identity"]

@@ -101,8 +101,9 @@ def prefetched(batches: Iterator[np.ndarray], depth: int = PREFETCH) -> Iterator
 
 def extract_features(
     images: ImageSet, nets: Sequence[FeatureNet], *, batch_size: int = 100, device="cpu"
-) -> SetFeatures:
-    """The features of every image of the set through every network of `nets`."""
+) -> SetFeatures | None:
+    """The features of every image of the set that could be read through every network of
+    `nets` (None if none could: a folder whose files were all skipped)."""
     parts: dict[str, list[np.ndarray]] = {}
     t0, seen, shape = time.perf_counter(), 0, None
     with no_tf32(), torch.inference_mode():
@@ -120,6 +121,8 @@ def extract_features(
             seen += len(batch)
             log.debug("%s: %d of %d images", images.path, seen, images.count)
     seconds = time.perf_counter() - t0
+    if not seen:
+        return None
     log.info(
         "featurized %d images of %s in %.1f s (%.1f images/s)",
         seen,
@@ -142,7 +145,9 @@ def featurize(
     rank is raised on all. `seconds` is the wall time of the slowest rank."""
     rank, world = rank_and_world()
     if world == 1:
-        return extract_features(images, nets, batch_size=batch_size, device=device)
+        f = extract_features(images, nets, batch_size=batch_size, device=device)
+        _require_two(images, 0 if f is None else f.count)
+        return f
     part = images.share(batch_size, rank, world)
     log.info(
         "rank %d of %d: images [%d, %d) of %d in %s",
@@ -162,6 +167,7 @@ def featurize(
         )
     )
     seconds = time.perf_counter() - t0  # on_all waited for the slowest rank
+    _require_two(images, sum(all_gather_objects(0 if mine is None else mine.count)))
     shapes = sorted({s for s in all_gather_objects(mine and mine.image_shape) if s is not None})
     if len(shapes) > 1:
         raise EvaluationError(
@@ -173,3 +179,12 @@ def featurize(
     if rank != 0:
         return None
     return SetFeatures(features=gathered, seconds=seconds, image_shape=shapes[0])
+
+
+def _require_two(images: ImageSet, read: int) -> None:
+    """Statistics need two images; files skipped while reading may have left fewer."""
+    if read < 2:
+        raise EvaluationError(
+            f"{images.path}: {read} of {images.count} image(s) could be read (see the warnings "
+            "above); statistics need at least 2"
+        )

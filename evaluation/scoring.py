@@ -32,6 +32,7 @@ class SetStats:
     networks: dict[str, dict] = field(default_factory=dict)
     images_per_s: float | None = None
     warnings: list[str] = field(default_factory=list)
+    skipped: int = 0  # image files skipped (not regular files, decompression bombs, corrupt)
 
     def gaussian(self, key: str) -> GaussianStats:
         """The GaussianStats of features `key` (e.g. "pool_3")."""

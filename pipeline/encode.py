@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from foundation.compile import compile_cache, uses_cuda_graphs
 from foundation.distributed import DistInfo, barrier, setup_distributed, teardown_distributed
+from foundation.preemption import StopSignals, stopped
 from latent_store import (
     LABEL_FILL,
     Failure,
@@ -84,6 +85,7 @@ def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
         devkit_synsets=cfg.devkit_synsets,
         label_key=cfg.label_key,
         include_unfinished=cfg.include_unfinished,
+        max_file_mb=cfg.max_file_mb,
     )
     vae, vae_info = load_vae(cfg.vae_config(str(info.device)))
     pre = cfg.preprocess_config()
@@ -113,8 +115,15 @@ def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
     with (
         compile_cache(cfg.compile_cache if cfg.compile else None, save=info.is_main),
         cudnn_benchmark(cfg.cudnn_benchmark),
+        StopSignals() as stop,  # a signal: the shard write in flight ends, then the job exits
     ):
-        encode_shards(cfg, source, vae, pre, writer, info)
+        encode_shards(cfg, source, vae, pre, writer, info, stop)
+    if signum := stop.agreed():  # every rank, once its loop ended (a collective, like a barrier)
+        done = store.spec.num_shards - len(store.missing_shards())
+        what = f"stopped with {done} of {store.spec.num_shards} shards of {cfg.out} complete; "
+        raise stopped(
+            signum, what + "re-run the same command to encode the rest", main=info.is_main
+        )
     barrier()
     if not info.is_main:
         return None
@@ -126,6 +135,15 @@ def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
         summary["samples_failed"],
         summary["failure_reasons"] or "no failures",
     )
+    if skipped := listed.get("skipped"):  # never samples: left out when SOURCE was listed
+        summary["source_skipped"] = skipped
+        summary["source_skipped_kinds"] = listed.get("skipped_kinds", {})
+        log.warning(
+            "%s: %d paths skipped when listing it (%s): see the store's source attribute",
+            cfg.source,
+            skipped,
+            summary["source_skipped_kinds"] or "see the warnings above",
+        )
     return summary
 
 
@@ -160,8 +178,12 @@ class ShardBuffer:
         )
 
 
-def encode_shards(cfg: EncodeConfig, source, vae, pre, writer: StoreWriter, info) -> None:
-    """Encode and write the shards in `writer.todo`.
+def encode_shards(
+    cfg: EncodeConfig, source, vae, pre, writer: StoreWriter, info, stop: StopSignals | None = None
+) -> None:
+    """Encode and write the shards in `writer.todo`. On a stop signal (`stop`) no further batch
+    is launched: the launched one is finished and the shard writes in flight end; a shard left
+    partial has no record, and a resume encodes it again.
 
     Nothing on the main thread waits for the device between batches: batch k+1 is launched before
     batch k's uint8 codes (copied to pinned memory without blocking) are read back, and a full
@@ -186,9 +208,11 @@ def encode_shards(cfg: EncodeConfig, source, vae, pre, writer: StoreWriter, info
     bar = tqdm(total=total, unit="img", disable=not info.is_main, desc="encode", smoothing=0.05)
     buffers = {s: ShardBuffer(spec, s) for s in writer.todo}
     writes = _ShardWrites(writer)
-    started, previous = time.perf_counter(), None
+    started, previous, seen = time.perf_counter(), None, 0
     with ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as pool:
         for batch in loader:
+            if stop is not None and stop.requested:
+                break  # the launched batch is finished below; a shard left partial is redone
             buf = buffers[batch.indices[0] // spec.shard_size]
             failed += _record_failures(source, buf, batch)
             if failed > limit:
@@ -197,7 +221,7 @@ def encode_shards(cfg: EncodeConfig, source, vae, pre, writer: StoreWriter, info
             current = (batch, buf, launcher.launch(batch.crops, keys) if batch.ok else None)
             if previous is not None:
                 _finish(source, *previous, bar, buffers, writes, pool)
-            previous = current
+            previous, seen = current, seen + len(batch.indices)
             bar.set_postfix(failed=failed, refresh=False)
         if previous is not None:
             _finish(source, *previous, bar, buffers, writes, pool)
@@ -207,9 +231,9 @@ def encode_shards(cfg: EncodeConfig, source, vae, pre, writer: StoreWriter, info
     log.info(
         "rank %d: encoded %d images in %.1f s (%.1f images/s), %d failed",
         info.rank,
-        total,
+        seen,
         seconds,
-        total / max(seconds, 1e-9),
+        seen / max(seconds, 1e-9),
         failed,
     )
 

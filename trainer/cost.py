@@ -25,6 +25,7 @@ from typing import Any
 
 SECONDS_PER_HOUR = 3600.0
 FID_KEY = "fid"
+COST_CLOCK = ("wall_s", "device_hours", "images_per_s_per_device")  # the fields of wall-clock time
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -16,7 +16,15 @@ from foundation.config import resolve_config as resolve_options
 from foundation.errors import ConfigError
 from foundation.precision import AUTO, Precision
 from foundation.urls import is_url, parse_storage_options
-from trainer.presets import DIT_PRESETS, POS_EMBEDS, preset_names
+from trainer.presets import (
+    DIT_PRESETS,
+    POS_EMBEDS,
+    REG_COEFF,
+    REPA_COEFF,
+    REPA_DEPTH,
+    REPA_PROJECTOR_DIM,
+    preset_names,
+)
 
 DATA_MODES = ("memory", "gpu", "stream")
 COMPILE_SCOPES = ("model", "blocks")
@@ -88,6 +96,29 @@ class TrainConfig:
         "Start from the EMA weights of this run dir or checkpoint (e.g. `latentdit import`); fresh optimizer.",
     )
     p_uncond: float = option(0.1, "Probability of dropping a label to the null class (for CFG).")
+    repa_coeff: float | None = option(
+        None,
+        "REPA (docs/train.md): weight of the alignment loss between the output of block "
+        f"--repa-depth, through a projector MLP, and the store's encoder features (REPA: {REPA_COEFF}); "
+        "needs a store with features; None: no REPA.",
+    )
+    repa_depth: int | None = option(
+        None,
+        f"REPA: the trunk block (1-based) whose output is aligned; None: REPA's {REPA_DEPTH} (REG uses 4 "
+        "for B models). Needs --repa-coeff.",
+    )
+    repa_projector_dim: int | None = option(
+        None,
+        f"REPA: hidden width of the 3-layer SiLU projector; None: REPA's {REPA_PROJECTOR_DIM}.",
+    )
+    reg: bool = option(
+        False,
+        "REG: the store's encoder class token (features_cls) entangled as an extra input token, "
+        "denoised with the latents and sampled with them; needs --repa-coeff.",
+    )
+    reg_coeff: float | None = option(
+        None, f"REG: weight of the class token's loss; None: REG's {REG_COEFF}. Needs --reg."
+    )
     normalization: str = option(
         "channel_stats",
         "Latent normalization: channel_stats (per channel), vae_scaling (the VAE's factors) or "
@@ -191,9 +222,9 @@ class TrainConfig:
 
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
         preset = DIT_PRESETS.get(self.model, {})
-        blocks = (self.depth or preset.get("depth", 0)) + (
-            self.head_depth or preset.get("head_depth", 0)
-        )
+        trunk = self.depth or preset.get("depth", 0)
+        blocks = trunk + (self.head_depth or preset.get("head_depth", 0))
+        repa_depth = self.repa_depth or REPA_DEPTH
         checks = [
             (bool(self.store), "--store is required: the latent store to train on"),
             (bool(self.run), "--run is required: the run folder"),
@@ -222,6 +253,13 @@ class TrainConfig:
             (self.head_heads is None or bool(self.head_depth or preset.get("head_depth")), f"--head-heads sets the DDT head's heads, and --model {self.model} has no head: give --head-depth and --head-width too, or a DiT-DH-* preset"),
             (self.checkpoint_blocks is None or 0 <= self.checkpoint_blocks <= blocks, f"--checkpoint-blocks must be in [0, {blocks}] (the model's blocks, trunk and head), got {self.checkpoint_blocks}"),
             (self.checkpoint_blocks is None or not self.grad_checkpointing, "--checkpoint-blocks and --grad-checkpointing both choose the recomputed blocks: give one"),
+            (self.repa_coeff is None or self.repa_coeff > 0, f"--repa-coeff must be > 0 (or None: no REPA), got {self.repa_coeff}"),
+            (self.repa_coeff is not None or (self.repa_depth, self.repa_projector_dim) == (None, None), f"--repa-depth and --repa-projector-dim set REPA's projector: give --repa-coeff too (REPA: {REPA_COEFF})"),
+            (self.repa_coeff is None or 1 <= repa_depth <= trunk, f"--repa-depth {repa_depth} is beyond --model {self.model}'s {trunk} trunk blocks: give --repa-depth in [1, {trunk}]"),
+            (self.repa_projector_dim is None or self.repa_projector_dim >= 1, f"--repa-projector-dim must be >= 1 (None: REPA's {REPA_PROJECTOR_DIM})"),
+            (not self.reg or self.repa_coeff is not None, f"--reg trains with REPA's alignment, as REG does: give --repa-coeff too (REG: {REPA_COEFF})"),
+            (self.reg_coeff is None or (self.reg and self.reg_coeff > 0), f"--reg-coeff weighs REG's class-token loss: give --reg, and a weight > 0 (got {self.reg_coeff})"),
+            (not self.reg or not (self.head_depth or preset.get("head_depth") or self.learn_sigma), f"--reg needs a DiT without the DDT head and without --learn-sigma (--model {self.model})"),
             (self.attention in ATTENTION_BACKENDS, f"--attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}"),
             (self.ddp_bucket_mb > 0, f"--ddp-bucket-mb must be > 0, got {self.ddp_bucket_mb}"),
             (self.shuffle_shards >= 1, f"--shuffle-shards must be >= 1, got {self.shuffle_shards}"),

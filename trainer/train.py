@@ -27,6 +27,7 @@ from foundation.preemption import StopSignals
 from foundation.urls import parse_storage_options
 from latent_store import LatentStore, open_store
 from latent_store.verify import verify_store
+from trainer import repa
 from trainer.checkpoint import (
     CheckpointMismatchError,
     capture_rng_state,
@@ -84,6 +85,7 @@ def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
             grad_checkpointing=cfg.grad_checkpointing,
             learn_sigma=cfg.learn_sigma,
             **{k: v for k, v in sizes.items() if v is not None},
+            **repa.model_sizes(cfg, store),
         )
     except ModelConfigError as e:
         raise ModelConfigError(
@@ -196,6 +198,8 @@ def _train(
     meta = checkpoint_meta(
         preset=cfg.model, model=model, objective=objective, normalization=norm, store=store
     )
+    if alignment := repa.alignment_for(cfg, store, objective, model):
+        meta["repa"] = repa.alignment_meta(alignment, store)
     start = check_resume(cfg, meta)  # reads only: a refused resume leaves the run as it was
     layout = BatchLayout(
         batch_size=cfg.batch_size,
@@ -212,6 +216,7 @@ def _train(
         device=dist.device,
         shuffle_shards=cfg.shuffle_shards,
         verify=cfg.verify,
+        arrays=alignment.arrays if alignment else (),
     )
     data = Prefetcher(data, dist.device) if cfg.prefetch else data
     run = prepare_run(cfg, dist)
@@ -240,7 +245,7 @@ def _train(
             data_s, lr = time.perf_counter() - t0, lr_at(step, cfg)
             result = train_step(
                 trainee,
-                objective,
+                alignment or objective,
                 batches,
                 step=step,
                 lr=lr,

@@ -27,6 +27,7 @@ from sampler import outputs
 from sampler.config import SampleConfig, SolveConfig
 from sampler.sample import sample
 from trainer.config import resolve_config
+from trainer.cost import COST_CLOCK
 from trainer.train import train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -240,4 +241,4 @@ def test_an_interrupted_interval_carries_the_loss_terms_in_process(store, tmp_pa
     assert any(k.startswith("loss_") for k in records[0]), records[0]
 
 
-TIMING = ("steps_per_s", "images_per_s", "mfu", "data_fraction")  # wall-clock figures
+TIMING = ("steps_per_s", "images_per_s", "mfu", "data_fraction", *COST_CLOCK)  # wall-clock figures

@@ -200,6 +200,18 @@ class TrainConfig:
     eval_inception: str | None = option(
         None, "Inception port for --eval-every (default: the cached ADM-matching one)."
     )
+    eval_milestones: str | None = option(
+        None,
+        "Comma-separated FID thresholds, e.g. 10,5,2: the log, the final summary and `latentdit "
+        "inspect RUN` give the first step and epoch at which FID fell below each.",
+    )
+    wandb: bool = option(
+        False,
+        "Also log to Weights & Biases (rank 0): config, losses, throughput, FIDs, EMA sample "
+        "grids; a resumed run continues the same W&B run (pip install 'latentdit[wandb]').",
+    )
+    wandb_project: str = option("latentdit", "W&B project of --wandb.")
+    wandb_name: str | None = option(None, "W&B run name of --wandb (default: the run folder's).")
     peak_tflops: float | None = option(
         None, "Peak TFLOP/s per device for MFU (default: known GPUs)."
     )
@@ -258,11 +270,22 @@ class TrainConfig:
             (self.eval_every is None or self.eval_every >= 1, "--eval-every must be >= 1 (or None)"),
             (self.eval_samples >= 2, f"--eval-samples must be >= 2, got {self.eval_samples}"),
             (self.eval_every is None or (self.vae and self.eval_ref), "--eval-every needs --vae (to decode samples) and --eval-ref (e.g. a `latentdit evaluate --save-stats` file)"),
+            (self.eval_milestones is None or self.eval_every is not None, "--eval-milestones needs --eval-every (the FIDs it compares with the thresholds)"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        object.__setattr__(self, "eval_milestones", _milestones(self.eval_milestones))
+        if self.wandb:
+            from trainer.wandb_log import require_wandb
+
+            require_wandb()
         parse_storage_options(self.storage_options)  # a one-line error now, not at the first read
+
+    @property
+    def milestones(self) -> tuple[float, ...]:
+        """--eval-milestones as numbers (empty: none)."""
+        return tuple(float(t) for t in (self.eval_milestones or "").split(",") if t)
 
     @property
     def recomputed_blocks(self) -> int | None:
@@ -275,13 +298,30 @@ class TrainConfig:
         return json.dumps(asdict(self), indent=2)
 
 
+def _milestones(text: str | float | None) -> str | None:
+    """--eval-milestones checked and written canonically ("10,5,2"); None when empty."""
+    if text is None:
+        return None
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        values = [float(t) for t in items if str(t).strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise ConfigError(
+            f"--eval-milestones {text!r}: give FID thresholds > 0 separated by commas, e.g. 10,5,2"
+        )
+    return ",".join(f"{v:g}" for v in values)
+
+
 # Options that may change between a run and its resumption without changing what is learned.
 RESUMABLE_CHANGES = frozenset(
     {"steps", "data", "shuffle_shards", "compile", "device", "log_every", "ckpt_every", "verify"}
     | {"keep_last", "sample_every", "vae", "peak_tflops", "grad_checkpointing", "store", "run"}
     | {"compile_scope", "compile_cache", "attention", "prefetch", "ddp_bucket_mb"}
     | {"grad_as_bucket_view", "compile_mode", "checkpoint_blocks", "bf16_weights"}
-    | {"eval_every", "eval_samples", "eval_ref", "eval_inception"}
+    | {"eval_every", "eval_samples", "eval_ref", "eval_inception", "eval_milestones"}
+    | {"wandb", "wandb_project", "wandb_name"}
     | {"storage_options"}
 )
 

@@ -42,8 +42,9 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import TrainConfig
+from trainer.cost import RunCost
 from trainer.data import BatchLayout, build_batches
-from trainer.metrics import TrainLogger, peak_flops
+from trainer.metrics import LOG_FILE, TrainLogger, peak_flops
 from trainer.model import MODEL_OVERRIDES, DiT, ModelConfigError, build_model, forward_flops
 from trainer.normalization import normalization_from_store
 from trainer.objective import DDPM, FlowMatching, Objective
@@ -54,9 +55,10 @@ from trainer.step import Trainee, lr_at, make_trainee, train_step
 
 log = logging.getLogger(__name__)
 
-SampleFn = Callable[[DiT, dict[str, Any], int, Path], None]
-"""sample_fn(ema_model, meta, step, run_dir): called on rank 0 every `sample_every` steps and at
-the end, e.g. to write an EMA sample grid under run_dir through the sampler's decoder-only path."""
+SampleFn = Callable[[DiT, dict[str, Any], int, Path], Path | None]
+"""sample_fn(ema_model, meta, step, run_dir) -> image path: called on rank 0 every `sample_every`
+steps and at the end, e.g. to write an EMA sample grid under run_dir through the sampler's
+decoder-only path (the image it returns also goes to W&B with --wandb)."""
 EvalFn = Callable[[DiT, dict[str, Any], int, Path], dict[str, Any]]
 """eval_fn(ema_model, meta, step, run_dir) -> metrics: called on every rank every `eval_every` steps
 and at the end, so that the ranks can share the work (e.g. FID of EMA samples,
@@ -211,6 +213,7 @@ def _train(
     eval_fn: EvalFn | None,
     lock: Lock,
 ) -> TrainSummary:
+    called = time.perf_counter()  # the run's cost clock (trainer.cost) counts from here
     if (names := redacted_names(cfg.storage_options)) and dist.is_main:
         log.warning(
             "storage options %s were saved redacted; they come from the environment now "
@@ -254,9 +257,19 @@ def _train(
     trainee = make_trainee(model, cfg, dist)
     interval = resume(run, trainee, start, latest)
     began, loss = time.perf_counter(), None
+    cost = RunCost.resume(
+        run / LOG_FILE,
+        start_step=start,
+        started=called,
+        global_batch=cfg.batch_size,
+        steps_per_epoch=data.steps_per_epoch,
+        world_size=dist.world_size,
+        milestones=cfg.milestones,
+    )
     logger = TrainLogger(
         run, dist=dist, start_step=start, total_steps=cfg.steps, log_every=cfg.log_every, global_batch=cfg.batch_size,
         forward_flops=forward_flops(model.config), peak=peak_flops(dist.device, cfg.peak_tflops),
+        cost=cost, wandb_cfg=cfg if cfg.wandb else None,
     )  # fmt: skip
     carry_log_interval(logger, interval, dist)
     with StopSignals() as stop:  # SIGTERM, SIGINT, SIGUSR1: checkpoint the step, then exit
@@ -302,7 +315,8 @@ def _train(
                 and dist.is_main
                 and (done == cfg.steps or done % (cfg.sample_every or cfg.steps) == 0)
             ):
-                sample_fn(trainee.ema, loaded, done, run)
+                grid = sample_fn(trainee.ema, loaded, done, run)
+                logger.log_image("samples/ema_grid", grid, done)
             if eval_fn and (done == cfg.steps or done % (cfg.eval_every or cfg.steps) == 0):
                 logger.log_eval(done, eval_fn(trainee.ema, loaded, done, run))
     logger.close()

@@ -56,18 +56,41 @@ app.add_typer(demo_tools, name="demo-tools")
 F = TypeVar("F", bound=Callable)
 
 
-def user_errors(fn: F) -> F:
-    """Turn LatentditError into a one-line message and exit code 2 (no traceback)."""
+def user_errors(fn: F, name: str = "COMMAND") -> F:
+    """Turn LatentditError, and a full disk, no memory or an object store that is down
+    (`foundation.faults`), into a one-line message and exit code 2 (no traceback)."""
+    from foundation.faults import describe_fault
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except LatentditError as e:
+            _close_progress_bars()
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except Exception as e:
+            if (fault := describe_fault(e)) is None:
+                raise
+            logging.getLogger(__name__).debug("latentdit %s", name, exc_info=True)
+            _close_progress_bars()
+            typer.echo(
+                f"error: {fault.what} in latentdit {name}; what it finished before is kept; "
+                f"{fault.remedy}, then re-run the same command",
+                err=True,
+            )
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _close_progress_bars() -> None:
+    """End the progress bars a failed command left open, so that its error starts a line."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
 
 
 def flag(name: str, *flags: str, help: str) -> inspect.Parameter:
@@ -84,7 +107,7 @@ def command(target: typer.Typer, name: str, cls: type, **kw: Any) -> Callable[[F
 
     def register(run: F) -> F:
         target.command(name)(
-            user_errors(config_command(cls, run, name=name, help=run.__doc__, **kw))
+            user_errors(config_command(cls, run, name=name, help=run.__doc__, **kw), name)
         )
         return run
 
@@ -95,11 +118,16 @@ def command(target: typer.Typer, name: str, cls: type, **kw: Any) -> Callable[[F
 def _configure(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
 ) -> None:
+    from foundation.faults import StoreNoiseFilter
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    noise = logging.getLogger("asyncio")  # a store that went down: one line, not aiohttp's traces
+    if not verbose and not any(isinstance(f, StoreNoiseFilter) for f in noise.filters):
+        noise.addFilter(StoreNoiseFilter())
 
 
 # --- the store -----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from foundation.errors import ConfigError
 
 C = TypeVar("C")
 SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+CONFIG_MAX_BYTES = 1 << 20  # a run's config.json is ~3 KB; nothing legitimate comes near this
 
 
 class _Null:
@@ -68,17 +69,43 @@ def _load_toml(path: Path) -> dict[str, Any]:
     return tomllib.loads(path.read_text())
 
 
+def _load_yaml(text: str) -> Any:
+    """YAML through a safe loader that refuses aliases: an option file needs none, and nested
+    aliases expand exponentially (a 500-byte "billion laughs" file takes gigabytes)."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(
+                    f"YAML aliases (*name) are not allowed in option files (line {mark.line + 1}); "
+                    "write the values out"
+                )
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliasLoader)  # a SafeLoader: tags are refused
+
+
 def _parse(p: Path) -> Any:
     import yaml
 
+    size = p.stat().st_size
+    if size > CONFIG_MAX_BYTES:
+        raise ConfigError(
+            f"--config {p}: {size} bytes, more than an option file needs (at most "
+            f"{CONFIG_MAX_BYTES}); give a file of options"
+        )
     try:
         if p.suffix == ".toml":
             return _load_toml(p)
         if p.suffix in (".yaml", ".yml"):
-            return yaml.safe_load(p.read_text()) or {}
+            return _load_yaml(p.read_text()) or {}
         return json.loads(p.read_text())
     except (ValueError, yaml.YAMLError, UnicodeDecodeError) as e:  # TOML/JSON errors: ValueError
         raise ConfigError(f"--config {p}: cannot parse: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"--config {p}: cannot parse: nested too deeply") from None
 
 
 def _field_names(cls: type) -> set[str]:

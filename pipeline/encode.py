@@ -24,12 +24,15 @@ from tqdm import tqdm
 
 from foundation.compile import compile_cache, uses_cuda_graphs
 from foundation.distributed import DistInfo, barrier, setup_distributed, teardown_distributed
+from foundation.faults import doing, resource_faults
+from foundation.locks import Lock
 from foundation.preemption import StopSignals, stopped
 from latent_store import (
     LABEL_FILL,
     Failure,
     LatentditError,
     SchemaMismatchError,
+    StoreReadError,
     StoreSpec,
     StoreWriter,
     finalize_store,
@@ -39,6 +42,7 @@ from pipeline.encode_config import FAILURE_RULE, EncodeConfig, parse_max_failure
 from pipeline.encode_graph import BatchLauncher, EncodeGraph
 from pipeline.loader import Batch, crop_loader, shard_batches
 from pipeline.source import open_source
+from pipeline.store_create import store_lock
 from pipeline.store_setup import prepare_store
 from pipeline.vae import load_vae
 
@@ -60,9 +64,19 @@ def encode(cfg: EncodeConfig) -> dict | None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise LatentditError("--device cuda: no CUDA device is visible; use --device cpu")
     info = setup_distributed(cfg.device)
+    lock = store_lock(cfg.out, cfg.store_options)  # rank 0 takes it: one lock per job
+    faults = resource_faults(
+        f"encoding into {cfg.out}",
+        intact="complete shards are kept (a shard counts once its record is written)",
+        resume=f"re-run the same command to resume: {cfg.command or 'latentdit encode ...'}",
+        also=(StoreReadError,),
+        remedies={"memory": "free memory, or use a smaller --batch-size and fewer --workers"},
+    )
     try:
-        return _encode(cfg, info)
+        with faults:
+            return _encode(cfg, info, lock)
     finally:
+        lock.release()
         teardown_distributed()
 
 
@@ -76,7 +90,7 @@ def _broadcast_error(error: LatentditError | None) -> None:
         raise LatentditError(message[0])
 
 
-def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
+def _encode(cfg: EncodeConfig, info: DistInfo, lock: Lock) -> dict | None:
     cfg = cfg.for_device(info.device.type)  # the speed options left unset, at the device's default
     source = open_source(
         cfg.source,
@@ -92,6 +106,7 @@ def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
     error = None
     if info.is_main:
         try:
+            lock.acquire()
             prepare_store(cfg, source, vae, vae_info, pre)
         except LatentditError as e:
             error = e
@@ -168,6 +183,10 @@ class ShardBuffer:
         return self.seen == self.stop - self.start
 
     def write(self, writer: StoreWriter):
+        with doing(f"writing shard {self.shard} of {writer.store.path}"):
+            return self._write(writer)
+
+    def _write(self, writer: StoreWriter):
         return writer.write_shard(
             self.shard,
             self.arrays,

@@ -23,7 +23,6 @@ from latent_store import (
     StoreNotFoundError,
     StoreSpec,
     calibrate,
-    create_store,
     open_store,
 )
 from latent_store.arrays import latent_arrays
@@ -31,6 +30,7 @@ from pipeline.encode_config import EncodeConfig
 from pipeline.loader import collate, load_item
 from pipeline.preprocess import PreprocessConfig
 from pipeline.source import ImageSource
+from pipeline.store_create import clear_half_made, create_store_marked
 from pipeline.vae import encodable_shape, encode_variants
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfi
     """Create the store (calibrating its quantization), or check an existing one matches."""
     wanted = store_spec(cfg, source, vae, vae_info)
     out, options = cfg.out, cfg.store_options
+    clear_half_made(out, options)  # an interrupted creation is redone, never refused forever
     if _store_exists(out, options):
         try:
             have = open_store(out, storage_options=options).spec
@@ -114,7 +115,7 @@ def prepare_store(cfg: EncodeConfig, source, vae, vae_info, pre: PreprocessConfi
     quant, logstd_quant = calibrate_quantization(cfg, source, vae, pre)
     spec = store_spec(cfg, source, vae, vae_info, quant, logstd_quant)
     keys = [source.key(i) for i in range(len(source))]
-    create_store(out, spec, keys, storage_options=options)
+    create_store_marked(out, spec, keys, options)
 
 
 def _store_exists(out: str | Path, storage_options: dict | None) -> bool:

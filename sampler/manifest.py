@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from foundation.atomic import write_atomic
 from foundation.precision import Precision, resolve_precision
 from sampler.config import SampleConfig, SolveConfig
 from sampler.errors import SamplerError
@@ -118,7 +118,15 @@ def check_manifest(
     """
     path = out / MANIFEST
     if path.is_file():
-        before = {**(legacy or {}), **json.loads(path.read_text())}
+        try:
+            recorded = json.loads(path.read_bytes())
+            assert isinstance(recorded, dict)
+        except (ValueError, AssertionError, UnicodeDecodeError):
+            raise SamplerError(
+                f"{path} is unreadable (damaged or edited): restore it from a copy, or choose "
+                "another --out"
+            ) from None
+        before = {**(legacy or {}), **recorded}
         diffs = [k for k, v in settings.items() if before.get(k) != v and k not in DERIVED_SETTINGS]
         if diffs:
             shown = "; ".join(
@@ -131,9 +139,7 @@ def check_manifest(
             )
         return
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps(dict(settings), indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(dict(settings), indent=2))
 
 
 OPTION_NAMES = {*SampleConfig.__dataclass_fields__, *SolveConfig.__dataclass_fields__} - {

@@ -8,15 +8,17 @@
     OUT/latent_parts/0000000-0000256.npy    float32 (n, C, h, w) latents per batch (--save-latents)
     OUT/latents.npy                         all of them in index order, as the VAE decoder takes them
 
-Every file is written under a temporary name and renamed. A part file is the completion marker of
-its images; the final `.npz` is streamed from the parts in index order with a fixed zip timestamp,
-so an interrupted and resumed run writes the same bytes as an uninterrupted one.
+Every file is written under a temporary name, flushed and renamed (`foundation.atomic`), so a kill
+or a full disk leaves it whole or absent. A part file is the completion marker of its images; the
+final `.npz` is streamed from the parts in index order with a fixed zip timestamp, so an
+interrupted and resumed run writes the same bytes as an uninterrupted one. A part is read only as
+the plain array it must be: an object array (a pickle) is refused in one line, never loaded.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import os
 import re
 import shutil
 import zipfile
@@ -28,13 +30,19 @@ from einops import rearrange
 from numpy.lib import format as npy_format
 from PIL import Image
 
+from foundation.atomic import atomic_file, remove_temps
+from foundation.faults import doing
+from foundation.locks import Lock
 from sampler.errors import SamplerError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "sample.json"
 IMAGES = "images"
 PARTS = "npz_parts"
 LATENT_PARTS, LATENTS = "latent_parts", "latents.npy"
 GRID = "grid.png"
+OUT_LOCK = ".lock"
 GRID_MAX = 64  # images in the grid
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed zip entry time: same bytes on every run
 PART_RE = re.compile(r"(\d+)-(\d+)\.npy")
@@ -51,9 +59,8 @@ def png_path(out: Path, index: int, class_id: str, seed: int) -> Path:
 def write_png(path: Path, image: np.ndarray) -> None:
     """Write a uint8 (H, W, 3) image atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -94,15 +101,70 @@ def write_part(out: Path, start: int, images: np.ndarray, parts: str = PARTS) ->
     folder = out / parts
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{start:07d}-{start + len(images):07d}.npy"
-    tmp = folder / f".{final.name}.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(images, dtype=np.uint8 if parts == PARTS else np.float32))
-    os.replace(tmp, final)
+    with doing(f"writing {final}"), atomic_file(final) as f:
+        np.save(f, np.ascontiguousarray(images, dtype=PART_DTYPES[parts]), allow_pickle=False)
+
+
+PART_DTYPES = {PARTS: np.dtype(np.uint8), LATENT_PARTS: np.dtype(np.float32)}
+HEADER_READERS = {
+    (1, 0): npy_format.read_array_header_1_0,
+    (2, 0): npy_format.read_array_header_2_0,
+}
+NPY_HEADER_MAX = 10_000  # numpy's own default: a header is a short dict literal
+
+
+def part_problem(path: Path, rows: int, dtype: np.dtype) -> str | None:
+    """Why a part file is not `rows` plain `dtype` rows (read from its header only), or None."""
+    try:
+        with open(path, "rb") as f:
+            version = npy_format.read_magic(f)
+            read_header = HEADER_READERS.get(version)
+            if read_header is None:
+                raise ValueError(f".npy version {version} is not one np.save writes here")
+            shape, _, found = read_header(f, max_header_size=NPY_HEADER_MAX)
+            data_start = f.tell()
+    except (OSError, ValueError, SyntaxError) as e:
+        return f"is not a .npy array ({str(e).splitlines()[0] if str(e) else e!r})"
+    if found.hasobject:
+        return "holds an object array (a pickle)"
+    if found != dtype or not shape or shape[0] != rows:
+        return f"holds {found}{shape}, not {rows} rows of {dtype}"
+    if path.stat().st_size < data_start + int(np.prod(shape)) * found.itemsize:
+        return "is cut short"
+    return None
+
+
+def check_parts(out: Path, parts: str = PARTS) -> list[Path]:
+    """The finished part files, each checked from its header: anything but plain rows of the
+    part's dtype is one SamplerError line (a resume refuses it before making anything)."""
+    paths = []
+    for start, stop in done_parts(out, parts):
+        path = out / parts / f"{start:07d}-{stop:07d}.npy"
+        if (why := part_problem(path, stop - start, PART_DTYPES[parts])) is not None:
+            raise SamplerError(
+                f"{path} {why}; refused (never unpickled): remove it and re-run the same "
+                "command to make those images again"
+            )
+        paths.append(path)
+    return paths
 
 
 def read_parts(out: Path, parts: str = PARTS) -> Iterable[tuple[int, np.ndarray]]:
-    for start, stop in done_parts(out, parts):
-        yield start, np.load(out / parts / f"{start:07d}-{stop:07d}.npy", mmap_mode="r")
+    """(first index, array) of each finished part in index order, checked (`check_parts`)."""
+    for path in check_parts(out, parts):
+        yield int(path.name[:7]), np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def out_lock(out: Path) -> Lock:
+    """The lock of a sample folder (not taken yet): one `latentdit sample` writes it at a time."""
+    return Lock(out / OUT_LOCK, what=f"sample folder {out}")
+
+
+def clear_temps(out: Path) -> None:
+    """Remove what killed writers left (temporary files); call while holding `out_lock`."""
+    for folder in (out, out / IMAGES, out / PARTS, out / LATENT_PARTS):
+        for path in remove_temps(folder):
+            log.info("removed %s, left by an interrupted write", path)
 
 
 def _check_covered(out: Path, parts: str, first: int, count: int) -> None:
@@ -121,10 +183,8 @@ def assemble_latents(out: Path, first: int, count: int) -> Path:
     _check_covered(out, LATENT_PARTS, first, count)
     parts = [np.asarray(a) for _, a in read_parts(out, LATENT_PARTS)]
     final = out / LATENTS
-    tmp = final.with_name(f".{final.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, np.concatenate(parts))
-    os.replace(tmp, final)
+    with atomic_file(final) as f:
+        np.save(f, np.concatenate(parts), allow_pickle=False)
     shutil.rmtree(out / LATENT_PARTS)
     return final
 
@@ -137,16 +197,16 @@ def assemble_npz(out: Path, first: int, count: int, image_shape: tuple[int, int,
     """
     _check_covered(out, PARTS, first, count)
     final = npz_path(out, count, image_shape)
-    tmp = final.with_name(f".{final.name}.tmp")
     header = {"descr": "|u1", "fortran_order": False, "shape": (count, *image_shape)}
     info = zipfile.ZipInfo("arr_0.npy", date_time=ZIP_EPOCH)
     with (
-        zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+        doing(f"writing {final}"),
+        atomic_file(final) as file,  # a full disk: no .npz, the parts as they were
+        zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
         zf.open(info, "w", force_zip64=True) as f,
     ):
         npy_format.write_array_header_1_0(f, header)
         for _, images in read_parts(out):
             f.write(np.ascontiguousarray(images).tobytes())
-    os.replace(tmp, final)
     shutil.rmtree(out / PARTS)
     return final

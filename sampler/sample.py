@@ -18,6 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from foundation.distributed import DistInfo, barrier
+from foundation.faults import resource_faults
+from foundation.locks import Lock
 from foundation.precision import Precision, autocast, resolve_precision
 from foundation.preemption import StopSignals, stopped
 from sampler import outputs, ranks
@@ -55,10 +57,12 @@ def _read_noise(cfg: SampleConfig, count: int, latent_shape: tuple[int, ...]) ->
     """The --noise array, checked to hold one (C, H, W) row per image."""
     if cfg.noise is None:
         return None
-    try:
-        rows = np.load(cfg.noise)
+    try:  # mapped, not read: a header's shape is checked before any row is loaded
+        rows = np.load(cfg.noise, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
         raise SamplerError(f"--noise {cfg.noise}: not a .npy array ({e})") from None
+    if not isinstance(rows, np.ndarray):
+        raise SamplerError(f"--noise {cfg.noise}: an .npz archive; give one .npy array")
     if rows.shape != (count, *latent_shape):
         raise SamplerError(
             f"--noise {cfg.noise}: shape {rows.shape}, need {(count, *latent_shape)} (one row per image)"
@@ -113,11 +117,22 @@ def sample(cfg: SampleConfig) -> SampleResult:
         raise SamplerError(
             f"--out {cfg.out}: a file, not a folder; choose a new or earlier --out folder"
         )
+    faults = resource_faults(
+        f"sampling into {cfg.out}",
+        intact="the finished images and parts there are kept",
+        resume="re-run the same `latentdit sample` command (it resumes)",
+        remedies={"memory": "free memory, or use a smaller --batch-size"},
+    )
     with ranks.process_group(cfg.device) as info:
-        return _sample(cfg, info)
+        lock = outputs.out_lock(Path(cfg.out))  # taken by rank 0 before its first write
+        try:
+            with faults:
+                return _sample(cfg, info, lock)
+        finally:
+            lock.release()
 
 
-def _sample(cfg: SampleConfig, info: DistInfo) -> SampleResult:
+def _sample(cfg: SampleConfig, info: DistInfo, lock: Lock) -> SampleResult:
     device = info.device
     precision = resolve_precision(cfg.precision, device)
     if cfg.cast_weights and precision is Precision.fp32:
@@ -142,7 +157,10 @@ def _sample(cfg: SampleConfig, info: DistInfo) -> SampleResult:
     class_ids = {i: classes[c]["id"] for i, c in class_of.items()}
 
     def todo() -> list[int]:
+        lock.acquire()
+        outputs.clear_temps(out)
         check_manifest(out, settings, legacy=legacy_defaults(device))
+        outputs.check_parts(out)  # a resume refuses a part that is not plain uint8 rows
         return [] if npz is not None and npz.is_file() else _todo(cfg, out, indices, class_ids)
 
     todo_all = ranks.on_main(todo, info)

@@ -22,7 +22,7 @@ from latent_store.quantize import decode
 from sampler.config import SampleConfig, SolveConfig
 from sampler.decoder import LatentDecoder
 from sampler.sample import sample
-from trainer.checkpoint import latest_checkpoint, load_for_inference
+from trainer.checkpoint import CheckpointDamagedError, latest_checkpoint, load_for_inference
 from trainer.config import resolve_config
 from trainer.normalization import (
     NORMALIZATION_FILE,
@@ -105,8 +105,8 @@ def test_a_damaged_normalization_file_is_refused(position_run, tmp_path):
     save_file(values, copy / NORMALIZATION_FILE)
     with pytest.raises(NormalizationError, match="does not match the digest"):
         load_for_inference(copy)
-    (copy / NORMALIZATION_FILE).unlink()
-    with pytest.raises(NormalizationError, match="unreadable"):
+    (copy / NORMALIZATION_FILE).unlink()  # the manifest lists it: the checkpoint is damaged
+    with pytest.raises(CheckpointDamagedError, match=f"{NORMALIZATION_FILE} is missing"):
         load_for_inference(copy)
 
 

@@ -8,10 +8,17 @@
                                                 normalization, latent shape, classes, VAE, store
                             normalization.safetensors   per-position normalization only (its
                                                 digest in meta.json; `trainer.normalization`)
+                            manifest.json       sizes and digests of the weights, state.pt and
+                                                any other safetensors file, written last
+                                                (`trainer.checkpoint_files`)
     RUN/checkpoints/latest                      text: the name of the newest step folder
 
-Folders are written under a temporary name and renamed; `latest` is replaced atomically, so a
-killed run leaves either the old or the new checkpoint, never half of one.
+Folders are written under a temporary name, flushed (fsync) and renamed; `latest` is replaced
+atomically, so a kill or a full disk at any instant leaves the old or the new checkpoint, never
+half of one. A damaged latest checkpoint (cut short, missing files, a `latest` that is empty,
+garbled or names nothing) is passed over for the newest intact one, with one log line
+(`trainer.checkpoint_latest`); a checkpoint whose complete files differ from its manifest is
+refused, never loaded.
 """
 
 from __future__ import annotations
@@ -32,29 +39,60 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from latent_store import LatentditError, LatentStore
+from foundation.atomic import fsync_dir, fsync_file, write_atomic
+from foundation.faults import note_doing
+from latent_store import LatentStore
+from trainer.checkpoint_files import (
+    CHECKPOINTS,
+    DATA_FILES,
+    LATEST,
+    META,
+    STATE,
+    WEIGHTS,
+    CheckpointDamagedError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    find_damage,
+    load_state,
+    refusal,
+    write_manifest,
+)
+from trainer.checkpoint_latest import latest_checkpoint, resolve_checkpoint, step_folders
 from trainer.model import DiT, model_from_config
 from trainer.normalization import LatentNormalization
 from trainer.objective import FlowMatching, Objective, objective_from_meta
 from trainer.repa import init_state, sampling_config, without_projector
+
+__all__ = [  # with what `trainer.checkpoint_files` and `trainer.checkpoint_latest` hold
+    "CHECKPOINTS",
+    "LATEST",
+    "META",
+    "STATE",
+    "WEIGHTS",
+    "Checkpoint",
+    "CheckpointDamagedError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "capture_rng_state",
+    "checkpoint_meta",
+    "init_weights",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_for_inference",
+    "read_meta",
+    "resolve_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+    "step_name",
+    "store_fingerprint",
+]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "latentdit.checkpoint"
 VERSION = 1
 STEP_DIGITS = 7
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-META, STATE = "meta.json", "state.pt"
-WEIGHTS = {"model": "model.safetensors", "ema": "ema.safetensors"}
-
-
-class CheckpointNotFoundError(LatentditError):
-    """No checkpoint at the given path."""
-
-
-class CheckpointMismatchError(LatentditError):
-    """A checkpoint's format or provenance disagrees with what the caller expects."""
+DAMAGED = ".damaged"  # suffix of a damaged checkpoint folder set aside when its step is saved again
 
 
 @dataclass(frozen=True)
@@ -141,17 +179,33 @@ def step_name(step: int) -> str:
     return f"{step:0{STEP_DIGITS}d}"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_flushed(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _prune(folder: Path, keep_last: int) -> None:
-    steps = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
-    for old in steps[:-keep_last]:
+    for old in step_folders(folder)[:-keep_last]:
         shutil.rmtree(old)
         log.info("pruned checkpoint %s", old)
+
+
+def _set_aside(final: Path, pid_tmp: Path) -> Path | None:
+    """Move an existing folder of the step being saved out of the way: a damaged one is kept
+    beside (STEP.damaged), an intact one (a rolled-back run) goes to a temporary name, removed
+    once the new folder is in place. Returns that temporary folder."""
+    if find_damage(final, [*DATA_FILES, META]) is not None:
+        aside = final.with_name(final.name + DAMAGED)
+        n = 1
+        while aside.exists():
+            aside, n = final.with_name(f"{final.name}{DAMAGED}-{n}"), n + 1
+        os.replace(final, aside)
+        log.warning("kept the damaged checkpoint %s as %s", final, aside.name)
+        return None
+    os.replace(final, pid_tmp)
+    return pid_tmp
 
 
 def save_checkpoint(
@@ -169,7 +223,9 @@ def save_checkpoint(
 
     `model` and `ema` must be the unwrapped modules (not DDP, not torch.compile wrappers).
     `train_state` must hold only tensors, numbers, strings and containers of them. `files`:
-    more safetensors files of the folder, {name: tensors} (`LatentNormalization.files()`).
+    more safetensors files of the folder, {name: tensors} (`LatentNormalization.files()`). Every
+    file is flushed before the folder is renamed into place; on any failure (a full disk) the
+    partial folder is removed and the previous checkpoints and `latest` are as they were.
     """
     folder = Path(run_dir) / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
@@ -177,45 +233,35 @@ def save_checkpoint(
     for stale in folder.glob(".tmp-*"):  # left by a killed writer (rank 0 is the only one)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = folder / f".tmp-{step_name(step)}-{os.getpid()}"
-    tmp.mkdir()
-    for name, module in (("model", model), ("ema", ema)):
-        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        save_file(state, tmp / WEIGHTS[name])
-    for name, tensors in (files or {}).items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / name)
-    torch.save({**train_state, "step": step}, tmp / STATE)
-    (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_text_atomic(folder / LATEST, final.name + "\n")
+    old = None
+    try:
+        tmp.mkdir()
+        tensors = {WEIGHTS[n]: m.state_dict() for n, m in (("model", model), ("ema", ema))}
+        for name, state in {**tensors, **(files or {})}.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / name)
+            fsync_file(tmp / name)  # a full disk: safetensors' error names ENOSPC
+        with open(tmp / STATE, "wb") as f:
+            torch.save({**train_state, "step": step}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _write_flushed(tmp / META, json.dumps({**meta, "step": step}, indent=2).encode())
+        write_manifest(tmp, [*DATA_FILES, *(files or {})])  # last: the others are complete
+        fsync_dir(tmp)
+        if final.exists():
+            old = _set_aside(final, folder / f".tmp-old-{final.name}-{os.getpid()}")
+        os.replace(tmp, final)
+        fsync_dir(folder)
+        write_atomic(folder / LATEST, final.name + "\n")
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        note_doing(e, f"writing checkpoint {final}")
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     if keep_last is not None:
         _prune(folder, keep_last)
     log.info("saved checkpoint %s", final)
     return final
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The folder `RUN/checkpoints/latest` names, or None when the run has no checkpoint."""
-    pointer = Path(run_dir) / CHECKPOINTS / LATEST
-    if not pointer.is_file():
-        return None
-    folder = pointer.parent / pointer.read_text().strip()
-    return folder if (folder / META).is_file() else None
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder from a checkpoint folder or a run dir (through `latest`)."""
-    p = Path(path)
-    if (p / META).is_file():
-        return p
-    found = latest_checkpoint(p)
-    if found is None:
-        raise CheckpointNotFoundError(
-            f"{p}: no checkpoint here (expected a run dir with checkpoints/{LATEST} or a folder "
-            f"with {META}); train first with `latentdit train --run {p}`"
-        )
-    return found
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
@@ -240,14 +286,20 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Load a checkpoint (folder or run dir) on the CPU, with its training state, for resuming."""
+    """Load a checkpoint (folder or run dir) on the CPU, with its training state, for resuming.
+
+    Every file is checked against the folder's manifest first (sizes and digests); a state.pt
+    that `torch.load(weights_only=True)` refuses is one CheckpointDamagedError line.
+    """
     folder = resolve_checkpoint(path)
+    if (damage := find_damage(folder, DATA_FILES, digests=True)) is not None:
+        raise refusal(folder, damage)
     return Checkpoint(
         path=folder,
         meta=read_meta(folder),
         model_state=load_file(folder / WEIGHTS["model"]),
         ema_state=load_file(folder / WEIGHTS["ema"]),
-        train_state=torch.load(folder / STATE, weights_only=True),
+        train_state=load_state(folder / STATE),
     )
 
 

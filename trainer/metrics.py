@@ -9,7 +9,6 @@ backward costs about three forwards (Kaplan et al. 2020). FLOPs come from the mo
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from foundation.distributed import DistInfo, all_reduce_mean
 from trainer.cost import RunCost
+from trainer.run_log import append_record, trim_log
 from trainer.wandb_log import WandbRun
 
 log = logging.getLogger(__name__)
@@ -48,14 +48,6 @@ def mfu(forward_flops: float, images_per_s_per_device: float, peak: float | None
     if peak is None:
         return None
     return TRAIN_FLOPS_PER_FORWARD * forward_flops * images_per_s_per_device / peak
-
-
-def trim_log(path: Path, last_step: int) -> None:
-    """Drop records after `last_step` (written after the checkpoint a run resumes from)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 def _tensorboard(run_dir: Path):
@@ -163,8 +155,7 @@ class TrainLogger:
         return record
 
     def _write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(self.path, record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
         if self.tb is not None:
             for key, value in record.items():
@@ -181,8 +172,7 @@ class TrainLogger:
         record = {"step": step, "eval": True, **metrics}
         if self.cost is not None:
             record |= self.cost.eval_fields(step, metrics)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(self.path, record)
         if self.tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

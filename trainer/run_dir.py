@@ -1,4 +1,4 @@
-"""Run folders: the saved config a bare `--run` resumes from, and the checks before a resume.
+"""Run folders: the saved config a bare `--run` resumes from, the checks before a resume, the lock.
 
     latentdit train --run runs/b2                 # resumes from runs/b2/config.json
     latentdit train --run runs/b2 --steps 800000  # ... and trains further
@@ -7,6 +7,11 @@ On a resume, options given on the command line (or in --config) may change only 
 change what is learned (`RESUMABLE_CHANGES`); anything else is refused, naming the option and both
 values. Every check runs before anything in the run folder is written, so a refused resume leaves
 it exactly as it was.
+
+One process trains a run at a time: rank 0 holds RUN/.lock (`foundation.locks`) from before the
+first write to the end. config.json is written atomically, with credential-like storage options
+redacted (`foundation.urls.redact_options`): a resume takes them again from the environment or
+--storage-options.
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from foundation.atomic import write_atomic
 from foundation.config import read_config_file
 from foundation.errors import ConfigError
+from foundation.locks import Lock
+from foundation.urls import redact_options_json
 from trainer.checkpoint import (
     CheckpointMismatchError,
     latest_checkpoint,
@@ -28,10 +36,12 @@ from trainer.checkpoint import (
 from trainer.config import RESUMABLE_CHANGES, TrainConfig
 from trainer.metrics import LOG_FILE
 from trainer.repa import check_resumed_features
+from trainer.run_log import read_records
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+RUN_LOCK = ".lock"
 # checkpoint meta entries that must match the model, objective and normalization of a resume
 RESUMED_META = ("model", "objective", "normalization", "latent_shape", "classes")
 RECOMPUTE_KEY = "grad_checkpointing"  # in the model config, but only what backward recomputes
@@ -69,6 +79,18 @@ def saved_config(run: str | os.PathLike) -> dict[str, Any] | None:
         ) from None
 
 
+def run_lock(run: str | os.PathLike) -> Lock:
+    """The lock of a run folder (not taken yet)."""
+    return Lock(Path(run) / RUN_LOCK, what=f"run {run}")
+
+
+def write_config(cfg: TrainConfig) -> None:
+    """RUN/config.json, atomically, with credential-like storage options redacted."""
+    saved = json.loads(cfg.to_json())
+    saved["storage_options"] = redact_options_json(saved.get("storage_options"))
+    write_atomic(Path(cfg.run) / CONFIG_FILE, json.dumps(saved, indent=2))
+
+
 def resume_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """'--lr: 0.0001 (run) vs 0.0002 (now)' for each option that a resume must not change."""
     now = json.loads(cfg.to_json())
@@ -81,15 +103,16 @@ def resume_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     ]
 
 
-def check_resume(cfg: TrainConfig, meta: dict[str, Any]) -> int:
+def check_resume(cfg: TrainConfig, meta: dict[str, Any], latest: Path | None) -> int:
     """The step a run resumes from (0 for a new run), after every check a resume needs.
 
-    Reads only: the run's config.json and its latest checkpoint's meta.json. Refuses changed
-    options, --steps below the checkpoint's step, another store's data or features, another model.
+    `latest`: the run's `latest_checkpoint`. Reads only: the run's config.json and that
+    checkpoint's meta.json. Refuses changed options, --steps below the checkpoint's step,
+    another store's data or features, another model.
     """
     _check_run_path(cfg.run)
     run = Path(cfg.run)
-    latest = latest_checkpoint(run)
+    read_records(run / LOG_FILE, quiet=True)  # a garbled record inside the log: refused now
     if latest is None:
         return 0
     saved = saved_config(run)
@@ -155,13 +178,13 @@ class TrainSummary:
     @classmethod
     def of(cls, cfg: TrainConfig, model, *, start: int, seconds: float, loss: float | None, rank=0):
         run = Path(cfg.run)
-        if loss is None and (log_file := run / LOG_FILE).is_file():
-            lines = log_file.read_text().splitlines()
-            loss = json.loads(lines[-1])["loss"] if lines else None
+        if loss is None:
+            losses = [r["loss"] for r in read_records(run / LOG_FILE, quiet=True) if "loss" in r]
+            loss = losses[-1] if losses else None
         ran = max(cfg.steps - start, 0)
         return cls(
             run=run,
-            checkpoint=latest_checkpoint(run),
+            checkpoint=latest_checkpoint(run, quiet=True),
             parameters=sum(p.numel() for p in model.parameters()),
             start_step=start,
             steps=max(start, cfg.steps),

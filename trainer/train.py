@@ -19,13 +19,16 @@ from foundation.distributed import (
     DistInfo,
     all_gather_objects,
     barrier,
+    on_main,
     seed_everything,
     setup_distributed,
 )
 from foundation.distributed import teardown_distributed as teardown
+from foundation.faults import resource_faults
+from foundation.locks import Lock
 from foundation.preemption import StopSignals
-from foundation.urls import parse_storage_options
-from latent_store import LatentStore, open_store
+from foundation.urls import parse_storage_options, redacted_names
+from latent_store import LatentStore, StoreReadError, open_store
 from latent_store.verify import verify_store
 from trainer import repa
 from trainer.checkpoint import (
@@ -47,7 +50,7 @@ from trainer.normalization import normalization_from_store
 from trainer.objective import DDPM, FlowMatching, Objective
 from trainer.preemption import carry_log_interval, gather_log_interval, preempted
 from trainer.prefetch import Prefetcher
-from trainer.run_dir import CONFIG_FILE, TrainSummary, check_resume
+from trainer.run_dir import TrainSummary, check_resume, run_lock, write_config
 from trainer.step import Trainee, lr_at, make_trainee, train_step
 
 log = logging.getLogger(__name__)
@@ -96,24 +99,26 @@ def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
     return model
 
 
-def prepare_run(cfg: TrainConfig, dist: DistInfo) -> Path:
-    """Create the run folder and write config.json (rank 0), after `check_resume` passed."""
-    run = Path(cfg.run)
-    if dist.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / CONFIG_FILE).write_text(cfg.to_json())
-    barrier()
-    return run
+def prepare_run(cfg: TrainConfig, dist: DistInfo, lock: Lock) -> Path:
+    """Create the run folder, take its lock and write config.json (rank 0), after
+    `check_resume` passed; a lock held by another process stops every rank."""
+
+    def prepare() -> None:
+        Path(cfg.run).mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        write_config(cfg)
+
+    on_main(prepare)
+    return Path(cfg.run)
 
 
-def resume(run: Path, trainee: Trainee, start: int) -> dict[str, Any] | None:
-    """Load the run's latest checkpoint (of step `start`, checked) into `trainee` on every rank;
-    returns its open log interval (`trainer.preemption`), if it holds one.
+def resume(run: Path, trainee: Trainee, start: int, found: Path | None) -> dict[str, Any] | None:
+    """Load the run's latest checkpoint `found` (of step `start`, checked) into `trainee` on every
+    rank; returns its open log interval (`trainer.preemption`), if it holds one.
 
     Every rank must see the same latest checkpoint: a node that does not (a run folder on
     node-local disk) would start over while the others resume, so all ranks stop instead.
     """
-    found = latest_checkpoint(run)
     seen = all_gather_objects(found.name if found else None)
     if len(set(seen)) > 1:
         raise CheckpointMismatchError(
@@ -122,7 +127,7 @@ def resume(run: Path, trainee: Trainee, start: int) -> dict[str, Any] | None:
         )
     if start == 0:
         return None
-    ckpt = load_checkpoint(run)
+    ckpt = load_checkpoint(found)
     trainee.model.load_state_dict(ckpt.model_state)
     trainee.ema.load_state_dict(ckpt.ema_state)
     trainee.optimizer.load_state_dict(ckpt.train_state["optimizer"])
@@ -173,34 +178,63 @@ def save(
 def train(
     cfg: TrainConfig, *, sample_fn: SampleFn | None = None, eval_fn: EvalFn | None = None
 ) -> TrainSummary:
-    """Train (or resume) the run `cfg.run` on `cfg.store` up to `cfg.steps`; what it did."""
+    """Train (or resume) the run `cfg.run` on `cfg.store` up to `cfg.steps`; what it did.
+
+    A full disk, no memory or a store that stays unreachable ends in one ResourceError line
+    naming the checkpoint that is intact and the command that resumes.
+    """
     dist = setup_distributed(cfg.device)
     cache = Path(cfg.compile_cache) if cfg.compile and cfg.compile_cache else None
+    lock = run_lock(cfg.run)
+
+    def intact() -> str:
+        found = latest_checkpoint(cfg.run, quiet=True)
+        return f"{found} is intact" if found else "no checkpoint was written yet"
+
+    faults = resource_faults(
+        f"training {cfg.run}",
+        intact=intact,
+        resume=f"resume with `latentdit train --run {cfg.run}`",
+        also=(StoreReadError,),
+        remedies={"memory": "free memory, or hold less: --data stream, a smaller --batch-size"},
+    )
     try:
-        with compile_cache(cache, save=dist.is_main):
-            return _train(cfg, dist, sample_fn, eval_fn)
+        with faults, compile_cache(cache, save=dist.is_main):
+            return _train(cfg, dist, sample_fn, eval_fn, lock)
     finally:
+        lock.release()
         teardown()
 
 
 def _train(
-    cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None, eval_fn: EvalFn | None = None
+    cfg: TrainConfig,
+    dist: DistInfo,
+    sample_fn: SampleFn | None,
+    eval_fn: EvalFn | None,
+    lock: Lock,
 ) -> TrainSummary:
     called = time.perf_counter()  # the run's cost clock (trainer.cost) counts from here
+    if (names := redacted_names(cfg.storage_options)) and dist.is_main:
+        log.warning(
+            "storage options %s were saved redacted; they come from the environment now "
+            "(e.g. AWS_SECRET_ACCESS_KEY) unless --storage-options gives them",
+            ", ".join(names),
+        )
     store = open_store(cfg.store, storage_options=parse_storage_options(cfg.storage_options))
     if cfg.verify:  # before the summary's statistics become the normalization
         verify_store(store)
     seed_everything(cfg.seed, dist.rank)
     model = build_model_for_store(cfg, store).to(dist.device)
     norm, objective = normalization_from_store(store, cfg.normalization), build_objective(cfg)
-    if cfg.init and latest_checkpoint(cfg.run) is None:
+    latest = latest_checkpoint(cfg.run, quiet=not dist.is_main)  # the newest intact one
+    if cfg.init and latest is None:
         objective = init_weights(model, cfg.init, objective=objective, normalization=norm)
     meta = checkpoint_meta(
         preset=cfg.model, model=model, objective=objective, normalization=norm, store=store
     )
     if alignment := repa.alignment_for(cfg, store, objective, model):
         meta["repa"] = repa.alignment_meta(alignment, store)
-    start = check_resume(cfg, meta)  # reads only: a refused resume leaves the run as it was
+    start = check_resume(cfg, meta, latest)  # reads only: a refused resume leaves the run as it was
     layout = BatchLayout(
         batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,
@@ -219,9 +253,9 @@ def _train(
         arrays=alignment.arrays if alignment else (),
     )
     data = Prefetcher(data, dist.device) if cfg.prefetch else data
-    run = prepare_run(cfg, dist)
+    run = prepare_run(cfg, dist, lock)
     trainee = make_trainee(model, cfg, dist)
-    interval = resume(run, trainee, start)
+    interval = resume(run, trainee, start, latest)
     began, loss = time.perf_counter(), None
     cost = RunCost.resume(
         run / LOG_FILE,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict
 
@@ -34,12 +33,11 @@ from torch.nn import functional as F
 
 from demo.config import EncoderTrainConfig
 from demo.data import CLASSES, generate_training_arrays
+from demo.training import optimizer_step, warmup_cosine
 from pipeline.features import ENCODER_KINDS, IMAGENET_MEAN, IMAGENET_STD, FeatureEncoder
 
 log = logging.getLogger(__name__)
 
-LOG_EVERY = 250  # steps between progress lines
-WARMUP_STEPS = 100  # linear learning-rate warmup, then cosine decay to zero
 TRAINING_FILE = "training.json"
 
 
@@ -65,12 +63,6 @@ def build_encoder(config: EncoderTrainConfig) -> FeatureEncoder:
         resize_first=False,
         facts={},
     )
-
-
-def _lr_factor(step: int, total: int) -> float:
-    if step < WARMUP_STEPS:
-        return (step + 1) / WARMUP_STEPS
-    return 0.5 * (1 + math.cos(math.pi * (step - WARMUP_STEPS) / max(1, total - WARMUP_STEPS)))
 
 
 class Readouts(torch.nn.Module):
@@ -136,7 +128,7 @@ def train_encoder(config: EncoderTrainConfig) -> dict:
     readouts = Readouts(config)
     params = [*encoder.parameters(), *readouts.parameters()]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, config.steps))
     gen = torch.Generator().manual_seed(config.seed)
     t0 = time.perf_counter()
     encoder.train()
@@ -145,12 +137,9 @@ def train_encoder(config: EncoderTrainConfig) -> dict:
         flip = torch.rand(config.batch_size, generator=gen) < 0.5  # the store holds flips too
         pixels = torch.where(flip[:, None, None, None], x[idx].flip(3), x[idx])
         loss = loss_of(readouts, encoder, pixels, y[idx], config)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % LOG_EVERY == 0 or step == config.steps - 1:
-            log.info("step %d/%d loss %.4f", step, config.steps, loss.item())
+        optimizer_step(
+            opt, sched, loss, step, config.steps, batch_size=config.batch_size, started=t0
+        )
     encoder.eval()
     val = torch.from_numpy(data["val"][0]).permute(0, 3, 1, 2).contiguous()
     metrics = held_out(readouts, encoder, val, torch.from_numpy(data["val"][1]))

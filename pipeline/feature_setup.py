@@ -40,6 +40,15 @@ PROJECTION = "projection"  # the attachment key: `features_projection`
 # what must match for a store's features to be resumed with an encoder (of made_by)
 IDENTITY = ("class", "model_type", "weights", "hidden_size", "patch_size", "grid", "preprocess")
 TOKENS = {FEATURES: "patch", FEATURES_CLS: "class"}
+# The quantization range of each array (`latent_store.calibrate`). Patch tokens: its defaults
+# (0.01-99.99th percentiles + 5% of the width on each side) over ~10^5 tokens put the range near
+# 4 std out. The class token has one row per image and variant (512-1024): there the percentiles
+# are the extremes, 3 std out, and a 5% margin would leave ~1e-3 of new values clipped (what
+# validate fails), so it spans the extremes + 25% of the width (~4.3 std for a Gaussian).
+CALIBRATION = {
+    FEATURES: {},
+    FEATURES_CLS: {"lower_percentile": 0.0, "upper_percentile": 100.0, "margin": 0.25},
+}
 
 
 @dataclass(frozen=True)
@@ -194,7 +203,9 @@ def calibrate_features(
         )
     quant, made_by = {}, {}
     for name in NAMES:
-        quant[name] = calibrate(rows[name][:, :, None], dims=1) if cfg.stored == "uint8" else None
+        quant[name] = None  # float16: stored as they are
+        if cfg.stored == "uint8":
+            quant[name] = calibrate(rows[name][:, :, None], dims=1, **CALIBRATION[name])
         made_by[name] = {
             **_made_by(encoder, name, cfg),
             "projection": info,

@@ -186,9 +186,12 @@ def encode(cfg: EncodeConfig) -> None:
     cfg = dataclasses.replace(cfg, command=" ".join(["latentdit", *argv]))
     summary = run_encode(cfg)
     if summary is not None:
+        skipped = summary.get("source_skipped")
         typer.echo(
             f"{cfg.out}: {summary['samples_written']} samples written, "
-            f"{summary['samples_failed']} failed; check it with `latentdit validate {cfg.out}`"
+            f"{summary['samples_failed']} failed"
+            + (f", {skipped} source paths skipped (not regular files, loops...)" if skipped else "")
+            + f"; check it with `latentdit validate {cfg.out}`"
         )
 
 

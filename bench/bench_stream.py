@@ -5,7 +5,7 @@
 Writes a store of RAE DINOv2-B sized latents (768x16x16 uint8: 196,608 bytes per sample, one
 variant) with the real writer (`StoreWriter`, sealed), then times, side by side in alternating
 rounds over the same shard order:
-- raw:    open + read of every shard file, whole (`LatentStore.shard_files`: the latents' and
+- raw:    open + read of every shard file, whole (`LatentStore.chunk_key`: the latents' and
           labels' shard objects): the bytes in RAM, as the disk and the page cache give them;
 - raw_readinto: the same into a fresh numpy buffer of the file's size (`readinto`, no resize);
 - stream: `latent_store.reader.iter_shards` with verify (each shard's checksum and record
@@ -54,13 +54,15 @@ def write_store(out: Path, samples: int, shard_size: int, chunk_size: int) -> La
     for shard in range(spec.num_shards):
         a, b = spec.shard_bounds(shard)
         latents = rng.integers(0, 256, (b - a, 1, *LATENT), dtype=np.uint8)
-        writer.write_shard(shard, latents, rng.integers(0, CLASSES, b - a))
+        writer.write_shard(shard, {"latents": latents}, rng.integers(0, CLASSES, b - a))
     finalize_store(store)
     return LatentStore(out)
 
 
 def shard_paths(store: LatentStore, order: list[int]) -> list[list[Path]]:
-    return [[store.local_root / key for key in store.shard_files(s)] for s in order]
+    """The files stream mode reads of each shard: the latents' and the labels' shard objects."""
+    names = ("latents", "labels")
+    return [[store.local_root / store.chunk_key(n, s) for n in names] for s in order]
 
 
 def drop_cache(paths: list[list[Path]]) -> None:

@@ -1,6 +1,6 @@
 """What `latentdit evaluate` does, as a frozen config (importable without torch: the CLI reads it).
 
-EvaluateConfig(samples=Path("samples.npz"), ref=Path("VIRTUAL_imagenet256_labeled.npz"))
+EvaluateConfig(samples="samples.npz", ref="VIRTUAL_imagenet256_labeled.npz")
 """
 
 from __future__ import annotations
@@ -10,19 +10,27 @@ from pathlib import Path
 
 from evaluation.errors import EvaluationError
 from foundation.config import option
+from foundation.files import DEFAULT_MAX_FILE_MB
+from foundation.images import DEFAULT_MAX_PIXELS
+from foundation.urls import is_url, parse_storage_options
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
     """What `latentdit evaluate` scores, against what, and how."""
 
-    samples: Path = option(
-        help="Images to score: .npz, stats file, image folder, `latentdit sample` folder or latent store.",
+    samples: str = option(
+        help="Images to score: .npz, stats file, image folder, `latentdit sample` folder or latent "
+        "store (a folder or URL, e.g. s3://bucket/store.zarr).",
         argument=True,
     )
-    ref: Path | None = option(
+    ref: str | None = option(
         None,
         "Reference set, any kind SAMPLES may be (e.g. ADM's VIRTUAL_imagenet256_labeled.npz or a --save-stats file).",
+    )
+    storage_options: str | None = option(
+        None,
+        'JSON object of fsspec options for a store URL given as SAMPLES or --ref, e.g. \'{"endpoint_url": "http://minio:9000"}\'.',
     )
     save_stats: Path | None = option(
         None, "Write SAMPLES' statistics and features to this .npz (use it later as --ref)."
@@ -35,6 +43,15 @@ class EvaluateConfig:
     vae: str | None = option(None, "VAE to decode a latent store with (default: the store's).")
     batch_size: int = option(100, "Images per network batch.", min=1)
     workers: int = option(4, "DataLoader workers decoding image files.", min=0)
+    max_pixels: int = option(
+        DEFAULT_MAX_PIXELS,
+        "Image files with more pixels (weighted by bit depth, as `encode` counts them) are "
+        "skipped as decompression bombs.",
+        min=1,
+    )
+    max_file_mb: float = option(
+        DEFAULT_MAX_FILE_MB, "Image files larger than this many MB are skipped without being read."
+    )
     device: str | None = option(
         None, "Torch device (default: cuda:LOCAL_RANK when there is CUDA, else cpu)."
     )
@@ -42,3 +59,16 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.save_stats is not None and Path(self.save_stats).suffix != ".npz":
             raise EvaluationError(f"--save-stats {self.save_stats}: the file must end in .npz")
+        if not self.max_file_mb > 0:
+            raise EvaluationError(f"--max-file-mb must be > 0, got {self.max_file_mb}")
+        urls = [p for p in (self.samples, self.ref) if p is not None and is_url(p)]
+        if self.store_options and not urls:
+            raise EvaluationError(
+                "--storage-options are for store URLs (s3://...), but SAMPLES and --ref are "
+                "local paths; drop --storage-options"
+            )
+
+    @property
+    def store_options(self) -> dict | None:
+        """`storage_options` as the dict the fsspec driver takes."""
+        return parse_storage_options(self.storage_options)

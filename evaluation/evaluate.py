@@ -43,18 +43,21 @@ class SetStats:
     pool: np.ndarray | None = None
     spatial: np.ndarray | None = None
     images_per_s: float | None = None
+    skipped: int = 0  # image files skipped (not regular files, decompression bombs, corrupt)
 
 
-def summarize(path: Path, cfg: EvaluateConfig, net, device: str) -> SetStats | None:
+def summarize(path: str | Path, cfg: EvaluateConfig, net, device: str) -> SetStats | None:
     """Open `path`, featurize its images (if it has any) and compute ADM's statistics.
 
     Every rank must call it (each featurizes its share); the statistics are on rank 0, None on
     the other ranks.
     """
     from evaluation.features import featurize
-    from evaluation.inputs import StatsFile, open_input
+    from evaluation.inputs import DecodeLimits, StatsFile, open_input
 
-    opened = open_input(path, limit=cfg.limit, workers=cfg.workers, vae=cfg.vae, device=device)
+    decode = DecodeLimits(max_pixels=cfg.max_pixels, max_file_mb=cfg.max_file_mb)
+    opened = open_input(path, limit=cfg.limit, workers=cfg.workers, vae=cfg.vae, device=device,
+                        storage_options=cfg.store_options, decode=decode)  # fmt: skip
     if isinstance(opened, StatsFile):
         if opened.network_sha1 not in (None, net.sha1):
             raise EvaluationError(
@@ -68,6 +71,9 @@ def summarize(path: Path, cfg: EvaluateConfig, net, device: str) -> SetStats | N
     if f is None:  # another rank than 0
         return None
     s = set_stats(opened.kind, path, f)
+    s.skipped = opened.skipped + opened.count - s.count  # listed, then failed to decode
+    if s.skipped:
+        log.warning("%s: %d image files skipped (see the warnings above)", path, s.skipped)
     if opened.stats:  # a reference batch's own statistics win, as in ADM
         s.stats = opened.stats
     return s
@@ -178,9 +184,8 @@ def _score(cfg: EvaluateConfig, samples: SetStats, ref: SetStats | None, net, de
     def describe(s: SetStats | None) -> dict | None:
         if s is None:
             return None
-        return {
-            k: v for k, v in asdict(s).items() if k in ("kind", "path", "count", "images_per_s")
-        }
+        shown = ("kind", "path", "count", "images_per_s", "skipped")
+        return {k: v for k, v in asdict(s).items() if k in shown}
 
     return {
         **values,
@@ -203,6 +208,7 @@ def format_result(r: dict[str, Any]) -> str:
         if r[role] is not None:
             s = r[role]
             count = "" if s["count"] is None else f", {s['count']} images"
+            count += f", {s['skipped']} files skipped" if s.get("skipped") else ""
             lines.append(f"{role:<16} {s['path']} ({s['kind']}{count})")
     lines.append(f"{'network':<16} {r['network']['name']} (sha1 {r['network']['sha1'][:12]})")
     for key, name in names.items():

@@ -83,8 +83,9 @@ def prefetched(batches: Iterator[np.ndarray], depth: int = PREFETCH) -> Iterator
 
 def extract_features(
     images: ImageSet, net: InceptionFeatures, *, batch_size: int = 100, device="cpu"
-) -> SetFeatures:
-    """pool_3 and spatial features of every image of the set."""
+) -> SetFeatures | None:
+    """pool_3 and spatial features of every image of the set that could be read (None if none
+    could: a folder whose files were all skipped)."""
     pools, spatials = [], []
     t0, seen, shape = time.perf_counter(), 0, None
     with no_tf32(), torch.inference_mode():
@@ -99,6 +100,8 @@ def extract_features(
             seen += len(batch)
             log.debug("%s: %d of %d images", images.path, seen, images.count)
     seconds = time.perf_counter() - t0
+    if not seen:
+        return None
     log.info("featurized %d images of %s in %.1f s (%.1f images/s)", seen, images.path, seconds,
              seen / max(seconds, 1e-9))  # fmt: skip
     return SetFeatures(
@@ -117,7 +120,9 @@ def featurize(
     rank is raised on all. `seconds` is the wall time of the slowest rank."""
     rank, world = rank_and_world()
     if world == 1:
-        return extract_features(images, net, batch_size=batch_size, device=device)
+        f = extract_features(images, net, batch_size=batch_size, device=device)
+        _require_two(images, 0 if f is None else len(f.pool))
+        return f
     part = images.share(batch_size, rank, world)
     log.info("rank %d of %d: images [%d, %d) of %d in %s", rank, world, part.first,
              part.first + part.count, images.count, images.path)  # fmt: skip
@@ -125,6 +130,7 @@ def featurize(
     mine = on_all(lambda: extract_features(part, net, batch_size=batch_size, device=device)
                   if part.count else None)  # fmt: skip
     seconds = time.perf_counter() - t0  # on_all waited for the slowest rank
+    _require_two(images, sum(all_gather_objects(0 if mine is None else len(mine.pool))))
     shapes = sorted({s for s in all_gather_objects(mine and mine.image_shape) if s is not None})
     if len(shapes) > 1:
         raise EvaluationError(f"{images.path}: images of sizes {shapes[0]} and {shapes[1]}; "
@@ -133,3 +139,12 @@ def featurize(
     if rank != 0:
         return None
     return SetFeatures(pool=pool, spatial=spatial, seconds=seconds, image_shape=shapes[0])
+
+
+def _require_two(images: ImageSet, read: int) -> None:
+    """Statistics need two images; files skipped while reading may have left fewer."""
+    if read < 2:
+        raise EvaluationError(
+            f"{images.path}: {read} of {images.count} image(s) could be read (see the warnings "
+            "above); statistics need at least 2"
+        )

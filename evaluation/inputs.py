@@ -5,11 +5,18 @@ reference     an ADM reference batch: arr_0 and its precomputed mu, sigma, mu_s,
 stats         a file of `--save-stats`: the statistics and the features, no images
 folder        PNG/JPEG files found recursively, decoded by DataLoader workers
 sample dir    a `latentdit sample` output folder: its .npz, else its images/ PNGs
-store         a latent store, decoded through its VAE decoder (the reconstruction floor)
+store         a latent store (a folder or URL), decoded through its VAE decoder (the
+              reconstruction floor)
+
+Image files are listed and decoded as `encode` does it (`foundation.files`,
+`foundation.images`): regular files only, each once, within a size cap and a pixel budget; a file
+that cannot be used (a decompression bomb, a corrupt or truncated file, a FIFO) is skipped with a
+warning naming it and its reason, and counted in the set's `skipped`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 import zipfile
@@ -20,10 +27,14 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from evaluation.errors import EvaluationError
 from foundation.distributed import rank_range
+from foundation.files import DEFAULT_MAX_FILE_MB, MB, list_regular_files, shown_path
+from foundation.images import DEFAULT_MAX_PIXELS, ImageDecodeError, read_image
+from foundation.urls import is_url
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -42,11 +53,12 @@ class ImageSet:
     """
 
     kind: str
-    path: Path
+    path: Path | str  # a str for a URL
     count: int
     read: Callable[[int, int, int], Iterator[np.ndarray]]
     stats: dict[str, np.ndarray] = field(default_factory=dict)  # a reference batch's own
     first: int = 0
+    skipped: int = 0  # files left out when listing (files that fail to decode are counted later)
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """The set's images in batches of `batch_size` (the last may be shorter)."""
@@ -111,9 +123,33 @@ class StatsFile:
         return None if self.pool is None else len(self.pool)
 
 
-def open_input(path: Path, *, limit: int | None = None, workers: int = 0, vae: str | None = None,
-               device: str = "cpu") -> ImageSet | StatsFile:  # fmt: skip
-    """Recognize `path` by its content and open it (see the module docstring for the kinds)."""
+@dataclass(frozen=True)
+class DecodeLimits:
+    """How image files are read: the pixel budget and the file size cap (`foundation.images`)."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_mb: float = DEFAULT_MAX_FILE_MB
+
+
+def open_input(
+    path: str | Path,
+    *,
+    limit: int | None = None,
+    workers: int = 0,
+    vae: str | None = None,
+    device: str = "cpu",
+    storage_options: dict | None = None,
+    decode: DecodeLimits = DecodeLimits(),
+) -> ImageSet | StatsFile:
+    """Recognize `path` by its content and open it (see the module docstring for the kinds).
+
+    A URL (s3://...) must be a latent store; `storage_options` are its driver's options."""
+    if is_url(path):
+        from evaluation.store_images import open_store_images
+
+        return open_store_images(
+            str(path), limit=limit, vae=vae, device=device, storage_options=storage_options
+        )
     path = Path(path)
     if not path.exists():
         raise EvaluationError(f"{path}: no such file or folder")
@@ -129,8 +165,8 @@ def open_input(path: Path, *, limit: int | None = None, workers: int = 0, vae: s
         npz = sorted(path.glob("samples_*.npz"))
         if npz:
             return _open_npz(npz[-1], limit, kind="sample dir")
-        return _open_folder(path / SAMPLE_IMAGES, limit, workers, kind="sample dir")
-    return _open_folder(path, limit, workers, kind="folder")
+        return _open_folder(path / SAMPLE_IMAGES, limit, workers, decode, kind="sample dir")
+    return _open_folder(path, limit, workers, decode, kind="folder")
 
 
 # --- .npz ---------------------------------------------------------------------------------------
@@ -214,22 +250,36 @@ def _maybe(data, key: str) -> np.ndarray | None:
 
 
 class _Files(torch.utils.data.Dataset):
-    def __init__(self, files: list[Path]) -> None:
-        self.files = files
+    def __init__(self, files: list[Path], decode: DecodeLimits) -> None:
+        self.files, self.decode = files, decode
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | str]:
+        """(i, the RGB image) or (i, why it is skipped)."""
+        limits = self.decode
         try:
-            with Image.open(self.files[i]) as im:
-                return i, np.asarray(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as e:
-            return i, f"cannot decode ({e})"
+            max_bytes = int(limits.max_file_mb * MB)
+            image = read_image(self.files[i], max_pixels=limits.max_pixels, max_bytes=max_bytes)
+            return i, np.asarray(image.convert("RGB"))
+        except ImageDecodeError as e:
+            return i, str(e)
 
 
-def _open_folder(folder: Path, limit: int | None, workers: int, kind: str) -> ImageSet:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+def _open_folder(
+    folder: Path, limit: int | None, workers: int, decode: DecodeLimits, kind: str
+) -> ImageSet:
+    """The image files under `folder` (regular files, each once); those that fail to decode are
+    skipped when read, with a warning."""
+
+    def is_image(name: str) -> bool:
+        return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+    listing = list_regular_files(folder, keep=is_image)
+    for s in listing.skipped:
+        log.warning("skipping %s: %s", shown_path(s.path, folder), s.reason)
+    files = listing.files[folder]
     if not files:
         raise EvaluationError(f"{folder}: no PNG or JPEG images in it (searched recursively)")
     files = files[:limit]
@@ -237,19 +287,23 @@ def _open_folder(folder: Path, limit: int | None, workers: int, kind: str) -> Im
     def read(batch_size: int, start: int, stop: int) -> Iterator[np.ndarray]:
         part = files[start:stop]
         loader = torch.utils.data.DataLoader(
-            _Files(part), batch_size=batch_size, num_workers=workers, collate_fn=list
+            _Files(part, decode), batch_size=batch_size, num_workers=workers, collate_fn=list
         )
         first = None
         for items in loader:
+            good = []
             for i, image in items:
                 if isinstance(image, str):
-                    raise EvaluationError(f"{part[i]}: {image}")
+                    log.warning("skipping %s: %s", part[i], image)
+                    continue
                 first = first or (part[i], image.shape)
                 if image.shape != first[1]:
                     raise EvaluationError(
                         f"{part[i]} is {image.shape[1]}x{image.shape[0]} but {first[0]} is "
                         f"{first[1][1]}x{first[1][0]}: every image of a set must have one size"
                     )
-            yield np.stack([image for _, image in items])
+                good.append(image)
+            if good:
+                yield np.stack(good)
 
-    return ImageSet(kind, folder, len(files), read)
+    return ImageSet(kind, folder, len(files), read, skipped=len(listing.skipped))

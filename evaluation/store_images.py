@@ -1,6 +1,7 @@
 """A latent store as an image set: its stored latents decoded by the VAE decoder alone.
 
     latentdit evaluate train.zarr --ref val_stats.npz     # how close the VAE alone gets
+    latentdit evaluate s3://bucket/train.zarr --ref val_stats.npz [--storage-options JSON]
 
 Scored against real images, these give the reconstruction floor: the FID a generator that
 reproduced the stored latents exactly would reach. Shards are read whole, in order; the image
@@ -21,16 +22,22 @@ import torch
 
 from evaluation.inputs import ImageSet, rebatch
 from foundation.autoencoders.loading import load_decoder
-from latent_store import LatentStore, SchemaMismatchError, dequantize, load_latents
+from latent_store import LatentStore, SchemaMismatchError, dequantize, load_latents, open_store
 
 IMAGE_VARIANT = 0  # (N, V, C, h, w): V = 0 is the image, 1 its flip
 
 
 def open_store_images(
-    path: Path, *, limit: int | None = None, vae: str | None = None, device: str = "cpu"
+    path: str | Path,
+    *,
+    limit: int | None = None,
+    vae: str | None = None,
+    device: str = "cpu",
+    storage_options: dict | None = None,
 ) -> ImageSet:
-    """The decoded images of the first `limit` written samples of the store at `path`."""
-    store = LatentStore(path)
+    """The decoded images of the first `limit` written samples of the store at `path` (a folder
+    or an fsspec URL, opened with `storage_options`)."""
+    store = open_store(path, storage_options=storage_options)
     shards = store.require_complete()
     counts = [r.written for r in store.records()]
     total = sum(counts[s] for s in shards)
@@ -51,7 +58,7 @@ def open_store_images(
             z = dequantize(torch.from_numpy(codes), spec.quant)
             yield decoder.decode_to_uint8(z).numpy()
 
-    return ImageSet("store", Path(path), count, read)
+    return ImageSet("store", path if isinstance(path, str) else Path(path), count, read)
 
 
 def _codes(store: LatentStore, shards: list[int], counts: list[int], start: int, stop: int):

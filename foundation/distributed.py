@@ -238,6 +238,45 @@ def barrier() -> None:
     dist.barrier()
 
 
+_cpu_groups: dict[int, tuple[object, object]] = {}  # id(default group) -> (it, its gloo twin)
+
+
+def cpu_group():
+    """A gloo group of all ranks, for collectives on host values that must not wait for a GPU:
+    the default group under gloo, else one made on the first call (a collective: every rank must
+    make the first call at the same point) and kept while the default group lives."""
+    world = dist.group.WORLD
+    if dist.get_backend() == "gloo":
+        return world
+    held = _cpu_groups.get(id(world))
+    if held is None or held[0] is not world:
+        held = (world, dist.new_group(backend="gloo"))
+        _cpu_groups.clear()
+        _cpu_groups[id(world)] = held
+    return held[1]
+
+
+def start_max_over_ranks(value: int) -> Callable[[], int]:
+    """Start the all-reduce (max over all ranks) of `value` on the CPU group (gloo) in the
+    background; returns the call that waits for it and gives the result. A collective: every
+    rank starts it. It never synchronizes a device."""
+    t = torch.tensor([value], dtype=torch.int64)
+    work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=cpu_group(), async_op=True)
+
+    def result() -> int:
+        work.wait()
+        return int(t.item())
+
+    return result
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest `value` over all ranks, all-reduced on the CPU (one small message round)."""
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=cpu_group())
+    return int(t.item())
+
+
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """Rank 0's value of `flag`, on every rank."""
     t = torch.tensor([int(flag)], device=device)

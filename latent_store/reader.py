@@ -9,6 +9,7 @@ latents), and only those are read and verified. Decode batches with `latent_stor
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from latent_store.arrays import LABELS, LATENTS
+from latent_store.errors import StoreCorruptError
 from latent_store.schema import LABEL_FILL, ShardRecord, StoreSpec
 from latent_store.store import LatentStore, open_store
 from latent_store.verify import verify_shard, verify_store, verify_summary
@@ -74,15 +76,26 @@ def _shard_arrays(
     )
 
 
-def _concat(parts: Sequence[LatentArrays], spec: StoreSpec, names: Sequence[str]) -> LatentArrays:
-    if not parts:
-        empty = {n: np.zeros((0, *spec.row_shape(n)), spec.array(n).dtype) for n in names}
-        return LatentArrays(empty, np.zeros(0, np.int64), np.zeros(0, np.int64))
+def _allocate(spec: StoreSpec, names: Sequence[str], rows: int) -> LatentArrays:
+    """Uninitialized arrays for `rows` samples of `names`, filled shard by shard by the loader."""
     return LatentArrays(
-        arrays={n: np.concatenate([p.arrays[n] for p in parts]) for n in names},
-        labels=np.concatenate([p.labels for p in parts]),
-        indices=np.concatenate([p.indices for p in parts]),
+        arrays={n: np.empty((rows, *spec.row_shape(n)), spec.array(n).dtype) for n in names},
+        labels=np.empty(rows, np.int64),
+        indices=np.empty(rows, np.int64),
     )
+
+
+def _fill(out: LatentArrays, at: int, part: LatentArrays, rows: int, where: str) -> None:
+    """Copy a shard's samples into `out` from row `at`; it must hold the `rows` its record says."""
+    if len(part) != rows:  # only without verify: a verified shard matches its record
+        raise StoreCorruptError(
+            f"{where}: {len(part)} written samples, its record says {rows}; run `latentdit "
+            "validate` on the store"
+        )
+    for name, values in part.arrays.items():
+        out.arrays[name][at : at + rows] = values
+    out.labels[at : at + rows] = part.labels
+    out.indices[at : at + rows] = part.indices
 
 
 def _added_records(store: LatentStore, names: Sequence[str], verify: bool) -> dict[str, list]:
@@ -109,7 +122,8 @@ def load_latents(
     complete or `allow_incomplete` is set (incomplete shards are then skipped). With `verify`,
     the store's seal and every shard's record are checked (`latent_store.verify`); each shard is
     hashed in the thread that read it, and the seal checked in another, so verifying overlaps
-    the reads.
+    the reads. The result is allocated once, from the records' counts, and each shard is copied
+    into it as it arrives: the peak is the result plus the `threads` shards in flight.
     """
     store = open_store(path)
     names = [store.spec.array(n).name for n in names]  # unknown names: one line, here
@@ -124,15 +138,21 @@ def load_latents(
             )
             checked = records if verify else [None] * len(records)
             added = _added_records(store, names, verify)
-            parts = list(
-                pool.map(lambda s: _shard_arrays(store, s, checked[s], names, added), todo)
-            )
+            rows = [records[s].written for s in todo]
+            starts = [0, *itertools.accumulate(rows)]
+            out = _allocate(store.spec, names, starts[-1])
+
+            def load(i: int) -> None:  # one shard in flight per thread, copied, then dropped
+                part = _shard_arrays(store, todo[i], checked[todo[i]], names, added)
+                _fill(out, starts[i], part, rows[i], f"{store.path}: shard {todo[i]}")
+
+            list(pool.map(load, range(len(todo))))
         finally:  # a broken seal or summary explains shard problems: it is reported first
             if sealed is not None:
                 sealed.result()
                 if records is not None:
                     verify_summary(store, records)
-    return _concat(parts, store.spec, names)
+    return out
 
 
 def shard_order(num_shards: int, *, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:

@@ -298,25 +298,38 @@ class LatentStore:
             complete = [i for i in complete if added[i] is not None]
         return complete
 
-    def read_shard(self, shard: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def read_shard(
+        self,
+        shard: int,
+        names: Sequence[str] | None = None,
+        *,
+        digests: dict[str, str] | None = None,
+    ) -> dict[str, np.ndarray]:
         """Read one shard of the arrays `names` (default: those made with the store) and of the
         labels into RAM: {name: rows}.
 
         Each array's shard is one object, fetched whole, the arrays' objects at once (on an
         object store: concurrent requests); a failed fetch is retried, then raises
-        StoreReadError naming the shard.
+        StoreReadError naming the shard. digests: filled with the CHECKSUM of each array that was
+        hashed as it was read (a local shard read whole), name -> "ALGORITHM:HEX".
         """
         start, stop = self.spec.shard_bounds(shard)
         wanted = [*(self.spec.base_names if names is None else names)]
         wanted += [LABELS] if LABELS not in wanted else []
         if self.local_root is not None:  # one read per file, no decoding copy (shard_file.py)
+            hashers = {n: CHECKSUMS[CHECKSUM]() for n in wanted}
             local = [
                 read_shard_file(
-                    self.array(n), self.local_root / self.chunk_key(n, shard), stop - start
+                    self.array(n),
+                    self.local_root / self.chunk_key(n, shard),
+                    stop - start,
+                    hashers[n] if digests is not None else None,
                 )
                 for n in wanted
             ]
             if all(a is not None for a in local):
+                if digests is not None:
+                    digests.update({n: f"{CHECKSUM}:{h.hexdigest()}" for n, h in hashers.items()})
                 return dict(zip(wanted, local, strict=True))
 
         async def read(arrays: list[zarr.Array]) -> list:

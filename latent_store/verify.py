@@ -120,17 +120,18 @@ def check_shard(
     problems += [f"shard {shard}: array {n!r} is not written" for n in extra if added[n] is None]
     if problems:
         return None, problems, []
+    digests: dict[str, str] = {}  # what was hashed while it was read (local stores)
     try:
-        data = store.read_shard(shard, base + extra)
+        data = store.read_shard(shard, base + extra, digests=digests)
     except LatentditError:
         raise
     except Exception as e:  # whatever zarr's codecs raise on damaged bytes (crc32c, reshape...)
         reason = str(e).splitlines()[0][:120] if str(e) else ""
         unreadable = f"shard {shard}: unreadable ({type(e).__name__}: {reason})"
         return None, _lost(store, shard, base + extra) or [unreadable], []
-    problems = _checksum_problems(store, shard, record, data, [*base, LABELS])
+    problems = _checksum_problems(store, shard, record, data, [*base, LABELS], digests)
     for name in extra:
-        problems += _added_problems(store, shard, record, added[name], name, data)
+        problems += _added_problems(store, shard, record, added[name], name, data, digests)
     if problems and (lost := _lost(store, shard, base + extra)):
         return None, lost, []
     return data, problems, label_problems(spec.num_classes, record, data[LABELS])
@@ -148,29 +149,45 @@ def _kind_problems(shard: int, records: Sequence[ShardRecord]) -> list[str]:
 
 
 def _checksum_problems(
-    store: LatentStore, shard: int, record: ShardRecord, data: Mapping, names: list[str]
+    store: LatentStore,
+    shard: int,
+    record: ShardRecord,
+    data: Mapping,
+    names: list[str],
+    digests: Mapping[str, str],
 ) -> list[str]:
-    """The arrays `names` of `data` against a record's checksums (v1: one over all of them)."""
+    """The arrays `names` of `data` against a record's checksums (v1: one over all of them);
+    `digests`: checksums of arrays hashed as they were read (`LatentStore.read_shard`)."""
     if not record.arrays:
         algorithm = checksum_algorithm(record.checksum)
         actual = shard_checksum({n: data[n] for n in names}, algorithm)
         if actual != record.checksum:
             return [f"shard {shard}: checksum mismatch (recorded {record.checksum}, data {actual})"]
         return []
-    return _parts_problems(shard, record, data, names, [*store.spec.base_names, LABELS])
+    recorded = [*store.spec.base_names, LABELS]
+    return _parts_problems(shard, record, data, names, recorded, digests)
 
 
 def _parts_problems(
-    shard: int, record: ShardRecord, data: Mapping, names: list[str], recorded: list[str]
+    shard: int,
+    record: ShardRecord,
+    data: Mapping,
+    names: list[str],
+    recorded: list[str],
+    digests: Mapping[str, str],
 ) -> list[str]:
-    """A v2 record: the parts of `names` against `data`, and the record's checksum against its
-    parts (`recorded`, in order), so that no part of an array not read was edited either."""
+    """A v2 record: the parts of `names` against `data` (or against `digests`, made of the same
+    bytes as they were read, where the record's kind matches), and the record's checksum against
+    its parts (`recorded`, in order), so that no part of an array not read was edited either."""
     if sorted(record.arrays) != sorted(recorded):
         return [f"shard {shard}: its record covers {sorted(record.arrays)}, not {recorded}"]
     problems = []
     for name in names:
         part = record.arrays[name].checksum
-        actual = shard_checksum({name: data[name]}, checksum_algorithm(part))
+        algorithm = checksum_algorithm(part)
+        actual = digests.get(name, "")
+        if checksum_algorithm(actual) != algorithm:
+            actual = shard_checksum({name: data[name]}, algorithm)
         if actual != part:
             problems.append(
                 f"shard {shard}: checksum mismatch in {name} (recorded {part}, data {actual})"
@@ -190,6 +207,7 @@ def _added_problems(
     record: ShardRecord,
     name: str,
     data: Mapping,
+    digests: Mapping[str, str],
 ) -> list[str]:
     """An added array's shard against its own record, which must name the current base record."""
     if problems := record_problems(store, shard, record, what=f"{name}'s record"):
@@ -199,7 +217,7 @@ def _added_problems(
             f"shard {shard}: array {name!r} was written for another version of the shard (it "
             "was re-encoded since); re-run the command that adds it"
         ]
-    return _parts_problems(shard, record, data, [name], [name])
+    return _parts_problems(shard, record, data, [name], [name], digests)
 
 
 def _lost(store: LatentStore, shard: int, names: list[str]) -> list[str]:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from foundation.compile import compile_cache, uses_cuda_graphs
 from foundation.distributed import DistInfo, barrier, setup_distributed, teardown_distributed
+from foundation.preemption import StopSignals, stopped
 from latent_store import (
     LABEL_FILL,
     ArraySpec,
@@ -92,6 +93,7 @@ def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
         devkit_synsets=cfg.devkit_synsets,
         label_key=cfg.label_key,
         include_unfinished=cfg.include_unfinished,
+        max_file_mb=cfg.max_file_mb,
     )
     vae, vae_info = load_vae(cfg.vae_config(str(info.device)))
     encoder = _feature_encoder(cfg, vae, str(info.device))
@@ -126,8 +128,16 @@ def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
     with (
         compile_cache(cfg.compile_cache if cfg.compile else None, save=info.is_main),
         cudnn_benchmark(cfg.cudnn_benchmark),
+        StopSignals() as stop,  # a signal: the shard write in flight ends, then the job exits
     ):
-        encode_shards(cfg, source, vae, pre, writer, info, features=features)
+        encode_shards(cfg, source, vae, pre, writer, info, stop, features=features)
+    if signum := stop.agreed():  # every rank, once its loop ended (a collective, like a barrier)
+        added = isinstance(writer, AddedFeatureWriter)  # then the features' shards are counted
+        done = sum(r is not None for r in store.records(FEATURES if added else None))
+        what = f"stopped with {done} of {store.spec.num_shards} shards of {cfg.out} complete; "
+        raise stopped(
+            signum, what + "re-run the same command to encode the rest", main=info.is_main
+        )
     barrier()
     if not info.is_main:
         return None
@@ -139,6 +149,15 @@ def _encode(cfg: EncodeConfig, info: DistInfo) -> dict | None:
         summary["samples_failed"],
         summary["failure_reasons"] or "no failures",
     )
+    if skipped := listed.get("skipped"):  # never samples: left out when SOURCE was listed
+        summary["source_skipped"] = skipped
+        summary["source_skipped_kinds"] = listed.get("skipped_kinds", {})
+        log.warning(
+            "%s: %d paths skipped when listing it (%s): see the store's source attribute",
+            cfg.source,
+            skipped,
+            summary["source_skipped_kinds"] or "see the warnings above",
+        )
     return summary
 
 
@@ -197,11 +216,14 @@ def encode_shards(
     pre,
     writer: StoreWriter | AddedFeatureWriter,
     info,
+    stop: StopSignals | None = None,
     *,
     features: FeatureLauncher | None = None,
 ) -> None:
     """Encode and write the shards in `writer.todo`: the latents with `vae` (None: none, for
-    features added to a complete store) and the feature arrays with `features`.
+    features added to a complete store) and the feature arrays with `features`. On a stop signal
+    (`stop`) no further batch is launched: the launched one is finished and the shard writes in
+    flight end; a shard left partial has no record, and a resume encodes it again.
 
     Nothing on the main thread waits for the device between batches: batch k+1 is launched before
     batch k's uint8 codes (copied to pinned memory without blocking) are read back, and a full
@@ -228,9 +250,11 @@ def encode_shards(
     arrays = writer.arrays if isinstance(writer, AddedFeatureWriter) else spec.base_arrays
     buffers = {s: ShardBuffer(spec, s, arrays) for s in writer.todo}
     writes = _ShardWrites(writer)
-    started, previous = time.perf_counter(), None
+    started, previous, seen = time.perf_counter(), None, 0
     with ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as pool:
         for batch in loader:
+            if stop is not None and stop.requested:
+                break  # the launched batch is finished below; a shard left partial is redone
             buf = buffers[batch.indices[0] // spec.shard_size]
             failed += _record_failures(source, buf, batch)
             if failed > limit:
@@ -240,7 +264,7 @@ def encode_shards(
             current = (batch, buf, launched)
             if previous is not None:
                 _finish(source, *previous, bar, buffers, writes, pool)
-            previous = current
+            previous, seen = current, seen + len(batch.indices)
             bar.set_postfix(failed=failed, refresh=False)
         if previous is not None:
             _finish(source, *previous, bar, buffers, writes, pool)
@@ -250,9 +274,9 @@ def encode_shards(
     log.info(
         "rank %d: encoded %d images in %.1f s (%.1f images/s), %d failed",
         info.rank,
-        total,
+        seen,
         seconds,
-        total / max(seconds, 1e-9),
+        seen / max(seconds, 1e-9),
         failed,
     )
 

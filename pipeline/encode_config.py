@@ -10,6 +10,7 @@ from pathlib import Path
 from foundation.autoencoders.loading import VaeConfig
 from foundation.compile import COMPILE_MODES
 from foundation.config import option
+from foundation.files import DEFAULT_MAX_FILE_MB
 from foundation.precision import NAMES as DTYPES
 from foundation.urls import check_options_apply, parse_storage_options
 from latent_store import VARIANTS, LatentditError
@@ -104,6 +105,8 @@ class EncodeConfig:
     """Apply EXIF orientation before cropping (off: ImageNet parity)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more pixels are skipped as decompression bombs."""
+    max_file_mb: float = DEFAULT_MAX_FILE_MB
+    """Source files (or tar members) larger than this many MB are skipped without being read."""
     shard_size: int = DEFAULT_SHARD_SIZE
     """Samples per store shard (the unit of work and of resume)."""
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -140,6 +143,8 @@ class EncodeConfig:
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise LatentditError(f"{flag} must be at least 1, got {getattr(self, name)}")
+        if not self.max_file_mb > 0:
+            raise LatentditError(f"--max-file-mb must be > 0, got {self.max_file_mb}")
         if self.workers is not None and self.workers < 0:
             raise LatentditError(f"--workers must be >= 0, got {self.workers}")
         if self.prefetch < 1:

@@ -4,7 +4,9 @@ plus a label file), and any class-folder dataset with files Pillow reads.
 Labels: class index = position in the sorted list of class folders (the torchvision/Keras order
 for ImageNet wnids), or the order of a `--classes` file so that different splits agree. Files are
 listed once, sorted, and never re-listed; only image extensions count (`.DS_Store` and
-`README.txt` are ignored), but images are decoded by content.
+`README.txt` are ignored), but images are decoded by content. Only regular files are listed, each
+once, and symlink loops are never walked (`foundation.files`); what was left out is logged and
+counted in `describe()`. A file over the size cap is not read (its sample fails with the reason).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-import os
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,15 @@ from typing import Any
 
 from PIL import Image
 
+from foundation.files import (
+    DEFAULT_MAX_FILE_MB,
+    MB,
+    Listing,
+    Skipped,
+    list_regular_files,
+    read_regular_file,
+    shown_path,
+)
 from latent_store import ClassInfo, LatentditError
 
 log = logging.getLogger(__name__)
@@ -28,6 +39,7 @@ log = logging.getLogger(__name__)
 SYNSET_MAPPING = "LOC_synset_mapping.txt"  # Kaggle: "n01440764 tench, Tinca tinca" per line
 DEVKIT_META = "meta.mat"  # devkit: synsets in ILSVRC2012_ID order
 WNID = re.compile(r"n\d{8}")  # an ImageNet synset id
+SKIPPED_SHOWN = 20  # skipped paths listed in describe(); all are counted
 
 
 class SourceError(LatentditError):
@@ -53,6 +65,8 @@ class FolderSource:
     labels: tuple[int, ...]
     classes: tuple[ClassInfo, ...]
     options: Mapping[str, str | None]  # what reopens this source (label and class files)
+    skipped: tuple[Skipped, ...] = ()  # paths left out of the listing (not regular files...)
+    max_file_bytes: int = DEFAULT_MAX_FILE_MB * MB  # larger files are refused, never read
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -64,9 +78,21 @@ class FolderSource:
         return self.labels[index]
 
     def read(self, index: int) -> bytes:
-        return (self.root / self.keys[index]).read_bytes()
+        """The file's bytes; FileRefusedError (a ValueError) if it is no longer a regular file
+        or is over the size cap, OSError if it cannot be read."""
+        return read_regular_file(self.root / self.keys[index], max_bytes=self.max_file_bytes)
 
     def describe(self) -> dict[str, Any]:
+        skipped = {}
+        if self.skipped:  # only then: stores of sources without any keep their description
+            skipped = {
+                "skipped": len(self.skipped),
+                "skipped_kinds": dict(Counter(s.kind for s in self.skipped)),
+                "skipped_first": [
+                    f"{shown_path(s.path, self.root)}: {s.reason}"
+                    for s in self.skipped[:SKIPPED_SHOWN]
+                ],
+            }
         return {
             "kind": self.kind,
             "path": str(self.root),
@@ -74,6 +100,7 @@ class FolderSource:
             "num_images": len(self.keys),
             "num_classes": len(self.classes),
             **{k: v for k, v in self.options.items() if v is not None},
+            **skipped,
         }
 
 
@@ -85,15 +112,26 @@ def fingerprint(keys: Sequence[str], labels: Sequence[int]) -> str:
     return f"blake2b-128:{h.hexdigest()}"
 
 
-def _list_images(folder: Path) -> list[Path]:
+def _is_main() -> bool:
+    """Rank 0 (or no process group): every rank lists the source, rank 0 tells what it skipped."""
+    from foundation.distributed import rank_and_world  # torch: not at import (`--help`)
+
+    return rank_and_world()[0] == 0
+
+
+def list_images(root: Path, folders: list[Path] | None = None, *, recursive=True) -> Listing:
+    """The image files (by extension, not hidden) under `folders` of `root` (default: root),
+    regular files only (`foundation.files.list_regular_files`); what was skipped is logged."""
     exts = image_extensions()
-    found = [
-        Path(dirpath) / name
-        for dirpath, _, names in os.walk(folder, followlinks=True)
-        for name in names
-        if Path(name).suffix.lower() in exts and not name.startswith(".")
-    ]
-    return sorted(found)
+
+    def is_image(name: str) -> bool:
+        return Path(name).suffix.lower() in exts and not name.startswith(".")
+
+    listing = list_regular_files(root, folders, keep=is_image, recursive=recursive)
+    if _is_main():
+        for s in listing.skipped:
+            log.warning("skipping %s: %s", shown_path(s.path, root), s.reason)
+    return listing
 
 
 def read_class_file(path: Path) -> tuple[ClassInfo, ...]:
@@ -136,10 +174,12 @@ def _source_kind(class_ids: Sequence[str]) -> str:
     return "imagenet-train" if all(WNID.fullmatch(c) for c in class_ids) else "folders"
 
 
-def class_folder_source(root: Path, *, classes_file: Path | None = None) -> FolderSource:
+def class_folder_source(
+    root: Path, *, classes_file: Path | None = None, max_file_bytes: int = DEFAULT_MAX_FILE_MB * MB
+) -> FolderSource:
     """Every image below `root/<class>/` (recursively), labeled by its class folder."""
     root = Path(root).resolve()
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders, loops = _class_folders(root)
     classes = _class_list(folders, classes_file, root)
     index = {c.id: c.index for c in classes}
     if unknown := [f for f in folders if f not in index]:
@@ -147,14 +187,22 @@ def class_folder_source(root: Path, *, classes_file: Path | None = None) -> Fold
             f"{root}: class folder {unknown[0]!r} is not in {classes_file} "
             f"({len(unknown)} such folders); add it there or remove the folder"
         )
+    listing = list_images(root, [root / folder for folder in folders])
     keys, labels = [], []
     for folder in folders:
-        for path in _list_images(root / folder):
+        for path in listing.files[root / folder]:
             keys.append(path.relative_to(root).as_posix())
             labels.append(index[folder])
     _require_images(root, keys)
     kind = _source_kind(folders)
-    log.info("%s: %d images in %d classes (%s)", root, len(keys), len(folders), kind)
+    log.info(
+        "%s: %d images in %d classes (%s), %d paths skipped",
+        root,
+        len(keys),
+        len(folders),
+        kind,
+        len(loops) + len(listing.skipped),
+    )
     return FolderSource(
         root=root,
         kind=kind,
@@ -162,7 +210,26 @@ def class_folder_source(root: Path, *, classes_file: Path | None = None) -> Fold
         labels=tuple(labels),
         classes=classes,
         options={"classes_file": _abs(classes_file)},
+        skipped=(*loops, *listing.skipped),
+        max_file_bytes=max_file_bytes,
     )
+
+
+def _class_folders(root: Path) -> tuple[list[str], list[Skipped]]:
+    """The sorted names of the class folders of `root` (folders or links to folders, not hidden),
+    and the links among them to `root` itself or above it: loops, skipped (and logged)."""
+    names, loops = [], []
+    for p in root.iterdir():
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        real = p.resolve()
+        if p.is_symlink() and (real == root or real in root.parents):
+            loops.append(Skipped(p, "symlink loop", "a link to the source folder or above it"))
+            if _is_main():
+                log.warning("skipping %s: %s", p.name, loops[-1].reason)
+            continue
+        names.append(p.name)
+    return sorted(names), loops
 
 
 def _require_images(root: Path, keys: Sequence[str]) -> None:
@@ -241,11 +308,13 @@ def val_source(
     val_labels: Path,
     classes_file: Path | None = None,
     devkit_synsets: Path | None = None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_MB * MB,
 ) -> FolderSource:
     """A flat folder of validation images labeled through `val_labels` (see read_val_labels)."""
     root = Path(root).resolve()
     by_stem = read_val_labels(val_labels, devkit_synsets=devkit_synsets)
-    files = [p for p in _list_images(root) if p.parent == root]
+    listing = list_images(root, recursive=False)
+    files = listing.files[root]
     _require_images(root, files)
     if missing := [p.name for p in files if p.stem not in by_stem]:
         raise SourceError(
@@ -271,4 +340,6 @@ def val_source(
             "classes_file": _abs(classes_file),
             "devkit_synsets": _abs(devkit_synsets),
         },
+        skipped=tuple(listing.skipped),
+        max_file_bytes=max_file_bytes,
     )

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from foundation.files import FileRefusedError
+from foundation.preemption import ignore_stop_signals
 from pipeline.preprocess import ImageDecodeError, PreprocessConfig, preprocess
 from pipeline.source import ImageSource
 
@@ -59,7 +61,7 @@ def load_item(source: ImageSource, index: int, cfg: PreprocessConfig) -> Item:
     """Read, decode and crop one sample; any problem with the file becomes a failure record."""
     try:
         crop, mode = preprocess(source.read(index), cfg)
-    except ImageDecodeError as e:
+    except (ImageDecodeError, FileRefusedError) as e:
         return Item(index, None, None, str(e))
     except OSError as e:
         return Item(index, None, None, f"unreadable: {e.__class__.__name__}: {e}")
@@ -107,6 +109,7 @@ def crop_loader(
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
+        worker_init_fn=ignore_stop_signals,  # the main process decides when to stop
         prefetch_factor=prefetch
         if workers
         else None,  # batches queued per worker, in shared memory

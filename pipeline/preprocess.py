@@ -4,30 +4,31 @@ The crop is `center_crop_arr` of guided-diffusion (Dhariwal & Nichol 2021), whic
 which the ADM reference FID statistics assume: halve with BOX while the short side is at least
 twice the target, resize with BICUBIC so the short side equals the target, then cut the center
 with floor rounding.
+
+Decoding is bounded (`foundation.images.decode_image`: a budget of pixels weighted by bit depth,
+checked on the header), and the conversions of wide samples (16-bit, 32-bit, float) to 8 bits run
+over bands of rows, so a worker holds the decoded image, its 8-bit copy and one band at most.
 """
 
 from __future__ import annotations
 
-import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from foundation.errors import LatentditError
+from foundation.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 
-# Pillow's own warning threshold; an image with more pixels is treated as a decompression bomb.
-DEFAULT_MAX_PIXELS = 89_478_485
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageDecodeError", "PreprocessConfig", "decode_image"]
+__all__ += ["center_crop_adm", "hflip", "preprocess", "to_rgb"]
+
+ROWS_PER_BAND = 2**20  # pixels converted at a time from wide samples (int64: 8 MB per band)
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 UINT16_MAX = 65535
 UINT8_MAX = 255
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class ImageDecodeError(ValueError):
-    """An image that cannot be used; the message is the reason recorded in the store."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +40,8 @@ class PreprocessConfig:
     exif_transpose: bool = False
     """Apply the EXIF orientation tag. Off by default: ImageNet tooling ignores it."""
     max_pixels: int = DEFAULT_MAX_PIXELS
-    """Images with more pixels are refused as decompression bombs."""
+    """Images with more pixels (weighted by bit depth: `foundation.images`) are refused as
+    decompression bombs."""
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
@@ -48,61 +50,60 @@ class PreprocessConfig:
             raise LatentditError(f"--max-pixels must be positive, got {self.max_pixels}")
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode image bytes, whatever their file name says.
-
-    Raises ImageDecodeError with a short reason ("empty file", "not an image", "truncated ...",
-    "decompression bomb ...").
-    """
-    if not data:
-        raise ImageDecodeError("empty file")
-    try:
-        with warnings.catch_warnings():
-            # our own limit below decides; Pillow's warning would only add noise
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            pixels = img.width * img.height
-            if pixels > max_pixels:
-                raise ImageDecodeError(
-                    f"decompression bomb: {img.width}x{img.height} = {pixels} pixels, "
-                    f"over the limit of {max_pixels}"
-                )
-            img.load()
-    except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"decompression bomb: {e}") from None
-    except Image.UnidentifiedImageError:
-        raise ImageDecodeError("not an image (unrecognized content)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, ImageDecodeError):
-            raise
-        raise ImageDecodeError(f"corrupt image: {e}") from None
-    return img
-
-
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, each family on purpose."""
-    if img.mode == "RGB":
+    img = to_8bit(img)
+    return img.convert("RGB") if img.mode == "L" else img
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit "L" (the gray families: L, 16-bit, 32-bit, float) or "RGB".
+
+    The crop of an "L" image equals each channel of the crop of its RGB copy (the resampling
+    is per channel), so gray images are cropped before they take three bands.
+    """
+    if img.mode in ("RGB", "L"):
         return img
     if img.mode == "P":
         # a palette with a transparent index becomes RGBA, then is composited below
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        return to_rgb(img)
+        return to_8bit(img)
     if img.mode in ALPHA_MODES:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*BACKGROUND, UINT8_MAX))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if img.mode in SIXTEEN_BIT_MODES:
         # 16-bit grayscale: scale the full range to 8 bits (rounded), never clip at 255
-        wide = np.asarray(img, dtype=np.int64).clip(0, UINT16_MAX)
-        gray = (wide * UINT8_MAX + UINT16_MAX // 2) // UINT16_MAX
-        return Image.fromarray(gray.astype(np.uint8), mode="L").convert("RGB")
+        def scale(band: np.ndarray) -> np.ndarray:
+            wide = band.astype(np.int64).clip(0, UINT16_MAX)
+            return (wide * UINT8_MAX + UINT16_MAX // 2) // UINT16_MAX
+
+        return _to_gray(img, scale)
     if img.mode == "F":
-        gray = np.asarray(img, dtype=np.float64)
-        lo, hi = float(gray.min()), float(gray.max())
-        gray = np.round((gray - lo) / max(hi - lo, 1e-12) * UINT8_MAX)
-        return Image.fromarray(gray.astype(np.uint8), mode="L").convert("RGB")
-    # CMYK (Pillow undoes Adobe's inverted CMYK when decoding), L, 1, YCbCr, LAB, HSV
+        lo, hi = np.inf, -np.inf
+        for band in _row_bands(img):  # np.min/np.max: a NaN anywhere propagates, as before
+            a = np.asarray(band)
+            lo, hi = float(np.min([lo, a.min()])), float(np.max([hi, a.max()]))
+        span = max(hi - lo, 1e-12)
+        return _to_gray(img, lambda b: np.round((b.astype(np.float64) - lo) / span * UINT8_MAX))
+    # CMYK (Pillow undoes Adobe's inverted CMYK when decoding), 1, YCbCr, LAB, HSV
     return img.convert("RGB")
+
+
+def _row_bands(img: Image.Image):
+    """The image cut into bands of whole rows of about ROWS_PER_BAND pixels, top to bottom."""
+    rows = max(1, ROWS_PER_BAND // max(img.width, 1))
+    for top in range(0, img.height, rows):
+        yield img.crop((0, top, img.width, min(top + rows, img.height)))
+
+
+def _to_gray(img: Image.Image, scale) -> Image.Image:
+    """An 8-bit "L" image of `img`: each band of rows mapped by `scale` (numpy, to 0..255)."""
+    gray = Image.new("L", img.size)
+    rows = max(1, ROWS_PER_BAND // max(img.width, 1))
+    for i, band in enumerate(_row_bands(img)):
+        gray.paste(Image.fromarray(scale(np.asarray(band)).astype(np.uint8)), (0, i * rows))
+    return gray
 
 
 def center_crop_adm(img: Image.Image, size: int) -> np.ndarray:
@@ -122,7 +123,10 @@ def preprocess(data: bytes, cfg: PreprocessConfig) -> tuple[np.ndarray, str]:
     mode = img.mode
     if cfg.exif_transpose:
         img = ImageOps.exif_transpose(img)
-    return center_crop_adm(to_rgb(img), cfg.image_size), mode
+    eight = to_8bit(img)
+    del img  # the decoded image (maybe 16-bit) is not held while the crop halves the 8-bit one
+    crop = center_crop_adm(eight, cfg.image_size)
+    return (np.repeat(crop[..., None], 3, axis=2) if crop.ndim == 2 else crop), mode
 
 
 def hflip(crop: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from foundation.files import DEFAULT_MAX_FILE_MB, MB
 from latent_store import ClassInfo
 
 SOURCE_FILES = ("val_labels", "classes_file", "devkit_synsets")  # options kept in describe()
@@ -40,7 +41,9 @@ class ImageSource(Protocol):
         ...
 
     def read(self, index: int) -> bytes:
-        """The encoded image bytes of sample `index`; raises OSError (or ValueError) if unreadable."""
+        """The encoded image bytes of sample `index`; raises OSError if unreadable, and
+        `foundation.files.FileRefusedError` (a ValueError) for what it refuses to read: a file
+        that is no longer a regular file, or is over the source's size cap."""
         ...
 
     def describe(self) -> Mapping[str, Any]:
@@ -57,12 +60,15 @@ def open_source(
     devkit_synsets: Path | None = None,
     label_key: str = LABEL_KEY,
     include_unfinished: bool = False,
+    max_file_mb: float = DEFAULT_MAX_FILE_MB,
 ) -> ImageSource:
     """Pick the source kind from SOURCE: webdataset tars (a folder of them, a brace pattern or a
-    .txt list), a flat val folder with `val_labels`, or class folders."""
+    .txt list), a flat val folder with `val_labels`, or class folders. Images (files, tar
+    members) over `max_file_mb` are refused when read, never loaded."""
     from pipeline.imagenet import SourceError, class_folder_source, val_source
     from pipeline.webdataset_source import is_webdataset_path, open_webdataset
 
+    max_bytes = int(max_file_mb * MB)
     if is_webdataset_path(path):
         if val_labels is not None or devkit_synsets is not None:
             raise SourceError(
@@ -70,7 +76,11 @@ def open_source(
                 "tar samples carry their label (--label-key)"
             )
         return open_webdataset(
-            path, label_key=label_key, include_unfinished=include_unfinished, classes_file=classes
+            path,
+            label_key=label_key,
+            include_unfinished=include_unfinished,
+            classes_file=classes,
+            max_file_bytes=max_bytes,
         )
     path = Path(path)
     if not path.is_dir():
@@ -81,9 +91,13 @@ def open_source(
         )
     if val_labels is not None:
         return val_source(
-            path, val_labels=val_labels, classes_file=classes, devkit_synsets=devkit_synsets
+            path,
+            val_labels=val_labels,
+            classes_file=classes,
+            devkit_synsets=devkit_synsets,
+            max_file_bytes=max_bytes,
         )
-    return class_folder_source(path, classes_file=classes)
+    return class_folder_source(path, classes_file=classes, max_file_bytes=max_bytes)
 
 
 def reopen_source(description: Mapping[str, Any]) -> ImageSource:

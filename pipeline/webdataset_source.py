@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from foundation import distributed
+from foundation.files import DEFAULT_MAX_FILE_MB, MB, FileRefusedError
 from latent_store import ClassInfo, LatentditError
 from pipeline.download import CLASS_FILE_NAME, LABEL_FIELD, shard_stats_path, summarize_tars
 from pipeline.imagenet import fingerprint, read_class_file
@@ -77,11 +78,12 @@ def resolve_shards(spec: str | Path) -> list[Path]:
         shards = [Path(n) if Path(n).is_absolute() else p.parent / n for n in names]
     else:
         shards = [p]
-    missing = [s for s in shards if not s.is_file()]
+    missing = [s for s in shards if not s.exists()]
     if missing:
         raise WebDatasetError(
             f"{len(missing)} tar(s) named by {text} do not exist, e.g. {missing[0]}: check the path"
         )
+
     if not shards:
         raise WebDatasetError(f"{text} names no tars (expected *.tar files)")
     if len(set(shards)) != len(shards):
@@ -100,8 +102,10 @@ class WebDatasetSource:
         include_unfinished: bool = False,
         classes_file: Path | None = None,
         spec: str = "",
+        max_file_bytes: int = DEFAULT_MAX_FILE_MB * MB,
     ) -> None:
         self.spec = os.path.abspath(spec or shards[0].parent)
+        self.max_file_bytes = max_file_bytes
         self.label_key = label_key
         self.include_unfinished = include_unfinished
         self.classes_file = Path(classes_file).resolve() if classes_file else None
@@ -153,10 +157,15 @@ class WebDatasetSource:
         return int(self._labels[index])
 
     def read(self, index: int) -> bytes:
-        """The image member's bytes; OSError if the tar was cut inside it."""
+        """The image member's bytes; OSError if the tar was cut inside it, FileRefusedError if
+        the member is over the size cap (it is not read)."""
         if index in self._problems:
             raise OSError(self._problems[index])
         size = int(self._sizes[index])
+        if size > self.max_file_bytes:
+            raise FileRefusedError(
+                f"member too large: {size / MB:.3g} MB, over the cap of {self.max_file_bytes / MB:.3g} MB"
+            )
         with open(self.shards[self._tar[index]], "rb") as f:
             f.seek(int(self._offsets[index]))
             data = f.read(size)
@@ -184,10 +193,15 @@ class WebDatasetSource:
     # --- building the index ---------------------------------------------------------------------
 
     def _finished(self, shards: list[Path]) -> list[Path]:
-        """Drop (and log) tars img2dataset did not finish, unless told to keep them."""
+        """Drop (and log) tars img2dataset did not finish, unless told to keep them, and what is
+        not a regular file (a FIFO would block the indexer forever)."""
         kept = []
         for shard in shards:
-            if shard_stats_path(shard).exists():
+            if not shard.is_file():
+                reason = "not a regular file (a FIFO, a device, a folder?): not read"
+                self._log("skipping %s: %s", shard, reason)
+                self.skipped.append(Skipped(key=shard.name, reason=reason))
+            elif shard_stats_path(shard).exists():
                 kept.append(shard)
             elif self.include_unfinished:
                 self._log("using %s although it has no %s", shard, shard_stats_path(shard).name)
@@ -235,6 +249,7 @@ def open_webdataset(
     label_key: str = LABEL_FIELD,
     include_unfinished: bool = False,
     classes_file: Path | None = None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_MB * MB,
 ) -> WebDatasetSource:
     """Resolve SOURCE (folder, brace pattern, list file or tar) and index its tars."""
     return WebDatasetSource(
@@ -243,4 +258,5 @@ def open_webdataset(
         include_unfinished=include_unfinished,
         classes_file=classes_file,
         spec=str(spec),
+        max_file_bytes=max_file_bytes,
     )

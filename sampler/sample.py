@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from foundation.distributed import DistInfo, barrier
 from foundation.precision import Precision, autocast, resolve_precision
+from foundation.preemption import StopSignals, stopped
 from sampler import outputs, ranks
 from sampler.batch_size import BatchProbe, CudaFits, pick_batch_size
 from sampler.config import SampleConfig
@@ -154,8 +155,11 @@ def _sample(cfg: SampleConfig, info: DistInfo) -> SampleResult:
     grid_cache: dict[int, np.ndarray] = {}
     start = time.perf_counter()
     bar = tqdm(total=sum(map(len, mine)), unit="img", desc="sample", disable=not info.is_main)
-    with BatchWriter() as writer:
+    stop, made_here = StopSignals(), 0  # a signal: the batch in hand is finished and written
+    with stop, BatchWriter() as writer:
         for batch in mine:
+            if stop.requested:
+                break
             y = torch.tensor([class_of[i] for i in batch])
             noise = ImageNoise(cfg.seed, batch) if noise_rows is None else FileNoise(
                 noise_rows[[i - cfg.first_index for i in batch]], cfg.seed, batch
@@ -172,12 +176,17 @@ def _sample(cfg: SampleConfig, info: DistInfo) -> SampleResult:
             keep = grid_indices.intersection(batch)
             writer.submit(_write_batch, cfg, out, batch, images, class_ids, keep, grid_cache)
             bar.update(len(batch))
+            made_here += len(batch)
     bar.close()
     seconds = time.perf_counter() - start
-    made = ranks.total(sum(map(len, mine)))  # also waits for every rank's last write
-    if mine:
-        rate = sum(map(len, mine)) / seconds
-        log.info("made %d images in %.1f s (%.2f images/s)", sum(map(len, mine)), seconds, rate)
+    made = ranks.total(made_here)  # also waits for every rank's last write
+    if made_here:
+        rate = made_here / seconds
+        log.info("made %d images in %.1f s (%.2f images/s)", made_here, seconds, rate)
+    if signum := stop.agreed():
+        finished = len(labels) - len(todo_all) + made
+        what = f"stopped with {finished} of {len(labels)} images written to {out}; re-run the "
+        raise stopped(signum, what + "same command to make the rest", main=info.is_main)
     if info.is_main and grid_indices:
         _write_grid(cfg, out, sorted(grid_indices), class_ids, grid_cache)
     if info.is_main and npz is not None and not npz.is_file():

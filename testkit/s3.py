@@ -55,15 +55,27 @@ def s3_server(*, own_process: bool = False) -> Iterator[str]:
         stop = server.stop
     saved = {k: os.environ.get(k) for k in [*ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update({**ENV, "AWS_ENDPOINT_URL": endpoint})
+    _forget_clients()
     try:
         yield endpoint
     finally:
         stop()
+        _forget_clients()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _forget_clients() -> None:
+    """Drop fsspec's cached S3 file systems: each holds the endpoint it was made with, so one
+    made for an earlier server (another test module's) would call a closed port."""
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:

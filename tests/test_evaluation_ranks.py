@@ -138,13 +138,14 @@ def test_evaluate_on_two_ranks_with_the_real_network(inputs, tmp_path):
 
 
 def test_an_error_on_one_rank_stops_both(tmp_path, tiny_inception):
-    """An undecodable image in rank 1's share: both ranks stop with its one-line error."""
+    """An image of another size in rank 1's share: both ranks stop with its one-line error (an
+    undecodable one would be skipped and counted, as encode does)."""
     folder = write_folder(tmp_path / "f", images(6))
-    (folder / "c1" / "zz.png").write_bytes(b"not a png")
+    Image.fromarray(images(1, size=20)[0]).save(folder / "c1" / "zz.png")
     done = torchrun("evaluate", folder, "--inception", tiny_inception, "--batch-size", 4,
                     "--workers", 0, "--device", "cpu")  # fmt: skip
     assert done.returncode != 0
-    assert done.stderr.count("zz.png: cannot decode") == 2, done.stderr[-3000:]
+    assert done.stderr.count("zz.png is 20x20 but") == 2, done.stderr[-3000:]
 
 
 def test_train_eval_every_on_two_ranks_scores_like_one_process(

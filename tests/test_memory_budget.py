@@ -14,10 +14,10 @@ from trainer.data import BatchLayout, build_batches
 from trainer.memory_budget import (
     BOOKKEEPING,
     ENV_BUDGET,
-    LOAD_COPIES,
     MemoryBudgetError,
     check_fits,
     host_available,
+    in_flight,
     sample_bytes,
 )
 from trainer.normalization import normalization_from_store
@@ -29,7 +29,8 @@ runner = CliRunner()
 def test_estimate_counts_every_loaded_array_and_the_ranks(tmp_path, monkeypatch):
     store = LatentStore(write_store(tmp_path / "s.zarr", n=24, variants=2, channels=4, size=8))
     assert sample_bytes(store) == 2 * 4 * 8 * 8 + 2  # uint8 latents, both variants; int16 label
-    need = 24 * (LOAD_COPIES * sample_bytes(store) + BOOKKEEPING)
+    assert in_flight(store) == store.spec.num_shards * store.spec.shard_size  # few shards
+    need = 24 * (sample_bytes(store) + BOOKKEEPING) + in_flight(store) * sample_bytes(store)
     monkeypatch.setenv(ENV_BUDGET, str(need))
     check_fits(store, mode="memory", device=CPU)  # exactly enough
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks of this node each load it
@@ -44,7 +45,7 @@ def test_estimate_counts_every_loaded_array_and_the_ranks(tmp_path, monkeypatch)
         build_batches(store, norm, layout, mode="memory", seed=0, device=CPU)
     monkeypatch.setenv(ENV_BUDGET, "1.5k")
     with pytest.raises(
-        MemoryBudgetError, match=r"x 2 while loading x 2 ranks on this node\) = 0\.00 GB"
+        MemoryBudgetError, match=r"in flight while loading x 2 ranks on this node\) = 0\.00 GB"
     ):
         check_fits(store, mode="memory", device=CPU)
     monkeypatch.setenv(ENV_BUDGET, "lots")
@@ -77,3 +78,22 @@ def test_train_refuses_a_store_too_large_for_memory_in_one_line(tmp_path, monkey
     assert result.output.count("\n") == 1 and "Traceback" not in result.output
     assert "use --data stream" in result.output and str(store) in result.output
     assert not run.exists()  # nothing written
+
+
+def test_loading_holds_the_result_and_the_shards_in_flight_only(tmp_path):
+    """load_latents fills one array shard by shard: no list of parts, then a concatenation."""
+    import tracemalloc
+
+    from latent_store import load_latents
+
+    path = write_store(tmp_path / "s.zarr", n=1024, shard=64, chunk=64, size=16, variants=2)
+    store = LatentStore(path)
+    load_latents(store, threads=2)  # warm: zarr's and numpy's own one-time allocations
+    tracemalloc.start()
+    arrays = load_latents(store, threads=2)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    result = arrays.latents.nbytes
+    shard = result // store.spec.num_shards
+    assert result == 1024 * 2 * 4 * 16 * 16
+    assert peak < result + 6 * shard + arrays.labels.nbytes * 4, (peak, result)

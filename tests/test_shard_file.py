@@ -9,6 +9,7 @@ from conftest import write_store
 
 from latent_store import LatentStore
 from latent_store.shard_file import read_shard_file
+from latent_store.store import shard_checksum
 
 
 def _files(store: LatentStore, shard: int) -> dict:
@@ -26,6 +27,11 @@ def test_whole_shards_equal_what_zarr_reads(tmp_path, shard):
         assert got is not None and got.dtype == want.dtype and got.flags.writeable
         np.testing.assert_array_equal(got, want)
     assert store.read_shard(shard)["latents"].base is not None  # the read buffer, not a copy
+    digests: dict[str, str] = {}
+    data = store.read_shard(shard, digests=digests)  # hashed block by block as it is read
+    assert digests.keys() == data.keys()
+    for name, values in data.items():
+        assert digests[name] == shard_checksum({name: values})  # the rows only, not the padding
 
 
 def test_other_layouts_and_damaged_files_are_left_to_zarr(tmp_path):

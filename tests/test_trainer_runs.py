@@ -125,8 +125,8 @@ def test_kill_and_resume_is_exact(tmp_path, python):
     job = subprocess.Popen(
         [
             python,
-            ROOT / "tests/jobs/train_job.py",
-            "--pause-after",
+            ROOT / "tests/jobs/pause_job.py",
+            "step",
             "5",
             "train",
             *cli_args(options),
@@ -137,8 +137,8 @@ def test_kill_and_resume_is_exact(tmp_path, python):
         text=True,
     )
     try:
-        line = job.stdout.readline().strip()
-        assert line == "PAUSED 5", (tmp_path / "job.err").read_text()[-2000:]
+        line = next((s.strip() for s in job.stdout if not s.startswith("PID ")), "")
+        assert line == "PAUSED step 5", (tmp_path / "job.err").read_text()[-2000:]
     finally:
         job.send_signal(signal.SIGKILL)
         job.wait()

@@ -5,7 +5,7 @@
 Each process of a node loads the whole array: every per-sample array the reader keeps (uint8
 latents with all their variants, logstd of a "moments" store, labels), plus int64 bookkeeping per
 sample (labels and store indices as loaded, the epoch's permutation and variant draws). While
-loading, the reader holds the shards' parts and their concatenation at once (`LOAD_COPIES`). That
+loading, the reader also holds the shards it is reading (`in_flight`: one per load thread). That
 must fit in the host RAM available (/proc/meminfo's MemAvailable, within the cgroup's limit when
 there is one; else os.sysconf's free pages), less a margin for the process itself. `--data gpu`
 also keeps the array and its labels on the device, where they may take half the memory free when
@@ -29,11 +29,11 @@ import torch
 from foundation.errors import LatentditError
 from latent_store import LatentStore
 from latent_store.arrays import LABELS, LATENTS
+from latent_store.reader import LOAD_THREADS
 
 log = logging.getLogger(__name__)
 
 ENV_BUDGET = "LATENTDIT_MEMORY_BUDGET"
-LOAD_COPIES = 2  # latent_store.load_latents: the per-shard parts, then their concatenation
 BOOKKEEPING = 4 * 8  # int64 per sample: labels, indices (LatentArrays); permutation, variant
 HOST_SHARE = 0.9  # of the available RAM: the rest for the interpreter, torch and the model
 DEVICE_SHARE = 0.5  # of the GPU memory free at load: the rest for optimizer state, activations
@@ -53,6 +53,11 @@ def sample_bytes(store: LatentStore, names: Sequence[str] = (LATENTS,)) -> int:
         arr = store.array(name)
         total += math.prod(arr.shape[1:]) * arr.dtype.itemsize
     return total
+
+
+def in_flight(store: LatentStore) -> int:
+    """Samples the loader holds besides its result: one shard per load thread (`load_latents`)."""
+    return min(LOAD_THREADS, store.spec.num_shards) * store.spec.shard_size
 
 
 def budget_override() -> int | None:
@@ -125,7 +130,7 @@ def check_fits(
     n, per_sample = store.spec.num_samples, sample_bytes(store, names)
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     override = budget_override()
-    host_need = ranks * n * (LOAD_COPIES * per_sample + BOOKKEEPING)
+    host_need = ranks * (n * (per_sample + BOOKKEEPING) + in_flight(store) * per_sample)
     measured = host_available()
     host_budget = override
     if override is None and measured is not None:
@@ -133,8 +138,9 @@ def check_fits(
     on_node = f" x {ranks} ranks on this node" if ranks > 1 else ""
     if host_budget is not None and host_need > host_budget:
         raise MemoryBudgetError(
-            f"{store.path}: --data {mode} loads {n} samples x {per_sample} bytes (x {LOAD_COPIES} "
-            f"while loading{on_node}) = {_gb(host_need)} into host RAM, more than the "
+            f"{store.path}: --data {mode} loads {n} samples x {per_sample} bytes (and "
+            f"{in_flight(store)} in flight while loading{on_node}) = {_gb(host_need)} into host "
+            "RAM, more than the "
             f"{_gb(host_budget)} it may take here; use --data stream (whole shards through a "
             f"shuffle buffer), or set {ENV_BUDGET} if you know better"
         )

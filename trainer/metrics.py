@@ -96,6 +96,23 @@ class TrainLogger:
         self.loss_sum = torch.zeros((), device=self.dist.device)
         self.term_sums: dict[str, torch.Tensor] = {}
         self.steps, self.data_s, self.t0 = 0, 0.0, time.perf_counter()
+        self.carried = 0  # steps of this interval done before a resume (`carry`)
+
+    def interval(self) -> dict[str, Any]:
+        """The open interval (steps since the last record) of this rank, for a checkpoint: what
+        a resume needs to write the next record as an uninterrupted run would."""
+        return {
+            "loss_sum": self.loss_sum.detach().cpu(),
+            "terms": {k: torch.as_tensor(v).detach().cpu() for k, v in self.term_sums.items()},
+            "steps": self.steps + self.carried,
+        }
+
+    def carry(self, loss_sum: torch.Tensor, terms: dict[str, torch.Tensor], steps: int) -> None:
+        """Continue an interval a checkpoint saved (`interval`): its sums are added to, and its
+        steps count in the next record's means (not in its throughput: they ran before)."""
+        self.loss_sum = loss_sum.to(self.dist.device)
+        self.term_sums = {k: v.to(self.dist.device) for k, v in terms.items()}
+        self.carried = steps
 
     def update(
         self,
@@ -118,7 +135,7 @@ class TrainLogger:
             return None
         names = sorted(self.term_sums)
         sums = torch.stack([self.loss_sum, *(self.term_sums[n] for n in names)])
-        means = all_reduce_mean(sums / self.steps).tolist()  # one collective; waits for the device
+        means = all_reduce_mean(sums / (self.steps + self.carried)).tolist()  # waits for the device
         elapsed = time.perf_counter() - self.t0
         images_per_s = self.steps * self.batch / elapsed
         record = {

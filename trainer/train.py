@@ -23,6 +23,7 @@ from foundation.distributed import (
     setup_distributed,
 )
 from foundation.distributed import teardown_distributed as teardown
+from foundation.preemption import StopSignals
 from foundation.urls import parse_storage_options
 from latent_store import LatentStore, open_store
 from latent_store.verify import verify_store
@@ -42,6 +43,7 @@ from trainer.metrics import TrainLogger, peak_flops
 from trainer.model import MODEL_OVERRIDES, DiT, ModelConfigError, build_model, forward_flops
 from trainer.normalization import normalization_from_store
 from trainer.objective import DDPM, FlowMatching, Objective
+from trainer.preemption import carry_log_interval, gather_log_interval, preempted
 from trainer.prefetch import Prefetcher
 from trainer.run_dir import CONFIG_FILE, TrainSummary, check_resume
 from trainer.step import Trainee, lr_at, make_trainee, train_step
@@ -100,8 +102,9 @@ def prepare_run(cfg: TrainConfig, dist: DistInfo) -> Path:
     return run
 
 
-def resume(run: Path, trainee: Trainee, start: int) -> None:
-    """Load the run's latest checkpoint (of step `start`, checked) into `trainee` on every rank.
+def resume(run: Path, trainee: Trainee, start: int) -> dict[str, Any] | None:
+    """Load the run's latest checkpoint (of step `start`, checked) into `trainee` on every rank;
+    returns its open log interval (`trainer.preemption`), if it holds one.
 
     Every rank must see the same latest checkpoint: a node that does not (a run folder on
     node-local disk) would start over while the others resume, so all ranks stop instead.
@@ -114,7 +117,7 @@ def resume(run: Path, trainee: Trainee, start: int) -> None:
             "folder must be one folder that every node shares (see docs/multinode.md)"
         )
     if start == 0:
-        return
+        return None
     ckpt = load_checkpoint(run)
     trainee.model.load_state_dict(ckpt.model_state)
     trainee.ema.load_state_dict(ckpt.ema_state)
@@ -122,6 +125,7 @@ def resume(run: Path, trainee: Trainee, start: int) -> None:
     trainee.sync_compute()  # --bf16-weights: the forward's copy of the loaded masters
     restore_rng_state(ckpt.train_state["rng"])
     log.info("resuming %s from step %d", run, start)
+    return ckpt.train_state.get("log")
 
 
 def save(
@@ -134,9 +138,12 @@ def save(
     meta,
     cfg,
     dist,
+    logger: TrainLogger,
     files=None,
 ) -> None:
-    """Rank 0 writes the checkpoint of finished step `step`; every rank waits for it."""
+    """Rank 0 writes the checkpoint of finished step `step`, with every rank's open log interval
+    (`trainer.preemption`); every rank calls it and waits for it."""
+    interval = gather_log_interval(logger)
     if dist.is_main:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         state = {
@@ -144,6 +151,7 @@ def save(
             "schedule": {"lr": lr, "next_lr": lr_at(step, cfg)},
             "rng": capture_rng_state(),
             "data": {"epoch": epoch, "step_in_epoch": step_in_epoch},
+            "log": interval,
         }
         save_checkpoint(
             run,
@@ -205,52 +213,59 @@ def _train(
     data = Prefetcher(data, dist.device) if cfg.prefetch else data
     run = prepare_run(cfg, dist)
     trainee = make_trainee(model, cfg, dist)
-    resume(run, trainee, start)
+    interval = resume(run, trainee, start)
     began, loss = time.perf_counter(), None
     logger = TrainLogger(
         run, dist=dist, start_step=start, total_steps=cfg.steps, log_every=cfg.log_every, global_batch=cfg.batch_size,
         forward_flops=forward_flops(model.config), peak=peak_flops(dist.device, cfg.peak_tflops),
     )  # fmt: skip
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        batches = data.get(*divmod(step, data.steps_per_epoch))
-        data_s, lr = time.perf_counter() - t0, lr_at(step, cfg)
-        result = train_step(
-            trainee,
-            objective,
-            batches,
-            step=step,
-            lr=lr,
-            cfg=cfg,
-            layout=layout,
-            device=dist.device,
-        )
-        done = step + 1
-        if cfg.prefetch and done < cfg.steps:  # gathered while this step runs on the device
-            data.prefetch(*divmod(done, data.steps_per_epoch))
-        record = logger.update(done, result.loss, result.grad_norm, lr, data_s, result.terms)
-        loss = record["loss"] if record else loss
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            save(
-                run,
+    carry_log_interval(logger, interval, dist)
+    with StopSignals() as stop:  # SIGTERM, SIGINT, SIGUSR1: checkpoint the step, then exit
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            batches = data.get(*divmod(step, data.steps_per_epoch))
+            data_s, lr = time.perf_counter() - t0, lr_at(step, cfg)
+            result = train_step(
                 trainee,
-                step=done,
+                objective,
+                batches,
+                step=step,
                 lr=lr,
-                steps_per_epoch=data.steps_per_epoch,
-                meta=meta,
                 cfg=cfg,
-                dist=dist,
-                files=norm.files(),
+                layout=layout,
+                device=dist.device,
             )
-        loaded = {**meta, "normalization": norm.resolved_meta(), "step": done}  # as if loaded
-        if (
-            sample_fn
-            and dist.is_main
-            and (done == cfg.steps or done % (cfg.sample_every or cfg.steps) == 0)
-        ):
-            sample_fn(trainee.ema, loaded, done, run)
-        if eval_fn and (done == cfg.steps or done % (cfg.eval_every or cfg.steps) == 0):
-            logger.log_eval(done, eval_fn(trainee.ema, loaded, done, run))
+            done = step + 1
+            if cfg.prefetch and done < cfg.steps:  # gathered while this step runs on the device
+                data.prefetch(*divmod(done, data.steps_per_epoch))
+            record = logger.update(done, result.loss, result.grad_norm, lr, data_s, result.terms)
+            loss = record["loss"] if record else loss
+            signum = stop.agreed(overlap=True)  # every rank, every step: one CPU all-reduce
+            if done % cfg.ckpt_every == 0 or done == cfg.steps or signum:
+                save(
+                    run,
+                    trainee,
+                    step=done,
+                    lr=lr,
+                    steps_per_epoch=data.steps_per_epoch,
+                    meta=meta,
+                    cfg=cfg,
+                    dist=dist,
+                    logger=logger,
+                    files=norm.files(),
+                )
+            if signum:
+                logger.close()
+                raise preempted(signum, run, done, dist)
+            loaded = {**meta, "normalization": norm.resolved_meta(), "step": done}  # as if loaded
+            if (
+                sample_fn
+                and dist.is_main
+                and (done == cfg.steps or done % (cfg.sample_every or cfg.steps) == 0)
+            ):
+                sample_fn(trainee.ema, loaded, done, run)
+            if eval_fn and (done == cfg.steps or done % (cfg.eval_every or cfg.steps) == 0):
+                logger.log_eval(done, eval_fn(trainee.ema, loaded, done, run))
     logger.close()
     seconds = time.perf_counter() - began
     return TrainSummary.of(cfg, model, start=start, seconds=seconds, loss=loss, rank=dist.rank)

@@ -20,7 +20,8 @@ from cli import app
 from latent_store import LatentStore, validate_store
 from latent_store.quantize import decode
 from pipeline.encode import EncodeConfig, encode
-from pipeline.features import ENCODER_KINDS, resample_positions
+from pipeline.features import ENCODER_KINDS, load_feature_encoder, resample_positions
+from pipeline.features_config import FeaturesConfig
 from pipeline.preprocess import PreprocessConfig, preprocess
 from testkit import TINY_AUTOENCODERS
 from testkit.vision_encoders import PATCH, REGISTERS, make_text_model, make_tiny_vision_encoder
@@ -221,6 +222,25 @@ def test_an_rae_encoder_gives_features_and_a_duplicate_is_refused(
     with pytest.raises(Exception, match="the store's latents are these patch tokens"):
         encode(job(image_tree, twice, rae, image_size=size, features=str(rae)))
     assert not twice.exists()
+
+
+@pytest.mark.parametrize("family", ["rae-dinov2", "rae-mae"])
+def test_an_raes_encoder_gives_the_raes_own_tokens(family, tiny_autoencoders):
+    """An AutoencoderRAE as --features: its patch tokens are the RAE's own, before its latent
+    normalization (diffusers' resize, normalization and encoder forward), plus the class token."""
+    from diffusers import AutoencoderRAE
+
+    folder = tiny_autoencoders[family]
+    encoder = load_feature_encoder(FeaturesConfig(encoder=str(folder)), latent_side=4)
+    rae = AutoencoderRAE.from_pretrained(folder).eval()
+    pixels = torch.randint(0, 256, (3, 3, SIZE, SIZE), dtype=torch.uint8)
+    with torch.no_grad():
+        patch, cls = encoder(pixels)
+        x = rae._resize_and_normalize(pixels.float() / 255)
+        extra = (rae.config.encoder_patch_size,) if family == "rae-mae" else ()
+        theirs = rae._encoder_forward_fn(rae.encoder, x, *extra)
+    torch.testing.assert_close(patch, theirs.transpose(1, 2), rtol=0, atol=1e-6)
+    assert cls.shape == (3, 64, 1)
 
 
 def _cli(*args) -> tuple[int, str]:

@@ -37,8 +37,8 @@ from latent_store import (
     load_latents,
 )
 from latent_store.arrays import latent_arrays
+from latent_store.checksums import CHECKSUM, CHECKSUMS, shard_checksum
 from latent_store.reader import LOAD_THREADS
-from latent_store.store import CHECKSUM, CHECKSUMS, shard_checksum
 from latent_store.verify import verify_store
 
 LATENT = (4, 32, 32)

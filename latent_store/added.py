@@ -31,11 +31,12 @@ from dataclasses import replace
 import numpy as np
 
 from latent_store.arrays import RECORDS_SUFFIX, STATS_SUFFIX, ArraySpec
+from latent_store.checksums import parts_checksum
 from latent_store.errors import SchemaMismatchError, StoreSealError
 from latent_store.provenance import PROVENANCE_KEY, extend_seal, provenance_problems
 from latent_store.records import ShardRecord
 from latent_store.schema import ADDED_KEY, ATTRS_KEY, LABEL_FILL
-from latent_store.store import LatentStore, create_arrays, open_store, parts_checksum
+from latent_store.store import LatentStore, create_arrays, open_store
 from latent_store.verify import check_shard, read_keys, verify_labels, verify_store
 from latent_store.writer import ShardFiles, part_of, start_part
 

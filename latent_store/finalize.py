@@ -21,11 +21,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from latent_store.arrays import LATENTS, STATS_SUFFIX
+from latent_store.checksums import parts_checksum, shard_checksum
 from latent_store.errors import SchemaMismatchError, StoreCorruptError, StoreIncompleteError
 from latent_store.records import ShardRecord
 from latent_store.schema import ATTRS_KEY
 from latent_store.stats import channel_stats, combine
-from latent_store.store import SUMMARY_KEY, LatentStore, parts_checksum, shard_checksum
+from latent_store.store import SUMMARY_KEY, LatentStore
 
 ARRAYS_KEY = "arrays"
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import xxhash
 import zarr
 import zarr.errors
 from zarr.core.sync import sync
@@ -20,6 +18,7 @@ from zarr.storage import LocalStore
 
 from foundation.urls import check_options_apply, is_url
 from latent_store.arrays import BASE_RECORDS, LABELS, RECORDS_SUFFIX, STATS_SUFFIX, ArraySpec
+from latent_store.checksums import CHECKSUM, CHECKSUMS
 from latent_store.errors import (
     LatentditError,
     SchemaMismatchError,
@@ -36,14 +35,6 @@ from latent_store.shard_file import read_shard_file
 log = logging.getLogger(__name__)
 
 SUMMARY_KEY = "summary"
-# Shard checksums by the name their records carry. Writers record CHECKSUM (xxh3: ~30 GB/s on
-# a core here against blake2b's 0.9, which cost as much as the load itself); readers verify both,
-# so stores written before it keep loading (bench/bench_checksum.py compares the candidates).
-CHECKSUMS = {
-    "xxh3-128": xxhash.xxh3_128,
-    "blake2b-128": lambda: hashlib.blake2b(digest_size=16),
-}
-CHECKSUM = "xxh3-128"
 # what zarr raises on a truncated, empty or hand-edited zarr.json (json errors are ValueErrors)
 MALFORMED = (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError)
 
@@ -351,31 +342,6 @@ def _read_record(arr: zarr.Array, shard: int) -> str:
             "shard %d: its completion record cannot be read; counted as not complete", shard
         )
         return ""
-
-
-def shard_checksum(data: Mapping[str, np.ndarray], algorithm: str = CHECKSUM) -> str:
-    """Checksum of arrays' bytes, in the mapping's order: "ALGORITHM:HEX".
-
-    Both kinds release the GIL, so shards hash in parallel in the threads that read them.
-    """
-    h = CHECKSUMS[algorithm]()
-    for values in data.values():
-        h.update(np.ascontiguousarray(values).data)
-    return f"{algorithm}:{h.hexdigest()}"
-
-
-def parts_checksum(checksums: Sequence[str]) -> str:
-    """A v2 record's checksum: the digest of its parts' checksums, in their kind."""
-    algorithm = checksum_algorithm(checksums[0]) or CHECKSUM
-    h = CHECKSUMS[algorithm]()
-    h.update("\n".join(checksums).encode())
-    return f"{algorithm}:{h.hexdigest()}"
-
-
-def checksum_algorithm(checksum: str) -> str | None:
-    """The algorithm a recorded checksum names ("xxh3-128:..." -> "xxh3-128"), None if unknown."""
-    algorithm = checksum.partition(":")[0]
-    return algorithm if algorithm in CHECKSUMS else None
 
 
 def open_store(

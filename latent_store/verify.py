@@ -4,7 +4,7 @@
     verify_store(store)                         # provenance, array layout, summary
 
 A shard passes when it is readable, its record matches its place in the store, the bytes of the
-arrays read match the record's checksums (of either kind in `store.CHECKSUMS`), its labels lie in
+arrays read match the record's checksums (of either kind in `checksums.CHECKSUMS`), its labels lie in
 [0, num_classes) and it holds the fill value exactly at its recorded failures. A reader checks
 the arrays it reads (and the labels): a v2 record has a checksum per array and one over those,
 so it needs no other array; a v1 record's one checksum covers all of them, so all are read. An
@@ -22,18 +22,12 @@ from typing import Any
 import numpy as np
 
 from latent_store.arrays import BASE_RECORDS, LABELS
+from latent_store.checksums import CHECKSUMS, checksum_algorithm, parts_checksum, shard_checksum
 from latent_store.errors import LatentditError, StoreCorruptError, StoreReadError
 from latent_store.finalize import summarize_records, summary_rows
 from latent_store.provenance import UNSEALED, provenance_problems
 from latent_store.schema import LABEL_FILL, ShardRecord
-from latent_store.store import (
-    CHECKSUMS,
-    LatentStore,
-    array_layouts,
-    checksum_algorithm,
-    parts_checksum,
-    shard_checksum,
-)
+from latent_store.store import LatentStore, array_layouts
 
 SHARD_FIX = (
     "run `latentdit validate {path}` for every problem, then re-run the store's encode command "

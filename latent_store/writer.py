@@ -22,13 +22,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from latent_store.arrays import LABELS, STATS_SUFFIX, ArraySpec
+from latent_store.checksums import parts_checksum, shard_checksum
 from latent_store.errors import SchemaMismatchError
 from latent_store.finalize import finalize_store, summarize_records
 from latent_store.quantize import QMAX
 from latent_store.records import ArrayPart
 from latent_store.schema import LABEL_FILL, Failure, ShardRecord
 from latent_store.stats import STATS_SAMPLES_PER_SHARD, shard_stats
-from latent_store.store import LatentStore, parts_checksum, shard_checksum
+from latent_store.store import LatentStore
 from latent_store.verify import check_shard, verify_store
 
 __all__ = ["StoreWriter", "finalize_store", "summarize_records"]

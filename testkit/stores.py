@@ -24,11 +24,11 @@ from latent_store import (
     open_store,
 )
 from latent_store.arrays import latent_arrays
+from latent_store.checksums import shard_checksum
 from latent_store.provenance import PROVENANCE_KEY
 from latent_store.quantize import quantize
 from latent_store.schema import ATTRS_KEY
 from latent_store.sealing import LEGACY_CHECKSUM
-from latent_store.store import shard_checksum
 
 
 def random_latents(n: int, channels: int = 4, size: int = 8, variants: int = 1, seed: int = 0):

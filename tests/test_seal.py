@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from latent_store import LatentStore, StoreCorruptError, load_latents, validate_store
-from latent_store.store import shard_checksum
+from latent_store.checksums import shard_checksum
 
 TRAIN = [a for k, v in TINY_DIT.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 TRAIN += ["--batch-size", "8", "--warmup-steps", "0", "--steps", "2", "--device", "cpu"]

@@ -8,8 +8,8 @@ import zarr
 from conftest import write_store
 
 from latent_store import LatentStore
+from latent_store.checksums import shard_checksum
 from latent_store.shard_file import read_shard_file
-from latent_store.store import shard_checksum
 
 
 def _files(store: LatentStore, shard: int) -> dict:

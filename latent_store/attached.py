@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from latent_store.checksums import shard_checksum
 from latent_store.errors import SchemaMismatchError, StoreCorruptError, StoreReadError
-from latent_store.store import LatentStore, shard_checksum
+from latent_store.store import LatentStore
 
 ATTACHED = "attached"  # the key of made_by that names an array's attachments
 

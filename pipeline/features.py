@@ -37,7 +37,7 @@ from torch import nn
 from foundation.autoencoders.loading import VaeConfig, hub_offline, load_autoencoder
 from foundation.errors import LatentditError, VaeLoadError
 from foundation.precision import torch_dtype
-from latent_store.store import shard_checksum
+from latent_store.checksums import shard_checksum
 from pipeline.features_config import FeaturesConfig
 
 log = logging.getLogger(__name__)

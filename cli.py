@@ -113,7 +113,13 @@ def _configure(
 
 @command(app, "inspect", InspectConfig, config_file=False, extra=(JSON,))
 def inspect_store(cfg: InspectConfig, as_json: bool) -> None:
-    """Describe a store: samples, classes, size, VAE, quantization, statistics, completion."""
+    """Describe a store (samples, classes, VAE, quantization, statistics) or a run (its cost, FIDs)."""
+    from trainer.report import format_report, is_run_dir, run_report
+
+    if is_run_dir(cfg.store):
+        r = run_report(cfg.store)
+        typer.echo(json.dumps(r, indent=2) if as_json else format_report(r))
+        return
     from latent_store import describe_store
     from latent_store.summary import format_description
 
@@ -236,7 +242,9 @@ def train(cfg: TrainConfig) -> None:
         )
     summary = train_run(cfg, sample_fn=hook, eval_fn=eval_fn)
     if summary.rank == 0:
-        typer.echo(summary.format())
+        from trainer.report import format_report, run_report
+
+        typer.echo(f"{summary.format()}\n{format_report(run_report(cfg.run))}")
 
 
 # --- stage 3: sample -----------------------------------------------------------------------------

@@ -1,24 +1,30 @@
-"""`latentdit evaluate`: FID, sFID, Inception Score, precision and recall as ADM computes them.
+"""`latentdit evaluate`: FID, sFID, IS, precision/recall as ADM computes them; FD_DINOv2 as EDM2.
 
     latentdit evaluate samples_50000x256x256x3.npz --ref VIRTUAL_imagenet256_labeled.npz
     latentdit evaluate val_images/ --save-stats val_stats.npz     # featurize a reference once
-    latentdit evaluate samples/ --ref val_stats.npz --json
+    latentdit evaluate samples/ --ref val_stats.npz --metrics fid,fd_dinov2 --json
 
-SAMPLES and REF may each be any input of `evaluation.inputs`. Without --ref only the Inception
-Score is computed; a metric the inputs or the network cannot give is null, with its reason.
+SAMPLES and REF may each be any input of `evaluation.inputs`. Both are opened and checked
+(headers and sizes, statistics, the networks a stats file was made with) before any image is
+featurized; each image is decoded once and goes through every network the metrics need
+(`evaluation.spaces`). Without --ref only the Inception Score is computed; a metric the inputs or
+the network cannot give is null, with its reason. The result says how the samples were made (their
+`sample.json`) and which reference was used (its SHA-256; ADM's reference batch by name).
 
     torchrun --standalone --nproc_per_node=8 cli.py -- evaluate samples.npz --ref ref.npz --json
 
 Under torchrun each rank featurizes its share of every image set (`evaluation.features.featurize`);
-rank 0 computes the statistics and the metrics and writes --save-stats; every rank returns the
-same result.
+rank 0 checks the files' CRC-32 beside it, computes the statistics and the metrics and writes
+--save-stats; every rank returns the same result.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,133 +32,143 @@ import numpy as np
 
 from evaluation.config import EvaluateConfig
 from evaluation.errors import EvaluationError
+from evaluation.inputs import LEGACY_NETWORK_KEY, NETWORKS_KEY, ImageSet, StatsFile
+from evaluation.scoring import SetStats, compare, set_stats
+from evaluation.spaces import INCEPTION, METRICS, SPACES, spaces_of
 
 log = logging.getLogger(__name__)
 
-METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
+NETWORK_OPTIONS = {INCEPTION: "--inception", "dinov2": "--dinov2"}
 
 
-@dataclass
-class SetStats:
-    """What the metrics need of one set: statistics, and the features when there are any."""
+def load_networks(cfg: EvaluateConfig, spaces: tuple[str, ...], device: str) -> dict[str, Any]:
+    """The feature network of each space, loaded once."""
+    nets: dict[str, Any] = {}
+    if INCEPTION in spaces:
+        from evaluation.network import load_inception
 
-    kind: str
-    path: str
-    count: int | None
-    stats: dict[str, np.ndarray]  # mu, sigma (pool_3), mu_s, sigma_s (spatial)
-    pool: np.ndarray | None = None
-    spatial: np.ndarray | None = None
-    images_per_s: float | None = None
-    skipped: int = 0  # image files skipped (not regular files, decompression bombs, corrupt)
+        nets[INCEPTION] = load_inception(cfg.inception, device=device)
+    if "dinov2" in spaces:
+        from evaluation.dinov2 import load_dinov2
+
+        nets["dinov2"] = load_dinov2(cfg.dinov2, device=device)
+    return nets
 
 
-def summarize(path: str | Path, cfg: EvaluateConfig, net, device: str) -> SetStats | None:
-    """Open `path`, featurize its images (if it has any) and compute ADM's statistics.
+def check_spaces(opened: StatsFile, metrics: tuple[str, ...]) -> None:
+    """Refuse a stats file lacking the statistics of a space the metrics need."""
+    for space in spaces_of(metrics):
+        if space not in opened.spaces():
+            asked = ",".join(m for m in metrics if METRICS[m].space == space)
+            keys = ", ".join(k for g in SPACES[space].gaussians for k in (g.mu, g.sigma))
+            raise EvaluationError(
+                f"{opened.path}: no {space} statistics ({keys}) for --metrics {asked}; remake it "
+                f"with `latentdit evaluate IMAGES --metrics {asked} --save-stats FILE`, or leave "
+                f"{asked} out"
+            )
+
+
+def check_networks(opened: StatsFile, metrics: tuple[str, ...], nets: dict[str, Any]) -> None:
+    """Refuse a stats file whose features of a needed space come from another network."""
+    for space in spaces_of(metrics):
+        recorded = opened.networks.get(space, {}).get("fingerprint")
+        ours = nets[space].identity["fingerprint"]
+        if recorded not in (None, ours):
+            raise EvaluationError(
+                f"{opened.path}: its {space} features come from network {recorded}, this run "
+                f"uses {ours}; recompute the stats with this network or pass its "
+                f"{NETWORK_OPTIONS[space]}"
+            )
+
+
+def open_inputs(cfg: EvaluateConfig, device: str) -> list[ImageSet | StatsFile]:
+    """SAMPLES (and REF) opened and checked, before any network is loaded or image featurized."""
+    from evaluation.inputs import DecodeLimits, open_input
+
+    paths = [cfg.samples] + ([cfg.ref] if cfg.ref is not None else [])
+    decode = DecodeLimits(max_pixels=cfg.max_pixels, max_file_mb=cfg.max_file_mb)
+    opened = [
+        open_input(
+            p,
+            limit=cfg.limit,
+            workers=cfg.workers,
+            vae=cfg.vae,
+            device=device,
+            storage_options=cfg.store_options,
+            decode=decode,
+        )
+        for p in paths
+    ]
+    for o in opened:
+        if isinstance(o, ImageSet) and o.count < 2:
+            raise EvaluationError(f"{o.path}: {o.count} image(s); statistics need at least 2")
+        if isinstance(o, StatsFile):
+            check_spaces(o, cfg.metric_names)
+    return opened
+
+
+class Background:
+    """fn() run in a daemon thread; `result()` waits for it and returns or raises what it did."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn, self.out, self.error = fn, None, None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.out = self.fn()
+        except BaseException as e:  # handed to result()
+            self.error = e
+
+    def result(self) -> Any:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.out
+
+
+def summarize(
+    opened: ImageSet | StatsFile, cfg: EvaluateConfig, nets: dict[str, Any], device: str
+) -> SetStats | None:
+    """Featurize an opened input (if it has images) and compute its statistics.
 
     Every rank must call it (each featurizes its share); the statistics are on rank 0, None on
-    the other ranks.
+    the other ranks. Rank 0 checks the input's integrity (e.g. an .npz member's CRC-32) in a
+    thread beside the featurizing; damage is raised on every rank.
     """
     from evaluation.features import featurize
-    from evaluation.inputs import DecodeLimits, StatsFile, open_input
+    from foundation.distributed import on_main, rank_and_world
 
-    decode = DecodeLimits(max_pixels=cfg.max_pixels, max_file_mb=cfg.max_file_mb)
-    opened = open_input(path, limit=cfg.limit, workers=cfg.workers, vae=cfg.vae, device=device,
-                        storage_options=cfg.store_options, decode=decode)  # fmt: skip
     if isinstance(opened, StatsFile):
-        if opened.network_sha1 not in (None, net.sha1):
-            raise EvaluationError(
-                f"{path}: its features come from network {opened.network_sha1}, this run uses "
-                f"{net.sha1}; recompute the stats with this network or pass its --inception"
-            )
-        return SetStats("stats", str(path), opened.count, opened.stats, opened.pool, opened.spatial)
-    if opened.count < 2:
-        raise EvaluationError(f"{path}: {opened.count} image(s); statistics need at least 2")
-    f = featurize(opened, net, batch_size=cfg.batch_size, device=device)
+        return SetStats(
+            "stats", str(opened.path), opened.count, opened.stats, opened.features, opened.networks
+        )
+    checked = Background(opened.verify) if opened.verify and rank_and_world()[0] == 0 else None
+    f = featurize(opened, list(nets.values()), batch_size=cfg.batch_size, device=device)
+    warning = on_main(lambda: checked.result() if checked else None)
     if f is None:  # another rank than 0
         return None
-    s = set_stats(opened.kind, path, f)
+    s = set_stats(opened.kind, opened.path, f, nets)
     s.skipped = opened.skipped + opened.count - s.count  # listed, then failed to decode
     if s.skipped:
-        log.warning("%s: %d image files skipped (see the warnings above)", path, s.skipped)
-    if opened.stats:  # a reference batch's own statistics win, as in ADM
-        s.stats = opened.stats
+        log.warning("%s: %d image files skipped (see the warnings above)", opened.path, s.skipped)
+    s.stats.update(opened.stats)  # a reference batch's own statistics win, as in ADM
+    s.warnings += [warning] if warning else []
     return s
 
 
-def set_stats(kind: str, path: Path | str, f) -> SetStats:
-    """ADM's statistics of a set's features (`evaluation.features.SetFeatures`)."""
-    from evaluation.metrics import GaussianStats
-
-    pool, spatial = GaussianStats.of(f.pool), GaussianStats.of(f.spatial)
-    stats = {"mu": pool.mu, "sigma": pool.sigma, "mu_s": spatial.mu, "sigma_s": spatial.sigma}
-    return SetStats(kind, str(path), len(f.pool), stats, f.pool, f.spatial, f.images_per_s)
-
-
-def save_stats(s: SetStats, out: Path, network_sha1: str) -> Path:
-    """ADM's mu, sigma, mu_s, sigma_s plus the features (pool_3, spatial), written atomically."""
+def save_stats(s: SetStats, out: Path) -> Path:
+    """The statistics and features of every space (ADM's key names for Inception) and the
+    networks' identities, written atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp.npz")
-    extra = {k: v for k, v in (("pool_3", s.pool), ("spatial", s.spatial)) if v is not None}
-    np.savez(tmp, **s.stats, **extra, network_sha1=np.array(network_sha1))
+    extra = {NETWORKS_KEY: np.array(json.dumps(s.networks))}
+    if INCEPTION in s.networks:  # what stats files held before there were several spaces
+        extra[LEGACY_NETWORK_KEY] = np.array(s.networks[INCEPTION]["sha1"])
+    np.savez(tmp, **s.stats, **s.features, **extra)
     os.replace(tmp, out)
     return out
-
-
-def compare(
-    samples: SetStats, ref: SetStats | None, net, device: str = "cpu"
-) -> tuple[dict, dict, list[str]]:
-    """(metrics, reasons for the null ones, warnings) of `samples` against `ref`."""
-    import torch
-
-    from evaluation.metrics import (
-        GaussianStats,
-        frechet_distance,
-        inception_score,
-        precision_recall,
-    )
-
-    values: dict[str, Any] = dict.fromkeys(METRICS)
-    reasons, warnings = {}, []
-    if samples.pool is None:
-        reasons["inception_score"] = "SAMPLES is a statistics file without pool_3 features"
-    elif net.logits_weight is None:
-        reasons["inception_score"] = (
-            f"the network ({net.name}) has no logits layer; pass --inception with a port that "
-            "has one (e.g. StyleGAN3's inception-2015-12-05.pt)"
-        )
-    else:
-        values["inception_score"] = inception_score(
-            net.probs(torch.from_numpy(samples.pool)).numpy()
-        )
-    if ref is None:
-        for k in ("fid", "sfid", "precision", "recall"):
-            reasons[k] = "no --ref"
-        return values, reasons, warnings
-    for key, mu, sigma in (("fid", "mu", "sigma"), ("sfid", "mu_s", "sigma_s")):
-        a = GaussianStats(samples.stats[mu], samples.stats[sigma])
-        b = GaussianStats(ref.stats[mu], ref.stats[sigma])
-        if a.mu.shape != b.mu.shape:
-            raise EvaluationError(
-                f"{key}: statistics of {a.mu.shape[0]} and {b.mu.shape[0]} "
-                "features; both sets need the same network"
-            )
-        values[key] = frechet_distance(a, b)
-    dims = len(samples.stats["mu"])
-    for s in (samples, ref):
-        if s.count is not None and s.count < dims:  # a rank-deficient covariance
-            warnings.append(
-                f"{s.path}: {s.count} images < {dims} features: FID is "
-                "biased upwards; compare only figures of the same set sizes"
-            )
-    if samples.pool is None or ref.pool is None:
-        reasons["precision"] = reasons["recall"] = "a statistics file without pool_3 features"
-    elif min(len(samples.pool), len(ref.pool)) <= 3:
-        reasons["precision"] = reasons["recall"] = "need more than k = 3 images in each set"
-    else:
-        values["precision"], values["recall"] = precision_recall(
-            ref.pool, samples.pool, device=device
-        )
-    return values, reasons, warnings
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -161,38 +177,54 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     Under torchrun (or inside a process group) every rank featurizes its share of each set and
     returns the same record; rank 0 alone writes --save-stats.
     """
-    from evaluation.network import load_inception
     from foundation.distributed import on_main, process_group
 
     with process_group(cfg.device) as info:
         device = str(info.device)
-        net = load_inception(cfg.inception, device=device)
-        samples = summarize(cfg.samples, cfg, net, device)
-        ref = summarize(cfg.ref, cfg, net, device) if cfg.ref is not None else None
-        return on_main(lambda: _score(cfg, samples, ref, net, device, ranks=info.world_size))
+        opened = open_inputs(cfg, device)
+        nets = load_networks(cfg, spaces_of(cfg.metric_names), device)
+        for o in opened:
+            if isinstance(o, StatsFile):
+                check_networks(o, cfg.metric_names, nets)
+        samples, *ref = [summarize(o, cfg, nets, device) for o in opened]
+        return on_main(
+            lambda: _score(
+                cfg, samples, ref[0] if ref else None, nets, device, ranks=info.world_size
+            )
+        )
 
 
-def _score(cfg: EvaluateConfig, samples: SetStats, ref: SetStats | None, net, device: str,
-           ranks: int) -> dict[str, Any]:  # fmt: skip
+def _score(
+    cfg: EvaluateConfig,
+    samples: SetStats,
+    ref: SetStats | None,
+    nets: dict[str, Any],
+    device: str,
+    ranks: int,
+) -> dict[str, Any]:
     """The result record of `evaluate` from both sets' statistics (on rank 0)."""
+    from evaluation.provenance import reference_identity, sample_settings
+
     if cfg.save_stats is not None:
-        save_stats(samples, Path(cfg.save_stats), net.sha1)
-    values, reasons, warnings = compare(samples, ref, net, device)
+        save_stats(samples, Path(cfg.save_stats))
+    values, reasons, warnings = compare(samples, ref, nets, cfg.metric_names, device)
+    warnings = [*samples.warnings, *(ref.warnings if ref else []), *warnings]
     for w in warnings:
         log.warning(w)
 
-    def describe(s: SetStats | None) -> dict | None:
-        if s is None:
-            return None
+    def describe(s: SetStats) -> dict:
         shown = ("kind", "path", "count", "images_per_s", "skipped")
-        return {k: v for k, v in asdict(s).items() if k in shown}
+        return {k: getattr(s, k) for k in shown}
 
+    inception = nets.get(INCEPTION)
     return {
         **values,
+        "metrics": list(cfg.metric_names),
         "null_reasons": reasons,
-        "samples": describe(samples),
-        "ref": describe(ref),
-        "network": {"name": net.name, "sha1": net.sha1},
+        "samples": {**describe(samples), "settings": sample_settings(Path(cfg.samples))},
+        "ref": None if ref is None else {**describe(ref), "identity": reference_identity(cfg.ref)},
+        "network": None if inception is None else {"name": inception.name, "sha1": inception.sha1},
+        "networks": {space: net.identity for space, net in nets.items()},
         "ranks": ranks,
         "warnings": warnings,
         "save_stats": None if cfg.save_stats is None else str(cfg.save_stats),
@@ -201,8 +233,6 @@ def _score(cfg: EvaluateConfig, samples: SetStats, ref: SetStats | None, net, de
 
 def format_result(r: dict[str, Any]) -> str:
     """The human-readable table of an `evaluate` result."""
-    names = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score",
-             "precision": "Precision", "recall": "Recall"}  # fmt: skip
     lines = []
     for role in ("samples", "ref"):
         if r[role] is not None:
@@ -210,10 +240,27 @@ def format_result(r: dict[str, Any]) -> str:
             count = "" if s["count"] is None else f", {s['count']} images"
             count += f", {s['skipped']} files skipped" if s.get("skipped") else ""
             lines.append(f"{role:<16} {s['path']} ({s['kind']}{count})")
-    lines.append(f"{'network':<16} {r['network']['name']} (sha1 {r['network']['sha1'][:12]})")
-    for key, name in names.items():
-        value = r[key]
-        shown = f"{value:.4f}" if value is not None else f"-  ({r['null_reasons'][key]})"
-        lines.append(f"{name:<16} {shown}")
+    if r["ref"] is not None and r["ref"]["identity"]["sha256"]:
+        ident = r["ref"]["identity"]
+        lines.append(
+            f"{'ref sha256':<16} {ident['sha256']}"
+            + (f" = {ident['known_as']}" if ident["known_as"] else "")
+        )
+    settings = r["samples"]["settings"]
+    if settings:
+        g = settings["guidance"]
+        lines.append(
+            f"{'sampled':<16} step {settings['step']} ({'EMA' if settings['ema'] else 'raw'}), "
+            f"{settings['solver']} {settings['steps']} steps / {settings['model_calls']} calls, "
+            f"cfg {g['scale']} on {g['channels']} channels, interval {g['interval']}, labels "
+            f"{settings['label_sampling']}, {settings['precision']}, seed {settings['seed']}"
+        )
+    for space, net in r["networks"].items():
+        lines.append(f"{space:<16} {net['name']} ({net['fingerprint'][:12]})")
+    for name in r["metrics"]:
+        for key, label in METRICS[name].results.items():
+            value = r[key]
+            shown = f"{value:.4f}" if value is not None else f"-  ({r['null_reasons'][key]})"
+            lines.append(f"{label:<16} {shown}")
     lines += [f"warning: {w}" for w in r["warnings"]]
     return "\n".join(lines)

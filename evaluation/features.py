@@ -1,15 +1,19 @@
-"""Inception features of an image set, batched on the device while the next batch loads.
+"""Features of an image set through one or more networks, batched on the device while the next
+batch loads.
 
-    feats = extract_features(image_set, net, batch_size=250, device="cuda")
-    feats = featurize(image_set, net, batch_size=250, device=info.device)  # under torchrun
+    feats = extract_features(image_set, [inception, dinov2], batch_size=250, device="cuda")
+    feats = featurize(image_set, nets, batch_size=250, device=info.device)  # under torchrun
+    feats.features["pool_3"], feats.features["dinov2"]
 
-The network runs in float32 with TF32 off (ADM's features are float32; TF32 matmuls would move
-them by ~1e-3). Batches arrive from the input's own loader (DataLoader workers for folders) and
-one background thread keeps the next batch ready while the device works on this one.
+Each batch is decoded once and goes through every network (`FeatureNet.features`: uint8
+(N, H, W, 3) on the device -> {features key: (N, D)}). The networks run in float32 with TF32 off
+(ADM's features are float32; TF32 matmuls would move them by ~1e-3). Batches arrive from the
+input's own loader (DataLoader workers for folders) and one background thread keeps the next
+batch ready while the device works on this one.
 
 Under torchrun, `featurize` has every rank extract the features of its share of the set (a
 contiguous run of the whole batches one process would cut: `ImageSet.share`) and gathers them,
-in rank order, on rank 0: the same batches through the same network, so the same features.
+in rank order, on rank 0: the same batches through the same networks, so the same features.
 """
 
 from __future__ import annotations
@@ -19,16 +23,15 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from evaluation.errors import EvaluationError
 from evaluation.inputs import ImageSet
-from evaluation.network import InceptionFeatures
-from evaluation.resize import inception_input
 from foundation.distributed import all_gather_objects, gather_rows, on_all, rank_and_world
 
 log = logging.getLogger(__name__)
@@ -36,18 +39,33 @@ log = logging.getLogger(__name__)
 PREFETCH = 2  # batches decoded ahead of the device
 
 
+class FeatureNet(Protocol):
+    """A feature network: its space (`evaluation.spaces`), identity, and features of a batch."""
+
+    space: str
+
+    @property
+    def identity(self) -> dict: ...
+
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
 @dataclass(frozen=True)
 class SetFeatures:
-    """float32 features of one set: pool_3 (N, 2048) and spatial (N, 17 * 17 * 7 = 2023)."""
+    """float32 features (N, D) of one set by key: pool_3 (2048), spatial (17 * 17 * 7 = 2023),
+    dinov2 (1024 for ViT-L), those of the networks that ran."""
 
-    pool: np.ndarray
-    spatial: np.ndarray
+    features: dict[str, np.ndarray]
     seconds: float
     image_shape: tuple[int, ...] | None = None  # (H, W, 3) of the images
 
     @property
+    def count(self) -> int:
+        return len(next(iter(self.features.values())))
+
+    @property
     def images_per_s(self) -> float:
-        return len(self.pool) / max(self.seconds, 1e-9)
+        return self.count / max(self.seconds, 1e-9)
 
 
 @contextlib.contextmanager
@@ -82,63 +100,85 @@ def prefetched(batches: Iterator[np.ndarray], depth: int = PREFETCH) -> Iterator
 
 
 def extract_features(
-    images: ImageSet, net: InceptionFeatures, *, batch_size: int = 100, device="cpu"
+    images: ImageSet, nets: Sequence[FeatureNet], *, batch_size: int = 100, device="cpu"
 ) -> SetFeatures | None:
-    """pool_3 and spatial features of every image of the set that could be read (None if none
-    could: a folder whose files were all skipped)."""
-    pools, spatials = [], []
+    """The features of every image of the set that could be read through every network of
+    `nets` (None if none could: a folder whose files were all skipped)."""
+    parts: dict[str, list[np.ndarray]] = {}
     t0, seen, shape = time.perf_counter(), 0, None
     with no_tf32(), torch.inference_mode():
         for batch in prefetched(images.batches(batch_size)):
             shape = shape or batch.shape[1:]
             if batch.shape[1:] != shape:
-                raise EvaluationError(f"{images.path}: images of sizes {shape} and "
-                                      f"{batch.shape[1:]}; every image of a set must have one size")  # fmt: skip
-            f = net(inception_input(torch.from_numpy(np.ascontiguousarray(batch)).to(device)))
-            pools.append(f.pool.cpu().numpy())
-            spatials.append(f.spatial.cpu().numpy())
+                raise EvaluationError(
+                    f"{images.path}: images of sizes {shape} and {batch.shape[1:]}; every image "
+                    "of a set must have one size"
+                )
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+            for net in nets:
+                for key, f in net.features(x).items():
+                    parts.setdefault(key, []).append(f.float().cpu().numpy())
             seen += len(batch)
             log.debug("%s: %d of %d images", images.path, seen, images.count)
     seconds = time.perf_counter() - t0
     if not seen:
         return None
-    log.info("featurized %d images of %s in %.1f s (%.1f images/s)", seen, images.path, seconds,
-             seen / max(seconds, 1e-9))  # fmt: skip
+    log.info(
+        "featurized %d images of %s in %.1f s (%.1f images/s)",
+        seen,
+        images.path,
+        seconds,
+        seen / max(seconds, 1e-9),
+    )
     return SetFeatures(
-        pool=np.concatenate(pools),
-        spatial=np.concatenate(spatials),
+        features={k: np.concatenate(v) for k, v in parts.items()},
         seconds=seconds,
         image_shape=None if shape is None else tuple(shape),
     )
 
 
 def featurize(
-    images: ImageSet, net: InceptionFeatures, *, batch_size: int = 100, device="cpu"
+    images: ImageSet, nets: Sequence[FeatureNet], *, batch_size: int = 100, device="cpu"
 ) -> SetFeatures | None:
     """The features of the whole set, each rank extracting its share: on rank 0, None on the
     others (one process: `extract_features`). Every rank must call it; a LatentditError of any
     rank is raised on all. `seconds` is the wall time of the slowest rank."""
     rank, world = rank_and_world()
     if world == 1:
-        f = extract_features(images, net, batch_size=batch_size, device=device)
-        _require_two(images, 0 if f is None else len(f.pool))
+        f = extract_features(images, nets, batch_size=batch_size, device=device)
+        _require_two(images, 0 if f is None else f.count)
         return f
     part = images.share(batch_size, rank, world)
-    log.info("rank %d of %d: images [%d, %d) of %d in %s", rank, world, part.first,
-             part.first + part.count, images.count, images.path)  # fmt: skip
+    log.info(
+        "rank %d of %d: images [%d, %d) of %d in %s",
+        rank,
+        world,
+        part.first,
+        part.first + part.count,
+        images.count,
+        images.path,
+    )
     t0 = time.perf_counter()
-    mine = on_all(lambda: extract_features(part, net, batch_size=batch_size, device=device)
-                  if part.count else None)  # fmt: skip
+    mine = on_all(
+        lambda: (
+            extract_features(part, nets, batch_size=batch_size, device=device)
+            if part.count
+            else None
+        )
+    )
     seconds = time.perf_counter() - t0  # on_all waited for the slowest rank
-    _require_two(images, sum(all_gather_objects(0 if mine is None else len(mine.pool))))
+    _require_two(images, sum(all_gather_objects(0 if mine is None else mine.count)))
     shapes = sorted({s for s in all_gather_objects(mine and mine.image_shape) if s is not None})
     if len(shapes) > 1:
-        raise EvaluationError(f"{images.path}: images of sizes {shapes[0]} and {shapes[1]}; "
-                              "every image of a set must have one size")  # fmt: skip
-    pool, spatial = gather_rows(mine and mine.pool), gather_rows(mine and mine.spatial)
+        raise EvaluationError(
+            f"{images.path}: images of sizes {shapes[0]} and {shapes[1]}; "
+            "every image of a set must have one size"
+        )
+    keys = next(k for k in all_gather_objects(mine and sorted(mine.features)) if k)
+    gathered = {k: gather_rows(mine and mine.features[k]) for k in keys}
     if rank != 0:
         return None
-    return SetFeatures(pool=pool, spatial=spatial, seconds=seconds, image_shape=shapes[0])
+    return SetFeatures(features=gathered, seconds=seconds, image_shape=shapes[0])
 
 
 def _require_two(images: ImageSet, read: int) -> None:

@@ -1,8 +1,8 @@
 """What `latentdit evaluate` reads: image sets (uint8 NHWC batches) and statistics files.
 
-ADM .npz      arr_0 uint8 (N, H, W, 3), streamed from the zip in batches
+ADM .npz      arr_0 uint8 (N, H, W, 3), streamed from the zip in batches (checks: `evaluation.npz`)
 reference     an ADM reference batch: arr_0 and its precomputed mu, sigma, mu_s, sigma_s
-stats         a file of `--save-stats`: the statistics and the features, no images
+stats         a file of `--save-stats`: each space's statistics and features, no images
 folder        PNG/JPEG files found recursively, decoded by DataLoader workers
 sample dir    a `latentdit sample` output folder: its .npz, else its images/ PNGs
 store         a latent store (a folder or URL), decoded through its VAE decoder (the
@@ -16,19 +16,19 @@ warning naming it and its reason, and counted in the set's `skipped`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import struct
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 
+from evaluation import npz
 from evaluation.errors import EvaluationError
+from evaluation.spaces import FEATURE_KEYS, GAUSSIANS, INCEPTION, SPACES, STATS_KEYS
 from foundation.distributed import rank_range
 from foundation.files import DEFAULT_MAX_FILE_MB, MB, list_regular_files, shown_path
 from foundation.images import DEFAULT_MAX_PIXELS, ImageDecodeError, read_image
@@ -37,11 +37,12 @@ from foundation.urls import is_url
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+ADM_STATS = ("mu", "sigma", "mu_s", "sigma_s")  # an ADM reference batch's own statistics
+NETWORKS_KEY = "networks"  # a stats file's JSON {space: network identity}
+LEGACY_NETWORK_KEY = "network_sha1"  # the Inception port's SHA-1, in stats files before spaces
 SAMPLE_MANIFEST = "sample.json"  # written by `latentdit sample` (sampler.outputs.MANIFEST)
 SAMPLE_IMAGES = "images"
 STORE_MARKER = "zarr.json"
-ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 
 
 @dataclass
@@ -58,6 +59,7 @@ class ImageSet:
     read: Callable[[int, int, int], Iterator[np.ndarray]]
     stats: dict[str, np.ndarray] = field(default_factory=dict)  # a reference batch's own
     first: int = 0
+    verify: Callable[[], str | None] | None = None  # integrity check: raises, or a warning
     skipped: int = 0  # files left out when listing (files that fail to decode are counted later)
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
@@ -108,19 +110,23 @@ def array_images(kind: str, name: str | Path, images: np.ndarray) -> ImageSet:
 
 @dataclass
 class StatsFile:
-    """A statistics file: ADM's keys, and the features when `--save-stats` wrote them."""
+    """A statistics file: each Gaussian's mu and sigma (`evaluation.spaces`), the features when
+    `--save-stats` wrote them, and the identity of the network of each space."""
 
     path: Path
     stats: dict[str, np.ndarray]
-    pool: np.ndarray | None
-    spatial: np.ndarray | None
-    network_sha1: str | None
+    features: dict[str, np.ndarray]
+    networks: dict[str, dict]
 
     kind = "stats"
 
     @property
     def count(self) -> int | None:
-        return None if self.pool is None else len(self.pool)
+        return len(next(iter(self.features.values()))) if self.features else None
+
+    def spaces(self) -> list[str]:
+        """The spaces this file has statistics of (all their Gaussians)."""
+        return [n for n, s in SPACES.items() if all(g.mu in self.stats for g in s.gaussians)]
 
 
 @dataclass(frozen=True)
@@ -162,9 +168,9 @@ def open_input(
 
         return open_store_images(path, limit=limit, vae=vae, device=device)
     if (path / SAMPLE_MANIFEST).is_file():
-        npz = sorted(path.glob("samples_*.npz"))
-        if npz:
-            return _open_npz(npz[-1], limit, kind="sample dir")
+        found = sorted(path.glob("samples_*.npz"))
+        if found:
+            return _open_npz(found[-1], limit, kind="sample dir")
         return _open_folder(path / SAMPLE_IMAGES, limit, workers, decode, kind="sample dir")
     return _open_folder(path, limit, workers, decode, kind="folder")
 
@@ -172,78 +178,82 @@ def open_input(
 # --- .npz ---------------------------------------------------------------------------------------
 
 
-def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran_order, dtype) of an open .npy stream, left at the start of its data."""
-    if np.lib.format.read_magic(f) == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    return np.lib.format.read_array_header_2_0(f)
-
-
-def _npz_header(zf: zipfile.ZipFile, path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    with zf.open("arr_0.npy") as f:
-        shape, fortran, dtype = _read_header(f)
-    if fortran:
-        raise EvaluationError(f"{path}: arr_0 is Fortran-ordered; save it C-ordered")
-    return shape, dtype
-
-
 def _open_npz(path: Path, limit: int | None, kind: str | None = None) -> ImageSet | StatsFile:
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise EvaluationError(f"{path}: not a readable .npz ({e})") from None
+    zf = npz.open_zip(path)
     names = {n.removesuffix(".npy") for n in zf.namelist()}
-    stats = {}
-    if "mu" in names:
-        with np.load(path) as data:
-            missing = [k for k in STATS_KEYS if k not in data]
-            if missing:
-                raise EvaluationError(f"{path}: has mu but lacks {', '.join(missing)}")
-            stats = {k: data[k] for k in STATS_KEYS}
-            if "arr_0" not in names:
-                return StatsFile(
-                    path, stats, _maybe(data, "pool_3"), _maybe(data, "spatial"),
-                    str(data["network_sha1"]) if "network_sha1" in data else None,
-                )  # fmt: skip
-    if "arr_0" not in names:
+    has_stats = any(k in names for k in STATS_KEYS)
+    if has_stats and npz.IMAGES not in names:
+        return _stats_file(path)
+    if npz.IMAGES not in names:
         raise EvaluationError(f"{path}: no arr_0 (images) and no mu/sigma (statistics)")
-    shape, dtype = _npz_header(zf, path)
+    stats = _checked_stats(path, npz.load_arrays(path, ADM_STATS)) if has_stats else {}
+    info, shape, dtype, header = npz.image_member(zf, path)
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
         raise EvaluationError(f"{path}: arr_0 is {dtype} {shape}; need uint8 (N, H, W, 3) images")
     if shape[0] == 0:
         raise EvaluationError(f"{path}: arr_0 holds no images")
+    if 0 in shape[1:3]:
+        raise EvaluationError(f"{path}: arr_0's images are {shape[2]}x{shape[1]} pixels (empty)")
     count = shape[0] if limit is None else min(limit, shape[0])
     image_bytes = int(np.prod(shape[1:]))
 
     def read(batch_size: int, start: int, stop: int) -> Iterator[np.ndarray]:
-        with _open_arr0(zf, path) as f:
-            f.seek(start * image_bytes, 1)  # cur is the array's first byte
+        with npz.member_data(zf, path, info, header) as f:
+            f.seek(start * image_bytes, 1)
             for a, b in cuts(start, stop, batch_size):
-                data = bytearray(f.read((b - a) * image_bytes))
-                yield np.frombuffer(data, np.uint8).reshape(b - a, *shape[1:])
+                yield npz.read_rows(f, path, (b - a, *shape[1:]))
 
-    return ImageSet(kind or ("reference" if stats else "npz"), path, count, read, stats)
+    def unchecked() -> str:  # a part of arr_0 is read: no verdict on the whole member
+        return f"{path}: CRC-32 not checked (--limit reads {count} of {shape[0]} images)"
 
-
-def _open_arr0(zf: zipfile.ZipFile, path: Path) -> BinaryIO:
-    """arr_0's data as a file positioned at its first byte. A stored (np.savez) member is read
-    from the file itself, so seeking to a rank's share is free; a compressed one
-    (np.savez_compressed) through the zip, where a seek decompresses everything before it."""
-    info = zf.getinfo("arr_0.npy")
-    if info.compress_type == zipfile.ZIP_STORED:
-        f = open(path, "rb")  # noqa: SIM115 (the caller closes it)
-        f.seek(info.header_offset)
-        signature, name_len, extra_len = ZIP_LOCAL_HEADER.unpack(f.read(ZIP_LOCAL_HEADER.size))
-        assert signature == b"PK\x03\x04", path
-        f.seek(name_len + extra_len, 1)
-    else:
-        f = zf.open(info)
-    _read_header(f)
-    return f
+    verify = npz.member_crc_check(path, info) if count == shape[0] else unchecked
+    return ImageSet(
+        kind or ("reference" if stats else "npz"), path, count, read, stats, verify=verify
+    )
 
 
-def _maybe(data, key: str) -> np.ndarray | None:
-    return data.get(key)
+def _stats_file(path: Path) -> StatsFile:
+    arrays = npz.load_arrays(path, [*STATS_KEYS, *FEATURE_KEYS, NETWORKS_KEY, LEGACY_NETWORK_KEY])
+    stats = _checked_stats(path, {k: arrays[k] for k in STATS_KEYS if k in arrays})
+    features = {k: arrays[k] for k in FEATURE_KEYS if k in arrays}
+    for key, f in features.items():
+        width = len(stats[GAUSSIANS[key].mu]) if GAUSSIANS[key].mu in stats else f.shape[-1]
+        if f.dtype.kind != "f" or f.ndim != 2 or f.shape[1] != width:
+            raise EvaluationError(
+                f"{path}: {key} is {f.dtype} {f.shape}, not (N, {width}) features"
+            )
+    networks = {}
+    if NETWORKS_KEY in arrays:
+        try:
+            networks = json.loads(str(arrays[NETWORKS_KEY]))
+        except ValueError:
+            raise EvaluationError(f"{path}: its {NETWORKS_KEY} entry is not JSON") from None
+    elif LEGACY_NETWORK_KEY in arrays:
+        sha1 = str(arrays[LEGACY_NETWORK_KEY])
+        networks = {INCEPTION: {"sha1": sha1, "fingerprint": sha1}}
+    return StatsFile(path, stats, features, networks)
+
+
+def _checked_stats(path: Path, stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Statistics with both halves of each Gaussian, numeric, mu (D,) and sigma (D, D)."""
+    for g in GAUSSIANS.values():
+        present = [k for k in (g.mu, g.sigma) if k in stats]
+        if len(present) == 1:
+            missing = g.sigma if present == [g.mu] else g.mu
+            raise EvaluationError(f"{path}: has {present[0]} but lacks {missing}")
+        if not present:
+            continue
+        mu, sigma = stats[g.mu], stats[g.sigma]
+        if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu":
+            raise EvaluationError(
+                f"{path}: {g.mu}/{g.sigma} are {mu.dtype}/{sigma.dtype}, not numbers"
+            )
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise EvaluationError(
+                f"{path}: {g.mu} {mu.shape} and {g.sigma} {sigma.shape} are "
+                "not a mean (D,) and a covariance (D, D)"
+            )
+    return stats
 
 
 # --- image folders ------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
-"""The ADM evaluator's formulas: Fréchet distance, Inception Score, precision and recall.
+"""The evaluators' formulas: ADM's Fréchet distance, Inception Score, precision and recall, and
+EDM2's statistics and Fréchet distance (FD_DINOv2).
 
-    fid = frechet_distance(stats(pool_a), stats(pool_b))
+    fid = frechet_distance(GaussianStats.of(pool_a), GaussianStats.of(pool_b))
     precision, recall = precision_recall(pool_ref, pool_samples)
+    fd_dinov2 = edm2_frechet_distance(edm2_stats(dino_a), edm2_stats(dino_b))
 
-Each follows openai/guided-diffusion `evaluations/evaluator.py` step by step (docs/evaluate.md):
+ADM's follow openai/guided-diffusion `evaluations/evaluator.py` step by step (docs/evaluate.md):
 statistics as np.mean / np.cov; the Fréchet distance through scipy's sqrtm with its eps retry;
 IS over splits of 5,000; precision/recall of Kynkäänniemi et al. 2019 with k = 3 and squared
 distances computed in float16 first (float32 if any is not finite), in blocks of 10,000 rows.
+EDM2's follow NVlabs/edm2 `calculate_metrics.py`: float64 sums of the features and of their outer
+products, and the distance's real part taken as a whole (no eps retry, no imaginary-part check).
 """
 
 from __future__ import annotations
@@ -69,6 +73,30 @@ def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = FID_EPS) -
             raise ValueError(f"sqrtm has an imaginary part {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def edm2_stats(features: np.ndarray) -> GaussianStats:
+    """EDM2's statistics (`calculate_stats_for_iterable`): features cast to float64, then
+    mu = sum(f) / n and sigma = (f^T f - n mu mu^T) / (n - 1), both float64."""
+    f = np.asarray(features, dtype=np.float64)
+    n = len(f)
+    mu = f.sum(0) / n
+    return GaussianStats(mu, (f.T @ f - np.outer(mu, mu) * n) / (n - 1))
+
+
+def edm2_frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
+    """EDM2's `calculate_metrics_from_stats`: Re(|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 sqrtm(S_a S_b)))."""
+    if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
+        raise ValueError(f"statistics of different sizes: {a.mu.shape} vs {b.mu.shape}")
+    m = np.square(a.mu - b.mu).sum()
+    s = _sqrtm(np.dot(a.sigma, b.sigma))
+    return float(np.real(m + np.trace(a.sigma + b.sigma - s * 2)))
+
+
+FORMULAS = {  # statistics of (N, D) features, and the Fréchet distance of two such statistics
+    "adm": (GaussianStats.of, frechet_distance),
+    "edm2": (edm2_stats, edm2_frechet_distance),
+}
 
 
 def inception_score(probs: np.ndarray, split_size: int = IS_SPLIT) -> float:

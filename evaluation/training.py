@@ -25,10 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluation.evaluate import EvaluateConfig, compare, set_stats, summarize
+from evaluation.evaluate import EvaluateConfig, check_networks, open_inputs, summarize
 from evaluation.features import featurize
-from evaluation.inputs import ImageSet, cuts
+from evaluation.inputs import ImageSet, StatsFile, cuts
 from evaluation.network import load_inception
+from evaluation.scoring import compare, set_stats
+from evaluation.spaces import DEFAULT_METRICS, INCEPTION
 from foundation.distributed import on_main, rank_and_world
 from sampler.decoder import LatentDecoder
 from sampler.latents import SolveConfig, make_latents
@@ -75,20 +77,26 @@ def fid_hook(vae_id: str, ref: str | Path, *, samples: int = 5000, steps: int = 
         device = next(ema.parameters()).device
         t0 = time.perf_counter()
         if not loaded:
-            loaded["net"] = load_inception(inception, device=device)
+            ref_cfg = EvaluateConfig(samples=Path(ref), workers=0, metrics=DEFAULT_METRICS)
+            (opened,) = open_inputs(ref_cfg, str(device))
+            loaded["nets"] = {INCEPTION: load_inception(inception, device=device)}
+            if isinstance(opened, StatsFile):
+                check_networks(opened, ref_cfg.metric_names, loaded["nets"])
             loaded["decoder"] = LatentDecoder.load(vae_id, meta, device=device)
-            loaded["ref"] = summarize(Path(ref), EvaluateConfig(samples=Path(ref), workers=0),
-                                      loaded["net"], str(device))  # fmt: skip
+            loaded["ref"] = summarize(opened, ref_cfg, loaded["nets"], str(device))
         images = ImageSet(
             "ema samples", run_dir, samples,
             lambda b, start, stop: ema_images(ema, meta, loaded["decoder"], start=start,
                                               stop=stop, steps=steps, cfg=cfg, batch_size=b),
         )  # fmt: skip
-        f = featurize(images, loaded["net"], batch_size=batch_size, device=device)
+        nets = loaded["nets"]
+        f = featurize(images, list(nets.values()), batch_size=batch_size, device=device)
 
         def score() -> dict[str, Any]:  # rank 0, which holds every rank's features
-            mine = set_stats("ema samples", run_dir, f)
-            values, _, _ = compare(mine, loaded["ref"], loaded["net"], str(device))
+            mine = set_stats("ema samples", run_dir, f, nets)
+            metrics = tuple(DEFAULT_METRICS.split(","))
+            values, _, _ = compare(mine, loaded["ref"], nets, metrics, str(device))
+            values.pop("fd_dinov2")
             values.update(eval_samples=samples, eval_ranks=rank_and_world()[1],
                           eval_seconds=time.perf_counter() - t0)  # fmt: skip
             log.info("step %d: FID %.3f of %d EMA samples", step, values["fid"], samples)

@@ -25,7 +25,7 @@ class InspectConfig:
     """Which store to describe."""
 
     store: str = option(argument=True)
-    """A latent store: a folder (Zarr v3 group) or an fsspec URL."""
+    """A latent store (a folder or an fsspec URL), or a training run folder (its cost and FIDs)."""
     storage_options: str | None = None
     """JSON object of fsspec options for a store URL, e.g. '{"endpoint_url": "http://minio:9000"}'; default: the environment (AWS_*, AWS_ENDPOINT_URL), ~/.aws, fsspec config."""
 

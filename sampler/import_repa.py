@@ -5,7 +5,10 @@
 REPA's SiT (sihyun-yu/REPA `models/sit.py`) is SiT without learned sigma plus `projectors`: one
 3-layer SiLU MLP per encoder (hidden -> projector_dim -> projector_dim -> z_dim) that reads the
 output of block `encoder_depth` for the alignment loss. Sampling never uses them: the import drops
-them and records what they were (`source.projectors` in meta.json). Its time is t in [0, 1] with
+them from the model and records what they were (`source.projectors` in meta.json). A single
+projector (one encoder, as REPA's released model) is kept beside the weights in the checkpoint
+folder's `projector.safetensors`, in latentdit's names, so that `train --init` with --repa-coeff
+fine-tunes with it where its widths fit (`trainer.repa.init_state`). Its time is t in [0, 1] with
 t = 1 noise and the model predicts the velocity eps - x0 (`FlowMatching(time_scale=1)`); its
 train.py draws t uniformly (`--weighting uniform`) or as sigma / (1 + sigma) with log sigma
 ~ N(0, 1) (`lognormal`), which is the logit-normal density with m = 0, s = 1 (SD3's).
@@ -22,6 +25,7 @@ from torch import Tensor
 
 from sampler.errors import CheckpointImportError
 from trainer.objective import FlowMatching
+from trainer.repa import PROJECTOR, PROJECTOR_FILE
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,16 @@ def unlegacy(state: dict[str, Tensor], args: dict, path: Path) -> dict[str, Tens
     return {rename(k): v for k, v in state.items()}
 
 
+def kept_projector(projectors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """{PROJECTOR_FILE: REPA's one projector in our names (`projector.{0,2,4}.*`)}, or {} when
+    it has several (one per encoder): latentdit aligns with one encoder's features."""
+    if len({k.split(".")[1] for k in projectors}) != 1:
+        return {}
+    first = f"{PROJECTORS}0."
+    kept = {PROJECTOR + k.removeprefix(first): v for k, v in projectors.items()}
+    return {PROJECTOR_FILE: kept} if len(kept) == len(projectors) else {}
+
+
 def projector_record(projectors: dict[str, Tensor], args: dict) -> dict[str, Any]:
     """What the dropped projectors were, for meta.json (`source.projectors`).
 
@@ -87,6 +101,7 @@ def projector_record(projectors: dict[str, Tensor], args: dict) -> dict[str, Any
         "encoder_depth": args.get("encoder_depth"),
         "enc_type": args.get("enc_type"),
         "proj_coeff": args.get("proj_coeff"),
+        "kept": next(iter(kept_projector(projectors)), None),
     }
 
 

@@ -12,8 +12,8 @@ the number of heads comes from `--model` / `--num-heads` (or the checkpoint's ar
 contradicts a shape is refused, naming both values. The written checkpoint records the source
 file and its sha256, the time convention (`objective`) and the latent normalization (the official
 models see latents times the VAE's `scaling_factor`). Nothing is written unless all checks pass.
-REPA's SiT (`--format repa`) is the same network plus projectors, which are dropped
-(`sampler.import_repa`).
+REPA's SiT (`--format repa`) is the same network plus projectors, dropped from the model (one kept
+for fine-tuning; `sampler.import_repa`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,13 @@ from latent_store import LatentditError
 from latent_store.schema import ClassInfo, VaeInfo
 from sampler.errors import CheckpointImportError
 from sampler.import_config import ImportConfig
-from sampler.import_repa import projector_record, repa_objective, split_projectors, unlegacy
+from sampler.import_repa import (
+    kept_projector,
+    projector_record,
+    repa_objective,
+    split_projectors,
+    unlegacy,
+)
 from trainer.checkpoint import CHECKPOINTS, FORMAT, VERSION, latest_checkpoint, save_checkpoint
 from trainer.model import DiT, ModelConfigError
 from trainer.normalization import LatentNormalization
@@ -360,6 +366,14 @@ def import_checkpoint(cfg: ImportConfig) -> Path:
             "encoder_depth %s; sampling never uses them)",
             record["dropped_tensors"], record["z_dims"], record["encoder_depth"] or "unknown",
         )  # fmt: skip
-    folder = save_checkpoint(cfg.run, step=0, model=model, ema=model, train_state={}, meta=meta)
+    folder = save_checkpoint(
+        cfg.run,
+        step=0,
+        model=model,
+        ema=model,
+        train_state={},
+        meta=meta,
+        files=kept_projector(projectors),
+    )
     log.info("imported %s (%s, %s layout) into %s", src, cfg.format, layout, folder)
     return folder

@@ -23,21 +23,29 @@ from sampler.plan import ImageNoise, to_device
 from sampler.solver_base import Callback
 from sampler.solvers import DEFAULT_SOLVER, SOLVERS, Solver, solvers_for, solvers_taking
 from sampler.solvers import ddpm_timesteps as solver_times
-from trainer.model import DiT
+from trainer.model import REG_KEY, DiT
 from trainer.objective import DDPM, FlowMatching, Objective
+from trainer.reg import pack, unpack
 
 SOLVE_DEFAULTS = {f.name: f.default for f in fields(SolveConfig)}
 
 
 def pick_solver(
-    cfg: SolveConfig, objective: Objective, *, learn_sigma: bool = False
+    cfg: SolveConfig, objective: Objective, *, learn_sigma: bool = False, class_token: bool = False
 ) -> tuple[str, Solver, dict[str, Any]]:
     """(name, solver, keyword arguments) for the checkpoint's objective; refuses misfits.
 
     The keywords are the options the solver's registry entry names; an option set away from its
     default for a solver that does not take it is refused. `learn_sigma`: the model outputs a
-    variance too (what "learned" variance needs).
+    variance too (what "learned" variance needs). `class_token`: a REG model (`trainer.reg`),
+    whose state is its latents and class token together.
     """
+    if class_token and cfg.cfg_channels is not None:
+        raise SamplerError(
+            f"--cfg-channels {cfg.cfg_channels} guides some latent channels; a REG model's state "
+            "is its latents and class token together, guided whole: drop it (and protocols that "
+            "set it: dit-fid, sit-fid)"
+        )
     name = cfg.sampler or DEFAULT_SOLVER[objective.KIND]
     solver = SOLVERS[name]
     if solver.kind != objective.KIND:
@@ -101,10 +109,14 @@ def make_latents(
 
     `model` is the DiT or an `InferenceModel` (compiled, cast weights); `callback` goes to the
     solver. A learn_sigma model's variance output reaches only the ddpm sampler with learned
-    variance (and is never guided); every other solver sees the prediction alone.
+    variance (and is never guided); every other solver sees the prediction alone. A REG model
+    solves for its latents and class token together (`trainer.reg`): each image's noise draws its
+    latents, then its class token; the latents are returned.
     """
-    learn_sigma = bool(model.config.get("learn_sigma"))
-    _, solver, kwargs = pick_solver(cfg, objective, learn_sigma=learn_sigma)
+    learn_sigma, token = bool(model.config.get("learn_sigma")), model.config.get(REG_KEY)
+    _, solver, kwargs = pick_solver(
+        cfg, objective, learn_sigma=learn_sigma, class_token=bool(token)
+    )
     keep_sigma = learn_sigma and kwargs.get("variance") == "learned"
     channels = model.config["in_channels"]
     sign = objective.velocity_sign if isinstance(objective, FlowMatching) else 1.0
@@ -112,15 +124,18 @@ def make_latents(
     def net_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         with autocast(device, precision):
             out = model(x, objective.model_time(t), y).float()
-        return sign * (out if keep_sigma else out[:, :channels])
+        return sign * (out if keep_sigma or token else out[:, :channels])
 
     per_t = _per_t(objective)
     interval = None if cfg.cfg_interval is None else tuple(v * per_t for v in cfg.cfg_interval)
     model_fn = guided(
         net_fn, to_device(labels, device), scale=cfg.cfg, null_class=model.null_class, interval=interval,
-        channels=min(cfg.cfg_channels or channels, channels),
+        channels=None if token else min(cfg.cfg_channels or channels, channels),
     )  # fmt: skip
     if solver.takes_noise:
         kwargs["noise"] = noise
     x = noise.initial(latent_shape, device)
-    return solver.fn(model_fn, x, cfg.steps, callback=callback, disable=True, **kwargs)
+    if token:
+        x = pack(x, noise(x.new_empty(len(x), token)))
+    x = solver.fn(model_fn, x, cfg.steps, callback=callback, disable=True, **kwargs)
+    return unpack(x, latent_shape)[0] if token else x

@@ -12,6 +12,8 @@ from its own generator, so they change nothing beyond float rounding.
 A sample.json written before `precision`, `compile` and `cast_weights` were recorded is read as
 made with the defaults of its time: eager, weights as stored, and the device's default precision
 (bf16 on CUDA, fp32 on the CPU) of the device that resumes it; the file is left as it is.
+`model_calls` (per image) and `label_sampling` are recorded for `latentdit evaluate --json`; they
+follow from the other settings, so an older file without them resumes as it did.
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ from foundation.precision import Precision, resolve_precision
 from sampler.config import SampleConfig, SolveConfig
 from sampler.errors import SamplerError
 from sampler.outputs import MANIFEST
+from sampler.solvers import SOLVERS
 
 PIXEL_SETTINGS = ("precision", "compile", "cast_weights")
 """Settings that change the pixels without changing the plan (older manifests lack them)."""
+DERIVED_SETTINGS = ("model_calls", "label_sampling")
+"""Settings recorded for readers (`latentdit evaluate --json`) that follow from the others: an older
+manifest without them is read as holding this run's values."""
 
 
 def run_settings(
@@ -57,11 +63,21 @@ def run_settings(
         "vae": cfg.vae or meta["vae"]["id"],
         "count": len(labels),
         "labels_blake2b": hashlib.blake2b(labels.tobytes(), digest_size=16).hexdigest(),
+        "label_sampling": label_sampling(cfg),
+        "model_calls": SOLVERS[sampler].calls_per_step * solve.steps,
         **_import_settings(cfg),
         "precision": str(precision),
         "compile": cfg.compile,
         "cast_weights": cfg.cast_weights,
     }
+
+
+def label_sampling(cfg: SampleConfig) -> str:
+    """How the labels were drawn (`sampler.plan.plan_labels`): "balanced" (--fid-samples: image i is
+    of class i mod K), "requested" (--class ... --n N), or "uniform" (random classes, --seed)."""
+    if cfg.fid_samples is not None:
+        return "balanced"
+    return "requested" if cfg.classes else "uniform"
 
 
 def _import_settings(cfg: SampleConfig) -> dict:
@@ -103,7 +119,7 @@ def check_manifest(
     path = out / MANIFEST
     if path.is_file():
         before = {**(legacy or {}), **json.loads(path.read_text())}
-        diffs = [k for k, v in settings.items() if before.get(k) != v]
+        diffs = [k for k, v in settings.items() if before.get(k) != v and k not in DERIVED_SETTINGS]
         if diffs:
             shown = "; ".join(
                 f"{k} {before.get(k)!r} there vs {settings[k]!r} now" for k in diffs[:3]

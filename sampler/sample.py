@@ -31,7 +31,9 @@ from sampler.manifest import check_manifest, legacy_defaults, run_settings
 from sampler.plan import FileNoise, ImageNoise, plan_labels
 from sampler.writer import BatchWriter, HostImages
 from trainer.checkpoint import load_for_inference, resolve_checkpoint
+from trainer.model import REG_KEY
 from trainer.objective import objective_from_meta
+from trainer.reg import pack
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +94,8 @@ def _load(cfg: SampleConfig, device: torch.device):
     folder = resolve_checkpoint(cfg.checkpoint)
     model, meta = load_for_inference(folder, weights=cfg.weights, device=device)
     objective = objective_from_meta(meta["objective"])
-    learn_sigma = bool(model.config.get("learn_sigma"))
-    pick_solver(cfg.solve, objective, learn_sigma=learn_sigma)  # refuse misfits before the VAE
+    learn_sigma, token = bool(model.config.get("learn_sigma")), REG_KEY in model.config
+    pick_solver(cfg.solve, objective, learn_sigma=learn_sigma, class_token=token)  # before the VAE
     revision = meta["vae"].get("revision") if cfg.vae is None else None
     decoder = LatentDecoder.load(
         cfg.vae or meta["vae"]["id"], meta, revision=revision, device=device
@@ -215,9 +217,13 @@ def _batch_size(
     if todo == 0:
         return cfg.batch_size, None
 
+    def latent_model(x, t, y):  # a REG model's state holds a class token too: zeros will do
+        token = net.config.get(REG_KEY)
+        return net.model(pack(x, x.new_zeros(len(x), token)) if token else x, t, y)
+
     def fits() -> CudaFits:
         return CudaFits(
-            net.model, lambda z: decoder(z, to_cpu=False), latent_shape=latent_shape,
+            latent_model, lambda z: decoder(z, to_cpu=False), latent_shape=latent_shape,
             device=info.device, precision=precision,
         )  # fmt: skip
 

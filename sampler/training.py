@@ -35,7 +35,7 @@ def sample_grid_hook(vae_id: str, *, steps: int = GRID_STEPS, cfg: float = 1.0):
     """A `trainer.train.SampleFn` that decodes with only the decoder of `vae_id` (loaded once)."""
     decoders: dict[str, LatentDecoder] = {}
 
-    def sample_fn(ema: DiT, meta: dict[str, Any], step: int, run_dir: Path) -> None:
+    def sample_fn(ema: DiT, meta: dict[str, Any], step: int, run_dir: Path) -> Path:
         device = next(ema.parameters()).device
         if "decoder" not in decoders:
             decoders["decoder"] = LatentDecoder.load(vae_id, meta, device=device)
@@ -54,5 +54,6 @@ def sample_grid_hook(vae_id: str, *, steps: int = GRID_STEPS, cfg: float = 1.0):
         path = run_dir / "samples" / f"{step_name(step)}.png"
         outputs.write_png(path, outputs.make_grid(np.asarray(images)))
         log.info("wrote sample grid %s", path)
+        return path
 
     return sample_fn

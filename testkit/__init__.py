@@ -12,6 +12,7 @@ trainer's DiT and checkpoint writer), only small.
 """
 
 from testkit.autoencoders import TINY_AUTOENCODERS
+from testkit.dinov2 import make_tiny_dinov2
 from testkit.inception import make_tiny_inception
 from testkit.models import TINY_DIT, make_checkpoint, make_tiny_vae, make_vae, tiny_dit
 from testkit.stores import make_spec, random_latents, write_random_store
@@ -21,6 +22,7 @@ __all__ = [
     "TINY_DIT",
     "make_checkpoint",
     "make_spec",
+    "make_tiny_dinov2",
     "make_tiny_inception",
     "make_tiny_vae",
     "make_vae",

@@ -13,6 +13,7 @@ from testkit import (  # noqa: F401  (re-exported: tests import these from conft
     TINY_DIT,
     make_checkpoint,
     make_spec,
+    make_tiny_dinov2,
     make_tiny_inception,
     make_tiny_vae,
     random_latents,
@@ -296,3 +297,40 @@ def tiny_inception(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_inception_logits(tmp_path_factory) -> Path:
     return make_tiny_inception(tmp_path_factory.mktemp("inception") / "tiny-logits.pt", logits=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    """A tiny transformers Dinov2Model saved with save_pretrained (loaded by folder)."""
+    return make_tiny_dinov2(tmp_path_factory.mktemp("dinov2") / "tiny-dinov2")
+
+
+# --- fixtures: training runs from the command line ----------------------------------------------
+
+TINY_TRAIN = [
+    "--model",
+    "DiT-S/2",
+    "--hidden-size",
+    "32",
+    "--depth",
+    "2",
+    "--num-heads",
+    "2",
+    "--warmup-steps",
+    "0",
+    "--batch-size",
+    "8",
+    "--log-every",
+    "1",
+]
+
+
+def train_cli(*args) -> str:
+    """`latentdit train ARGS` in this process (CliRunner); its stdout, after checking exit 0."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    r = CliRunner().invoke(app, ["train", *map(str, args)])
+    assert r.exit_code == 0, r.output
+    return r.stdout

@@ -7,6 +7,7 @@ step, a sample part, a store shard) until the signal the test sends has arrived.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from sampler import outputs
 from sampler.config import SampleConfig, SolveConfig
 from sampler.sample import sample
 from trainer.config import resolve_config
+from trainer.cost import COST_CLOCK
 from trainer.train import train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -53,10 +55,10 @@ class Job:
     def wait_for(self, prefix: str) -> str:
         """The first stdout line starting with `prefix` (PID lines are collected on the way)."""
         for line in self.proc.stdout:
-            if line.startswith("PID "):
-                self.pids.append(int(line.split()[2]))
-            if line.startswith(prefix):
-                return line.strip()
+            # the ranks share the pipe: read every "PID <rank> <pid>" a line holds
+            self.pids += [int(m.group(1)) for m in re.finditer(r"PID \d+ (\d+)", line)]
+            if prefix in line:
+                return line[line.index(prefix) :].strip()
         raise AssertionError(f"no {prefix!r} line; stderr: {self.stderr()[-3000:]}")
 
     def finish(self, timeout: float = 120) -> int:
@@ -240,4 +242,4 @@ def test_an_interrupted_interval_carries_the_loss_terms_in_process(store, tmp_pa
     assert any(k.startswith("loss_") for k in records[0]), records[0]
 
 
-TIMING = ("steps_per_s", "images_per_s", "mfu", "data_fraction")  # wall-clock figures
+TIMING = ("steps_per_s", "images_per_s", "mfu", "data_fraction", *COST_CLOCK)  # wall-clock figures

@@ -115,6 +115,7 @@ def test_import_records_time_convention_and_projectors(imported):
         "encoder_depth": MODEL["encoder_depth"],
         "enc_type": "dinov2-vit-b",
         "proj_coeff": 0.5,
+        "kept": "projector.safetensors",  # beside the weights, for `train --init` (test_repa_train)
     }
     assert source["args"]["model"] == "SiT-B/2" and not source["sigma_dropped"]
     assert not any("projector" in k for k in model.state_dict())

@@ -36,6 +36,7 @@ from latent_store import LatentditError, LatentStore
 from trainer.model import DiT, model_from_config
 from trainer.normalization import LatentNormalization
 from trainer.objective import FlowMatching, Objective, objective_from_meta
+from trainer.repa import init_state, sampling_config, without_projector
 
 log = logging.getLogger(__name__)
 
@@ -258,11 +259,12 @@ def init_weights(
     Refuses a checkpoint whose model, objective or latent normalization differ from the run's,
     naming both values. Returns the objective to train with: the checkpoint's own (its time
     convention: SiT's reversed time, DiT's learned variance), with the run's flow-matching
-    timestep density.
+    timestep density. REPA's projector is not part of the comparison: a run with one keeps the
+    checkpoint's where the widths fit, else starts its own (`trainer.repa.init_state`).
     """
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
-    theirs, ours = dict(meta["model"]["config"]), dict(model.config)
+    theirs, ours = (sampling_config(c) for c in (meta["model"]["config"], model.config))
     for config in (theirs, ours):
         config.pop("grad_checkpointing", None)
         config.setdefault("learn_sigma", False)
@@ -283,7 +285,7 @@ def init_weights(
                 f"--init {folder}: its {what} {a} differs from this run's {b}; train with the "
                 "options that match it (--model, --objective, --learn-sigma, --normalization)"
             )
-    model.load_state_dict(load_file(folder / WEIGHTS["ema"]))
+    model.load_state_dict(init_state(model, load_file(folder / WEIGHTS["ema"]), folder))
     log.info("initialized from %s (step %s)", folder, meta.get("step"))
     if isinstance(init_objective, FlowMatching):
         return FlowMatching(
@@ -301,7 +303,7 @@ def load_for_inference(
 
     Returns (model, meta); meta.json holds the objective, normalization, classes and VAE. A
     per-position normalization's values are read from the folder (and checked against their
-    digest) into meta["normalization"].
+    digest) into meta["normalization"]. REPA's projector, a training-only part, is left out.
     """
     if weights not in WEIGHTS:
         raise CheckpointMismatchError(f"weights {weights!r} is not one of {list(WEIGHTS)}")
@@ -309,6 +311,6 @@ def load_for_inference(
     meta = read_meta(folder)
     norm = LatentNormalization.from_meta(meta["normalization"], folder)
     meta["normalization"] = norm.resolved_meta()
-    model = model_from_config(meta["model"]["config"])
-    model.load_state_dict(load_file(folder / WEIGHTS[weights]))
+    model = model_from_config(sampling_config(meta["model"]["config"]))
+    model.load_state_dict(without_projector(load_file(folder / WEIGHTS[weights])))
     return model.to(device).eval(), meta

@@ -16,7 +16,15 @@ from foundation.config import resolve_config as resolve_options
 from foundation.errors import ConfigError
 from foundation.precision import AUTO, Precision
 from foundation.urls import is_url, parse_storage_options
-from trainer.presets import DIT_PRESETS, POS_EMBEDS, preset_names
+from trainer.presets import (
+    DIT_PRESETS,
+    POS_EMBEDS,
+    REG_COEFF,
+    REPA_COEFF,
+    REPA_DEPTH,
+    REPA_PROJECTOR_DIM,
+    preset_names,
+)
 
 DATA_MODES = ("memory", "gpu", "stream")
 COMPILE_SCOPES = ("model", "blocks")
@@ -88,6 +96,29 @@ class TrainConfig:
         "Start from the EMA weights of this run dir or checkpoint (e.g. `latentdit import`); fresh optimizer.",
     )
     p_uncond: float = option(0.1, "Probability of dropping a label to the null class (for CFG).")
+    repa_coeff: float | None = option(
+        None,
+        "REPA (docs/train.md): weight of the alignment loss between the output of block "
+        f"--repa-depth, through a projector MLP, and the store's encoder features (REPA: {REPA_COEFF}); "
+        "needs a store with features; None: no REPA.",
+    )
+    repa_depth: int | None = option(
+        None,
+        f"REPA: the trunk block (1-based) whose output is aligned; None: REPA's {REPA_DEPTH} (REG uses 4 "
+        "for B models). Needs --repa-coeff.",
+    )
+    repa_projector_dim: int | None = option(
+        None,
+        f"REPA: hidden width of the 3-layer SiLU projector; None: REPA's {REPA_PROJECTOR_DIM}.",
+    )
+    reg: bool = option(
+        False,
+        "REG: the store's encoder class token (features_cls) entangled as an extra input token, "
+        "denoised with the latents and sampled with them; needs --repa-coeff.",
+    )
+    reg_coeff: float | None = option(
+        None, f"REG: weight of the class token's loss; None: REG's {REG_COEFF}. Needs --reg."
+    )
     normalization: str = option(
         "channel_stats",
         "Latent normalization: channel_stats (per channel), vae_scaling (the VAE's factors) or "
@@ -169,6 +200,18 @@ class TrainConfig:
     eval_inception: str | None = option(
         None, "Inception port for --eval-every (default: the cached ADM-matching one)."
     )
+    eval_milestones: str | None = option(
+        None,
+        "Comma-separated FID thresholds, e.g. 10,5,2: the log, the final summary and `latentdit "
+        "inspect RUN` give the first step and epoch at which FID fell below each.",
+    )
+    wandb: bool = option(
+        False,
+        "Also log to Weights & Biases (rank 0): config, losses, throughput, FIDs, EMA sample "
+        "grids; a resumed run continues the same W&B run (pip install 'latentdit[wandb]').",
+    )
+    wandb_project: str = option("latentdit", "W&B project of --wandb.")
+    wandb_name: str | None = option(None, "W&B run name of --wandb (default: the run folder's).")
     peak_tflops: float | None = option(
         None, "Peak TFLOP/s per device for MFU (default: known GPUs)."
     )
@@ -179,9 +222,9 @@ class TrainConfig:
 
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
         preset = DIT_PRESETS.get(self.model, {})
-        blocks = (self.depth or preset.get("depth", 0)) + (
-            self.head_depth or preset.get("head_depth", 0)
-        )
+        trunk = self.depth or preset.get("depth", 0)
+        blocks = trunk + (self.head_depth or preset.get("head_depth", 0))
+        repa_depth = self.repa_depth or REPA_DEPTH
         checks = [
             (bool(self.store), "--store is required: the latent store to train on"),
             (bool(self.run), "--run is required: the run folder"),
@@ -210,6 +253,13 @@ class TrainConfig:
             (self.head_heads is None or bool(self.head_depth or preset.get("head_depth")), f"--head-heads sets the DDT head's heads, and --model {self.model} has no head: give --head-depth and --head-width too, or a DiT-DH-* preset"),
             (self.checkpoint_blocks is None or 0 <= self.checkpoint_blocks <= blocks, f"--checkpoint-blocks must be in [0, {blocks}] (the model's blocks, trunk and head), got {self.checkpoint_blocks}"),
             (self.checkpoint_blocks is None or not self.grad_checkpointing, "--checkpoint-blocks and --grad-checkpointing both choose the recomputed blocks: give one"),
+            (self.repa_coeff is None or self.repa_coeff > 0, f"--repa-coeff must be > 0 (or None: no REPA), got {self.repa_coeff}"),
+            (self.repa_coeff is not None or (self.repa_depth, self.repa_projector_dim) == (None, None), f"--repa-depth and --repa-projector-dim set REPA's projector: give --repa-coeff too (REPA: {REPA_COEFF})"),
+            (self.repa_coeff is None or 1 <= repa_depth <= trunk, f"--repa-depth {repa_depth} is beyond --model {self.model}'s {trunk} trunk blocks: give --repa-depth in [1, {trunk}]"),
+            (self.repa_projector_dim is None or self.repa_projector_dim >= 1, f"--repa-projector-dim must be >= 1 (None: REPA's {REPA_PROJECTOR_DIM})"),
+            (not self.reg or self.repa_coeff is not None, f"--reg trains with REPA's alignment, as REG does: give --repa-coeff too (REG: {REPA_COEFF})"),
+            (self.reg_coeff is None or (self.reg and self.reg_coeff > 0), f"--reg-coeff weighs REG's class-token loss: give --reg, and a weight > 0 (got {self.reg_coeff})"),
+            (not self.reg or not (self.head_depth or preset.get("head_depth") or self.learn_sigma), f"--reg needs a DiT without the DDT head and without --learn-sigma (--model {self.model})"),
             (self.attention in ATTENTION_BACKENDS, f"--attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}"),
             (self.ddp_bucket_mb > 0, f"--ddp-bucket-mb must be > 0, got {self.ddp_bucket_mb}"),
             (self.shuffle_shards >= 1, f"--shuffle-shards must be >= 1, got {self.shuffle_shards}"),
@@ -220,11 +270,22 @@ class TrainConfig:
             (self.eval_every is None or self.eval_every >= 1, "--eval-every must be >= 1 (or None)"),
             (self.eval_samples >= 2, f"--eval-samples must be >= 2, got {self.eval_samples}"),
             (self.eval_every is None or (self.vae and self.eval_ref), "--eval-every needs --vae (to decode samples) and --eval-ref (e.g. a `latentdit evaluate --save-stats` file)"),
+            (self.eval_milestones is None or self.eval_every is not None, "--eval-milestones needs --eval-every (the FIDs it compares with the thresholds)"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        object.__setattr__(self, "eval_milestones", _milestones(self.eval_milestones))
+        if self.wandb:
+            from trainer.wandb_log import require_wandb
+
+            require_wandb()
         parse_storage_options(self.storage_options)  # a one-line error now, not at the first read
+
+    @property
+    def milestones(self) -> tuple[float, ...]:
+        """--eval-milestones as numbers (empty: none)."""
+        return tuple(float(t) for t in (self.eval_milestones or "").split(",") if t)
 
     @property
     def recomputed_blocks(self) -> int | None:
@@ -237,13 +298,30 @@ class TrainConfig:
         return json.dumps(asdict(self), indent=2)
 
 
+def _milestones(text: str | float | None) -> str | None:
+    """--eval-milestones checked and written canonically ("10,5,2"); None when empty."""
+    if text is None:
+        return None
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        values = [float(t) for t in items if str(t).strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise ConfigError(
+            f"--eval-milestones {text!r}: give FID thresholds > 0 separated by commas, e.g. 10,5,2"
+        )
+    return ",".join(f"{v:g}" for v in values)
+
+
 # Options that may change between a run and its resumption without changing what is learned.
 RESUMABLE_CHANGES = frozenset(
     {"steps", "data", "shuffle_shards", "compile", "device", "log_every", "ckpt_every", "verify"}
     | {"keep_last", "sample_every", "vae", "peak_tflops", "grad_checkpointing", "store", "run"}
     | {"compile_scope", "compile_cache", "attention", "prefetch", "ddp_bucket_mb"}
     | {"grad_as_bucket_view", "compile_mode", "checkpoint_blocks", "bf16_weights"}
-    | {"eval_every", "eval_samples", "eval_ref", "eval_inception"}
+    | {"eval_every", "eval_samples", "eval_ref", "eval_inception", "eval_milestones"}
+    | {"wandb", "wandb_project", "wandb_name"}
     | {"storage_options"}
 )
 

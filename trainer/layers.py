@@ -105,6 +105,26 @@ def gelu_mlp(dim: int, mlp_ratio: float) -> nn.Module:
     )
 
 
+def build_projector(hidden: int, projector_dim: int, features_dim: int) -> nn.Sequential:
+    """REPA's projector (sihyun-yu/REPA `models/sit.py` `build_mlp`): Linear, SiLU, Linear, SiLU,
+    Linear (hidden -> projector_dim -> projector_dim -> features_dim).
+
+    Initialized as REPA's `initialize_weights` does every linear: Xavier uniform, zero bias.
+    """
+    mlp = nn.Sequential(
+        nn.Linear(hidden, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, features_dim),
+    )
+    for layer in mlp:
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return mlp
+
+
 def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
     """SwiGLU's hidden width: 2/3 of the GELU MLP's, so both cost about the same (RAE's rule)."""
     return int(SWIGLU_SHRINK * int(dim * mlp_ratio))
@@ -189,6 +209,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch_values)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def modulated(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The tokens before the linear map: the norm, shifted and scaled by the condition."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return modulate(self.norm(x), shift, scale)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.modulated(x, c))

@@ -19,6 +19,8 @@ import torch
 from tqdm import tqdm
 
 from foundation.distributed import DistInfo, all_reduce_mean
+from trainer.cost import RunCost
+from trainer.wandb_log import WandbRun
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +83,19 @@ class TrainLogger:
         global_batch: int,
         forward_flops: float,
         peak: float | None,
+        cost: RunCost | None = None,
+        wandb_cfg=None,
     ) -> None:
         self.dist, self.total, self.every = dist, total_steps, log_every
         self.batch, self.flops, self.peak = global_batch, forward_flops, peak
         self.path = run_dir / LOG_FILE
-        self.bar = self.tb = None
+        self.bar = self.tb = self.wandb = None
+        self.cost = cost  # trainer.cost: images seen, epochs, wall time, device-hours, milestones
         if dist.is_main:
             trim_log(self.path, start_step)
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
             self.tb = _tensorboard(run_dir)
+            self.wandb = wandb_cfg and WandbRun.start(wandb_cfg, run_dir)  # --wandb
         self._reset()
 
     def _reset(self) -> None:
@@ -149,6 +155,8 @@ class TrainLogger:
             "mfu": mfu(self.flops, images_per_s / self.dist.world_size, self.peak),
             "data_fraction": self.data_s / elapsed,
         }
+        if self.cost is not None:
+            record |= self.cost.train_fields(step, images_per_s)
         self._reset()
         if self.dist.is_main:
             self._write(record)
@@ -162,6 +170,8 @@ class TrainLogger:
             for key, value in record.items():
                 if key != "step" and value is not None:
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(record, "train")
 
     def log_eval(self, step: int, metrics: dict[str, Any]) -> None:
         """Append an evaluation record {"step", "eval": true, fid, ...} and its scalars (rank 0;
@@ -169,18 +179,29 @@ class TrainLogger:
         if not self.dist.is_main:
             return
         record = {"step": step, "eval": True, **metrics}
+        if self.cost is not None:
+            record |= self.cost.eval_fields(step, metrics)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(f"eval/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log(record, "eval")
+
+    def log_image(self, key: str, path: Path | None, step: int) -> None:
+        """An image file (e.g. an EMA sample grid) to W&B, when --wandb is on (rank 0)."""
+        if self.wandb is not None and path is not None:
+            self.wandb.image(key, path, step)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def saved_activation_bytes(model: torch.nn.Module, *args: Any) -> int:

@@ -9,6 +9,9 @@ shape (velocity or noise, per the objective); with `learn_sigma` it predicts 2C 
 prediction, then the variance interpolation v in [-1, 1] of Nichol & Dhariwal 2021 (eq. 15), as
 the official DiT checkpoints do. With `head_depth` and `head_width` a DDT head (RAE's DiT^DH,
 `trainer.ddt_head`) follows the trunk and predicts instead of the trunk's final layer.
+With `repa_depth` (and the projector's widths) the model holds REPA's projector, which reads block
+`repa_depth`'s output when called with `align=True` (`trainer.repa`); with `reg_dim` it denoises
+REG's class token with the latents, on a packed state (`trainer.reg`).
 """
 
 from __future__ import annotations
@@ -26,17 +29,21 @@ from trainer.layers import (
     FREQ_EMBED_DIM,
     DiTBlock,
     FinalLayer,
+    build_projector,
     rope_angles_2d,
     sincos_pos_embed_2d,
     swiglu_hidden,
     timestep_features,
 )
 from trainer.presets import DDT_HEAD, DIT_PRESETS, PATCH_SIZES, POS_EMBEDS
+from trainer.reg import ClassToken, pack, unpack
 
 INIT_STD = 0.02  # label and timestep embeddings (DiT's initialize_weights)
 HEAD_KEYS = tuple(DDT_HEAD)  # ("head_depth", "head_width", "head_heads")
 # Preset entries that training options may override (TrainConfig fields of the same names).
 MODEL_OVERRIDES = ("hidden_size", "depth", "num_heads", *HEAD_KEYS)
+REPA_KEYS = ("repa_depth", "repa_projector_dim", "repa_features_dim")  # its projector (training)
+REG_KEY = "reg_dim"  # REG's class-token width (`trainer.reg`)
 
 
 class ModelConfigError(LatentditError):
@@ -64,6 +71,10 @@ class DiT(nn.Module):
         head_depth: int | None = None,
         head_width: int | None = None,
         head_heads: int = DDT_HEAD["head_heads"],
+        repa_depth: int | None = None,
+        repa_projector_dim: int | None = None,
+        repa_features_dim: int | None = None,
+        reg_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.config: dict[str, Any] = {
@@ -84,6 +95,13 @@ class DiT(nn.Module):
             # head-less config (and checkpoint meta) is exactly what it was before heads existed
             head = {"head_depth": head_depth, "head_width": head_width, "head_heads": head_heads}
             self.config |= head
+        extra = {
+            "repa_depth": repa_depth,
+            "repa_projector_dim": repa_projector_dim,
+            "repa_features_dim": repa_features_dim,
+            REG_KEY: reg_dim,
+        }
+        self.config |= {k: v for k, v in extra.items() if v is not None}  # listed when set
         check_config(self.config)
         self.patch_size, self.grid = patch_size, input_size // patch_size
         self.null_class = num_classes  # label of the unconditional class (guidance)
@@ -118,6 +136,11 @@ class DiT(nn.Module):
                 qk_norm=qk_norm,
                 rope_grid=self.grid if pos_embed == "rope" else None,
             )
+        self.projector = None  # REPA's, on block repa_depth's output: training only
+        if repa_depth is not None:
+            self.projector = build_projector(hidden_size, repa_projector_dim, repa_features_dim)
+        self.class_token = None if reg_dim is None else ClassToken(reg_dim, hidden_size)
+        self.latent_shape = (in_channels, input_size, input_size)
         # Fixed tables derived from the config: buffers, not parameters, and not saved.
         head_dim = hidden_size // num_heads
         if pos_embed == "sincos":
@@ -129,9 +152,10 @@ class DiT(nn.Module):
             self.rope = None
         else:
             self.pos_embed = None
-            self.register_buffer(
-                "rope", rope_angles_2d(head_dim, self.grid, self.grid), persistent=False
-            )
+            angles = rope_angles_2d(head_dim, self.grid, self.grid)
+            if reg_dim is not None:  # REG's class token leads, unrotated (angle 0)
+                angles = torch.cat([angles.new_zeros(1, angles.shape[1]), angles])
+            self.register_buffer("rope", angles, persistent=False)
         self.reset_parameters()
 
     @property
@@ -142,7 +166,8 @@ class DiT(nn.Module):
     def reset_parameters(self) -> None:
         """DiT's initialization: Xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output.
 
-        The head, if any, is initialized as RAE's (`DDTHead.reset_parameters`).
+        The head, if any, is initialized as RAE's (`DDTHead.reset_parameters`), REPA's projector
+        and REG's class-token layers as theirs.
         """
         in_head = set(self.head.modules()) if self.head is not None else set()
         for m in self.modules():
@@ -160,6 +185,8 @@ class DiT(nn.Module):
             nn.init.zeros_(self.final_layer.linear.weight)
         if self.head is not None:
             self.head.reset_parameters()
+        if self.class_token is not None:
+            self.class_token.reset_parameters()
 
     def _block(
         self, i: int, block: nn.Module, h: torch.Tensor, c: torch.Tensor, rope
@@ -169,26 +196,43 @@ class DiT(nn.Module):
             return checkpoint(block, h, c, rope, use_reentrant=False)
         return block(h, c, rope)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, align: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) float, t (B,) float model time, y (B,) long labels -> (B, C, H, W).
 
         With learn_sigma the output is (B, 2C, H, W): the prediction, then the variance values.
+        A REG model takes and returns the packed state (B, C*H*W + reg_dim) (`trainer.reg`).
+        With `align` (a model with REPA's projector) it returns (output, projected tokens
+        (B, T, features_dim)): the projector on block `repa_depth`'s output.
         """
-        p = self.patch_size
+        p, token = self.patch_size, None
+        if self.class_token is not None:
+            x, token = unpack(x, self.latent_shape)
         tokens = rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
         h = self.x_embedder(tokens)
         if self.pos_embed is not None:
             h = h + self.pos_embed.to(h.dtype)
+        if token is not None:  # REG: the class token leads, without a position
+            h = torch.cat([self.class_token(token).to(h.dtype), h], dim=1)
         t_emb = self.t_embedder(timestep_features(t).to(h.dtype))
         c = t_emb + self.y_embedder(y)
+        projected = None
         for i, block in enumerate(self.blocks):
             h = self._block(i, block, h, c, self.rope)
-        if self.head is None:
-            out = self.final_layer(h, c)
-        else:  # head block j is block depth + j of the recompute count
+            if align and i + 1 == self.config["repa_depth"]:  # REPA: (i + 1) == encoder_depth
+                projected = self.projector(h)
+        if self.head is not None:  # head block j is block depth + j of the recompute count
             depth = len(self.blocks)
             out = self.head(tokens, h, t_emb, lambda j, *args: self._block(depth + j, *args))
-        return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid, p=p, q=p)
+        elif token is None:
+            out = self.final_layer(h, c)
+        else:  # REG: the patches from tokens 1.., the class token from token 0
+            m = self.final_layer.modulated(h, c)
+            out, token = self.final_layer.linear(m[:, 1:]), self.class_token.out(m[:, 0])
+        out = rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid, p=p, q=p)
+        out = out if token is None else pack(out, token.to(out.dtype))
+        return (out, projected) if align else out
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -210,6 +254,26 @@ def check_config(config: dict[str, Any]) -> None:
         raise ModelConfigError(f"2-D RoPE needs a head size divisible by 4, got {d // heads}")
     if "head_depth" in config:
         _check_head(config)
+    _check_alignment(config)
+
+
+def _check_alignment(config: dict[str, Any]) -> None:
+    """REPA's projector keys come together, read a trunk block; REG's token needs the plain trunk."""
+    repa = [config.get(k) for k in REPA_KEYS]
+    if any(v is not None for v in repa):
+        if any(v is None or v < 1 for v in repa):
+            raise ModelConfigError(f"REPA's projector needs all of {REPA_KEYS} >= 1, got {repa}")
+        if repa[0] > config["depth"]:
+            raise ModelConfigError(
+                f"REPA reads block {repa[0]}, beyond the trunk's {config['depth']} blocks"
+            )
+    if config.get(REG_KEY) is None:
+        return
+    if config[REG_KEY] < 1 or "head_depth" in config or config["learn_sigma"]:
+        raise ModelConfigError(
+            f"REG's class token (width {config[REG_KEY]} >= 1) needs a DiT without the DDT head "
+            "and without learn_sigma"
+        )
 
 
 def _check_head(config: dict[str, Any]) -> None:
@@ -271,7 +335,8 @@ def forward_flops(config: dict[str, Any]) -> float:
     """Floating-point operations (2 per multiply-add) of one forward pass for one sample.
 
     Counts the matrix products (patch embeddings, qkv, attention scores and values, projections,
-    MLPs, adaLN, the head's condition projection, output); elementwise work is left out.
+    MLPs, adaLN, the head's condition projection, REPA's projector, output); elementwise work is
+    left out.
     DiT-XL/2 at 32x32: ~237 GFLOP (the DiT paper's 118.6 "GFLOPs" are multiply-adds).
     """
     d, depth = config["hidden_size"], config["depth"]
@@ -280,6 +345,11 @@ def forward_flops(config: dict[str, Any]) -> float:
     out_values = patch_values * (2 if config.get("learn_sigma") else 1)
     gelu_mlp = 2 * d * int(d * config["mlp_ratio"])
     macs = tokens * patch_values * d + FREQ_EMBED_DIM * d + d * d  # patches, timestep MLP
+    if config.get(REG_KEY):  # REG: one more token, its embedding and its output
+        tokens, macs = tokens + 1, macs + 2 * config[REG_KEY] * d
+    if config.get("repa_depth"):  # REPA's projector on every token read at repa_depth
+        p, z = config["repa_projector_dim"], config["repa_features_dim"]
+        macs += tokens * (d * p + p * p + p * z)
     macs += depth * _block_macs(tokens, d, gelu_mlp, per_token_condition=False)
     if config.get("head_depth") is None:
         return 2.0 * (macs + d * 2 * d + tokens * d * out_values)  # final adaLN, output

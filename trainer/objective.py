@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from foundation.errors import LatentditError
+from latent_store.arrays import LATENTS
 from trainer.vlb import hybrid_terms
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -110,6 +111,20 @@ class _MSEObjective(ABC):
         y (B,)."""
         x_t, t, target = self.corrupt(x0, generator, offset=offset, total=total)
         return self.loss_of(model_fn(x_t, t, y).float(), x0=x0, x_t=x_t, t=t, target=target)
+
+    def batch_loss(
+        self,
+        model_fn: ModelFn,
+        batch: dict[str, torch.Tensor],
+        y: torch.Tensor,
+        generator: torch.Generator,
+        *,
+        offset: int = 0,
+        total: int | None = None,
+    ) -> Loss:
+        """The loss of a named batch (`trainer.data`): of its latents. (`trainer.repa.Alignment`
+        adds REPA's loss on its features.)"""
+        return self.loss(model_fn, batch[LATENTS], y, generator, offset=offset, total=total)
 
     def loss_of(self, out, *, x0, x_t, t, target) -> Loss:
         """The loss of model output `out` at (x_t, t), made from x0 with `target`."""

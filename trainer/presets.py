@@ -13,6 +13,10 @@ PATCH_SIZES = (1, 2, 4, 8)
 # [trunk, 2], num_heads [trunk, 16] for every trunk size.
 DDT_HEAD = {"head_depth": 2, "head_width": 2048, "head_heads": 16}
 HEAD_PREFIX = "DiT-DH"
+# REPA's defaults (sihyun-yu/REPA train.py --proj-coeff, --encoder-depth; models/sit.py
+# projector_dim) and REG's class-token weight (Martinser/REG train.sh --cls).
+REPA_COEFF, REPA_DEPTH, REPA_PROJECTOR_DIM = 0.5, 8, 2048
+REG_COEFF = 0.03
 POS_EMBEDS = ("sincos", "rope")
 
 
@@ -46,6 +50,10 @@ __all__ = [
     "MODEL_SIZES",
     "PATCH_SIZES",
     "POS_EMBEDS",
+    "REG_COEFF",
+    "REPA_COEFF",
+    "REPA_DEPTH",
+    "REPA_PROJECTOR_DIM",
     "has_head",
     "preset_names",
 ]

@@ -27,6 +27,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import RESUMABLE_CHANGES, TrainConfig
 from trainer.metrics import LOG_FILE
+from trainer.repa import check_resumed_features
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def check_resume(cfg: TrainConfig, meta: dict[str, Any]) -> int:
     """The step a run resumes from (0 for a new run), after every check a resume needs.
 
     Reads only: the run's config.json and its latest checkpoint's meta.json. Refuses changed
-    options, --steps below the checkpoint's step, another store's data, another model.
+    options, --steps below the checkpoint's step, another store's data or features, another model.
     """
     _check_run_path(cfg.run)
     run = Path(cfg.run)
@@ -121,6 +122,7 @@ def check_resume(cfg: TrainConfig, meta: dict[str, Any]) -> int:
             f"(fingerprint {fingerprint} vs {meta['store']['fingerprint']}); "
             "use that store or a new --run"
         )
+    check_resumed_features(latest, ckpt.get("repa"), meta.get("repa"))
     for key in RESUMED_META:
         if _learned(key, ckpt.get(key)) != _learned(key, meta.get(key)):
             raise CheckpointMismatchError(

@@ -26,6 +26,7 @@ from trainer.data import Batch, BatchLayout
 from trainer.mixed_precision import MasterGradients, bf16_compute_copy, refresh_compute
 from trainer.model import DiT
 from trainer.objective import Objective, drop_labels
+from trainer.repa import Alignment
 
 NOISE_STREAM = 2  # RNG stream tag of the per-step noise, apart from the data streams
 
@@ -163,7 +164,7 @@ def step_generator(seed: int, step: int, micro: int, device: torch.device) -> to
 
 def train_step(
     trainee: Trainee,
-    objective: Objective,
+    objective: Objective | Alignment,
     batches: list[Batch],
     *,
     step: int,
@@ -174,7 +175,7 @@ def train_step(
 ) -> StepResult:
     """Forward, backward (accumulating over micro-batches), clip, AdamW, EMA (and with
     --bf16-weights the bf16 copy refreshed from the updated masters), on named batches
-    (`trainer.data`).
+    (`trainer.data`); `objective` is the run's, or its REPA loss (`trainer.repa.Alignment`).
 
     Returns this rank's mean loss, the global grad norm before clipping and the loss's mean
     terms, on the device and not synchronized (so the caller decides when to wait for it).
@@ -194,7 +195,7 @@ def train_step(
                 autocast(device, resolve_precision(cfg.precision, device)),
                 attention_backend(cfg.attention),
             ):
-                loss = objective.loss(trainee.forward, batch["latents"], y, g, **rows)
+                loss = objective.batch_loss(trainee.forward, batch, y, g, **rows)
             (loss.value / len(batches)).backward()
         if trainee.kept_copy and not last:
             trainee.master_grads.accumulate()

@@ -27,6 +27,7 @@ from foundation.preemption import StopSignals
 from foundation.urls import parse_storage_options
 from latent_store import LatentStore, open_store
 from latent_store.verify import verify_store
+from trainer import repa
 from trainer.checkpoint import (
     CheckpointMismatchError,
     capture_rng_state,
@@ -38,8 +39,9 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import TrainConfig
+from trainer.cost import RunCost
 from trainer.data import BatchLayout, build_batches
-from trainer.metrics import TrainLogger, peak_flops
+from trainer.metrics import LOG_FILE, TrainLogger, peak_flops
 from trainer.model import MODEL_OVERRIDES, DiT, ModelConfigError, build_model, forward_flops
 from trainer.normalization import normalization_from_store
 from trainer.objective import DDPM, FlowMatching, Objective
@@ -50,9 +52,10 @@ from trainer.step import Trainee, lr_at, make_trainee, train_step
 
 log = logging.getLogger(__name__)
 
-SampleFn = Callable[[DiT, dict[str, Any], int, Path], None]
-"""sample_fn(ema_model, meta, step, run_dir): called on rank 0 every `sample_every` steps and at
-the end, e.g. to write an EMA sample grid under run_dir through the sampler's decoder-only path."""
+SampleFn = Callable[[DiT, dict[str, Any], int, Path], Path | None]
+"""sample_fn(ema_model, meta, step, run_dir) -> image path: called on rank 0 every `sample_every`
+steps and at the end, e.g. to write an EMA sample grid under run_dir through the sampler's
+decoder-only path (the image it returns also goes to W&B with --wandb)."""
 EvalFn = Callable[[DiT, dict[str, Any], int, Path], dict[str, Any]]
 """eval_fn(ema_model, meta, step, run_dir) -> metrics: called on every rank every `eval_every` steps
 and at the end, so that the ranks can share the work (e.g. FID of EMA samples,
@@ -82,6 +85,7 @@ def build_model_for_store(cfg: TrainConfig, store: LatentStore) -> DiT:
             grad_checkpointing=cfg.grad_checkpointing,
             learn_sigma=cfg.learn_sigma,
             **{k: v for k, v in sizes.items() if v is not None},
+            **repa.model_sizes(cfg, store),
         )
     except ModelConfigError as e:
         raise ModelConfigError(
@@ -182,6 +186,7 @@ def train(
 def _train(
     cfg: TrainConfig, dist: DistInfo, sample_fn: SampleFn | None, eval_fn: EvalFn | None = None
 ) -> TrainSummary:
+    called = time.perf_counter()  # the run's cost clock (trainer.cost) counts from here
     store = open_store(cfg.store, storage_options=parse_storage_options(cfg.storage_options))
     if cfg.verify:  # before the summary's statistics become the normalization
         verify_store(store)
@@ -193,6 +198,8 @@ def _train(
     meta = checkpoint_meta(
         preset=cfg.model, model=model, objective=objective, normalization=norm, store=store
     )
+    if alignment := repa.alignment_for(cfg, store, objective, model):
+        meta["repa"] = repa.alignment_meta(alignment, store)
     start = check_resume(cfg, meta)  # reads only: a refused resume leaves the run as it was
     layout = BatchLayout(
         batch_size=cfg.batch_size,
@@ -209,15 +216,26 @@ def _train(
         device=dist.device,
         shuffle_shards=cfg.shuffle_shards,
         verify=cfg.verify,
+        arrays=alignment.arrays if alignment else (),
     )
     data = Prefetcher(data, dist.device) if cfg.prefetch else data
     run = prepare_run(cfg, dist)
     trainee = make_trainee(model, cfg, dist)
     interval = resume(run, trainee, start)
     began, loss = time.perf_counter(), None
+    cost = RunCost.resume(
+        run / LOG_FILE,
+        start_step=start,
+        started=called,
+        global_batch=cfg.batch_size,
+        steps_per_epoch=data.steps_per_epoch,
+        world_size=dist.world_size,
+        milestones=cfg.milestones,
+    )
     logger = TrainLogger(
         run, dist=dist, start_step=start, total_steps=cfg.steps, log_every=cfg.log_every, global_batch=cfg.batch_size,
         forward_flops=forward_flops(model.config), peak=peak_flops(dist.device, cfg.peak_tflops),
+        cost=cost, wandb_cfg=cfg if cfg.wandb else None,
     )  # fmt: skip
     carry_log_interval(logger, interval, dist)
     with StopSignals() as stop:  # SIGTERM, SIGINT, SIGUSR1: checkpoint the step, then exit
@@ -227,7 +245,7 @@ def _train(
             data_s, lr = time.perf_counter() - t0, lr_at(step, cfg)
             result = train_step(
                 trainee,
-                objective,
+                alignment or objective,
                 batches,
                 step=step,
                 lr=lr,
@@ -263,7 +281,8 @@ def _train(
                 and dist.is_main
                 and (done == cfg.steps or done % (cfg.sample_every or cfg.steps) == 0)
             ):
-                sample_fn(trainee.ema, loaded, done, run)
+                grid = sample_fn(trainee.ema, loaded, done, run)
+                logger.log_image("samples/ema_grid", grid, done)
             if eval_fn and (done == cfg.steps or done % (cfg.eval_every or cfg.steps) == 0):
                 logger.log_eval(done, eval_fn(trainee.ema, loaded, done, run))
     logger.close()

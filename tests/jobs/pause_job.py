@@ -40,9 +40,15 @@ def stop_requested() -> bool:
     return bool(getattr(getattr(handler, "__self__", None), "requested", False))
 
 
+def say(line: str) -> None:
+    """One line on stdout in one write: two ranks share the pipe, and a line must not split."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), f"{line}\n".encode())
+
+
 def pause(line: str) -> None:
     if RANK == 0:
-        print(line, flush=True)
+        say(line)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not stop_requested():
         time.sleep(0.02)
@@ -66,11 +72,11 @@ def hold_write(*a, **kw) -> None:
     """The first weights file of a checkpoint written on a signal, then a wait for the next."""
     save_file(*a, **kw)
     if stop_requested():
-        print("WRITING", flush=True)
+        say("WRITING")
         time.sleep(120)  # a second signal kills the process here
 
 
-print(f"PID {RANK} {os.getpid()}", flush=True)
+say(f"PID {RANK} {os.getpid()}")
 if point in ("step", "save"):
     after(TrainLogger, "update", lambda n, a: a[1] == k)
 if point == "save":

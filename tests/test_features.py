@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import zarr
 from conftest import BOMB_MAX_PIXELS, store_contents
 from test_pipeline import _equal as _same
+from test_repa_train import REPA, train_args
+from test_trainer_runs import read_log, tiny_options
 from typer.testing import CliRunner
 
 from cli import app
@@ -190,6 +192,21 @@ def test_features_added_to_a_finished_store_keep_its_latents(
     assert all(c.ok for c in validate_store(plain))
     encode(job(image_tree, plain, tiny_vae_dir, flip=True, features=encoder))  # nothing left
     assert store_contents(plain).keys() == after.keys()
+
+
+@pytest.mark.parametrize("dims", [None, 8], ids=["D", "pca"])
+def test_repa_and_reg_train_on_the_encoded_features(
+    dims, encoders, image_tree, tiny_vae_dir, tmp_path
+):
+    """The store as `train --repa-coeff --reg` reads it: the names and layout agreed on."""
+    out = tmp_path / "s.zarr"
+    encoder = str(encoders["dinov2_with_registers"])
+    encode(job(image_tree, out, tiny_vae_dir, flip=True, features=encoder, features_dims=dims))
+    options = {**tiny_options(out, tmp_path / "run", steps=2), **REPA, "reg": True}
+    result = runner.invoke(app, train_args(options))
+    assert result.exit_code == 0, result.output
+    log = read_log(tmp_path / "run")
+    assert len(log) == 2 and all({"loss_mse", "loss_proj", "loss_cls"} <= set(r) for r in log)
 
 
 def test_validate_and_inspect_report_the_features(encoders, image_tree, tiny_vae_dir, tmp_path):

@@ -25,7 +25,13 @@ from typing import Any, TypeVar
 import typer
 
 from cli_options import config_command
-from demo.config import ClassifierTrainConfig, DemoConfig, DemoDataConfig, VaeTrainConfig
+from demo.config import (
+    ClassifierTrainConfig,
+    DemoConfig,
+    DemoDataConfig,
+    EncoderTrainConfig,
+    VaeTrainConfig,
+)
 from evaluation.config import EvaluateConfig
 from foundation.errors import LatentditError
 from latent_store.config import InspectConfig, ValidateConfig
@@ -45,8 +51,8 @@ app = typer.Typer(
     **STYLE,
 )
 demo_tools = typer.Typer(
-    help="The demo's own tools: its image generator, and how its shipped VAE and classifier were "
-    "trained.",
+    help="The demo's own tools: its image generator, and how its shipped VAE, classifier and "
+    "image encoder were trained.",
     no_args_is_help=True,
     rich_markup_mode=None,
     **STYLE,
@@ -371,6 +377,14 @@ def demo_train_classifier(cfg: ClassifierTrainConfig) -> None:
     from demo.train_classifier import train_classifier
 
     typer.echo(json.dumps(train_classifier(cfg), indent=2))
+
+
+@command(demo_tools, "train-encoder", EncoderTrainConfig)
+def demo_train_encoder(cfg: EncoderTrainConfig) -> None:
+    """Train the demo's image encoder, REPA's features (it ships in demo/assets/encoder)."""
+    from demo.train_encoder import train_encoder
+
+    typer.echo(json.dumps(train_encoder(cfg), indent=2))
 
 
 def main() -> None:

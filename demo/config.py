@@ -4,6 +4,7 @@ latentdit demo                      # DemoConfig
 latentdit demo-tools data           # DemoDataConfig: the generated image set
 latentdit demo-tools train-vae      # VaeTrainConfig: how the shipped VAE was trained
 latentdit demo-tools train-classifier   # ClassifierTrainConfig: the verdict classifier
+latentdit demo-tools train-encoder      # EncoderTrainConfig: the image encoder (REPA's features)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from demo import CLASSIFIER_DIR, VAE_DIR
+from demo import CLASSIFIER_DIR, ENCODER_DIR, VAE_DIR
 from foundation.errors import ConfigError
 
 NUM_CLASSES = 10  # the demo's classes (demo.data.CLASSES)
@@ -105,6 +106,53 @@ class ClassifierTrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("steps and batch_size must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderTrainConfig:
+    """How the demo's image encoder (a small DINOv2, REPA's alignment target) is trained."""
+
+    out: Path = ENCODER_DIR
+    """Folder to save_pretrained into (config.json, model.safetensors, training.json)."""
+    image_size: int = 32
+    """Image side in pixels (the demo's)."""
+    patch_size: int = 8
+    """Pixels per token side: 32-px images make a 4x4 grid, the grid DiT-S/2 sees on the
+    demo VAE's 8x8 latents."""
+    hidden_size: int = 64
+    """Token width."""
+    depth: int = 4
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads."""
+    steps: int = 3000
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Images per step."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate (cosine decay to zero after a linear warmup)."""
+    patch_weight: float = 1.0
+    """Weight of the patch tokens' class loss (each token names the image's class) beside the
+    class token's."""
+    pixel_weight: float = 1.0
+    """Weight of the patch tokens' pixel loss (each token's linear read-out of its own pixels,
+    normalized, squared error)."""
+    train_per_class: int = 600
+    """Generated training images per class."""
+    val_per_class: int = 100
+    """Generated held-out images per class (for the reported accuracies)."""
+    data_seed: int = 3
+    """Seed of the generated images (the demo uses 0, the VAE 1, the verdict classifier 2)."""
+    seed: int = 0
+    """Seed of the initialization and the batch order."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("steps and batch_size must be >= 1")
+        if self.image_size % self.patch_size or self.hidden_size % self.num_heads:
+            raise ConfigError(
+                "image_size must be a multiple of patch_size, hidden_size of num_heads"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,10 +20,10 @@ from torch.nn import functional as F
 from demo.classifier import Classifier
 from demo.config import ClassifierTrainConfig
 from demo.data import CLASSES, as_tensor, generate_training_arrays
+from demo.training import optimizer_step
 
 log = logging.getLogger(__name__)
 
-LOG_EVERY = 100  # steps between progress lines
 MAX_BLUR_SIGMA = 1.2  # pixels; the augmentation blurs half the images by sigma ~ U(0, this)
 
 
@@ -56,12 +56,9 @@ def train_classifier(config: ClassifierTrainConfig) -> dict:
     for step in range(config.steps):
         idx = torch.randint(len(x), (config.batch_size,), generator=gen)
         loss = F.cross_entropy(model(random_blur(x[idx], gen)), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % LOG_EVERY == 0 or step == config.steps - 1:
-            log.info("step %d/%d loss %.4f", step, config.steps, loss.item())
+        optimizer_step(
+            opt, sched, loss, step, config.steps, batch_size=config.batch_size, started=t0
+        )
     val_images, val_labels = data["val"]
     metrics = {
         "val_accuracy": float((model.classify(val_images) == val_labels).mean()),

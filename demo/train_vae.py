@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict
 
@@ -26,11 +25,9 @@ from diffusers import AutoencoderKL
 
 from demo.config import VaeTrainConfig
 from demo.data import as_tensor, generate_training_arrays
+from demo.training import optimizer_step, warmup_cosine
 
 log = logging.getLogger(__name__)
-
-LOG_EVERY = 100  # steps between progress lines
-WARMUP_STEPS = 100  # linear learning-rate warmup, then cosine decay to zero
 
 
 def build_vae(config: VaeTrainConfig) -> AutoencoderKL:
@@ -46,12 +43,6 @@ def build_vae(config: VaeTrainConfig) -> AutoencoderKL:
         norm_num_groups=8,
         sample_size=config.image_size,
     )
-
-
-def _lr_factor(step: int, total: int) -> float:
-    if step < WARMUP_STEPS:
-        return (step + 1) / WARMUP_STEPS
-    return 0.5 * (1 + math.cos(math.pi * (step - WARMUP_STEPS) / max(1, total - WARMUP_STEPS)))
 
 
 def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float) -> torch.Tensor:
@@ -91,7 +82,7 @@ def train_vae(config: VaeTrainConfig) -> dict:
     train, val = as_tensor(data["train"][0]), as_tensor(data["val"][0])
     vae = build_vae(config)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, config.steps))
     gen = torch.Generator().manual_seed(config.seed)
     t0 = time.perf_counter()
     vae.train()
@@ -101,13 +92,9 @@ def train_vae(config: VaeTrainConfig) -> dict:
         flip = torch.rand(len(x), generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         loss = vae_loss(vae, x, config.kl_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % LOG_EVERY == 0 or step == config.steps - 1:
-            rate = (step + 1) * config.batch_size / (time.perf_counter() - t0)
-            log.info("step %d/%d loss %.4f (%.0f images/s)", step, config.steps, loss.item(), rate)
+        optimizer_step(
+            opt, sched, loss, step, config.steps, batch_size=config.batch_size, started=t0
+        )
     vae.eval()
     std = latent_std(vae, train[::5])  # every 5th image: all classes, a fifth of the time
     vae.register_to_config(scaling_factor=1.0 / std)

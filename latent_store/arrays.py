@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from latent_store.errors import SchemaMismatchError
@@ -59,6 +59,13 @@ class ArraySpec:
     """What the array holds, for `inspect`."""
     added: bool = False
     """Declared on an existing store (`latent_store.added`): it has its own per-shard records."""
+    made_by: Mapping[str, Any] | None = field(default=None, hash=False)
+    """How the values were made, as JSON (e.g. the vision encoder, its weights' digest and
+    preprocessing); sealed with the declaration, left out of `layout`. Two entries have a meaning
+    here: "attached" ({key: checksum}) names small arrays stored beside the data
+    (`latent_store.attached`, e.g. a fitted projection), and "quantization_error" (e.g.
+    {"relative_rms": 0.01, "cosine": 0.9999}) is what the writer measured, which `validate`
+    reports."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -78,6 +85,8 @@ class ArraySpec:
             raise SchemaMismatchError(f"{what}: dtype {self.dtype!r} is not one of {DTYPES}")
         if self.quant is not None and self.dtype != "uint8":
             raise SchemaMismatchError(f"{what}: quantized arrays are uint8, not {self.dtype}")
+        if self.made_by is not None and not isinstance(self.made_by, Mapping):
+            raise SchemaMismatchError(f"{what}: made_by must be a table, not {self.made_by!r}")
         if self.quant is not None and self.quant.channels != self.shape[0]:
             raise SchemaMismatchError(
                 f"{what}: quantization has {self.quant.channels} channels, the array {self.shape[0]}"
@@ -95,7 +104,7 @@ class ArraySpec:
         return math.prod(self.row_shape(variants)) * ITEMSIZE[self.dtype]
 
     def to_attrs(self) -> dict[str, Any]:
-        return {
+        attrs = {
             "name": self.name,
             "shape": list(self.shape),
             "dtype": self.dtype,
@@ -103,12 +112,16 @@ class ArraySpec:
             "variants": self.variants,
             "description": self.description,
         }
+        if self.made_by is not None:  # absent otherwise: earlier stores' attributes unchanged
+            attrs["made_by"] = dict(self.made_by)
+        return attrs
 
     def layout(self) -> dict[str, Any]:
         """What a writer must agree on (the attributes less the calibrated parameters)."""
         d = self.to_attrs()
         d["quant"] = d["quant"]["scheme"] if d["quant"] else None
         d.pop("description")
+        d.pop("made_by", None)
         return d
 
     @classmethod
@@ -122,6 +135,7 @@ class ArraySpec:
             variants=bool(attrs["variants"]),
             description=str(attrs.get("description", "")),
             added=added,
+            made_by=attrs.get("made_by"),
         )
 
 

@@ -115,12 +115,28 @@ def format_description(d: dict) -> str:
         stats = "per position" if a["position_stats"] else "per channel"
         lines.append(
             f"array        {a['name']}: {'x'.join(map(str, a['row_shape']))} {kind}, "
-            f"{a['bytes_per_sample']} B/sample, statistics {stats}{added}"
+            f"{a['bytes_per_sample']} B/sample, statistics {stats}{added}{_made_by(a)}"
         )
     if d["failures"]:
         lines.append(f"failures     {d['failure_reasons']}")
         lines += [f"  {f['key']}: {f['reason']}" for f in d["failures_first"]]
     return "\n".join(lines)
+
+
+def _made_by(array: dict) -> str:
+    """', made by ENCODER (CLASS), stored with cosine 0.99998' from a declaration's made_by."""
+    made = array.get("made_by") or {}
+    if not made.get("encoder"):
+        return ""
+    text = f", made by {made['encoder']} ({made.get('class')})"
+    projection = made.get("projection") or {}
+    if projection.get("dims"):
+        kept = projection.get("explained_variance")
+        text += f", PCA to {projection['dims']} dims" + (
+            f" ({kept:.1%} of the variance)" if kept else ""
+        )
+    cosine = (made.get("quantization_error") or {}).get("cosine")
+    return text + (f", stored with cosine {cosine:.5f}" if cosine is not None else "")
 
 
 def _clipped(value: float | None) -> str:

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from latent_store.arrays import ArraySpec
+from latent_store.attached import attached_problems
 from latent_store.config import DEFAULT_MAX_CLIPPED
 from latent_store.errors import LatentditError
 from latent_store.finalize import ARRAYS_KEY, shard_stats_rows, summarize_records, summarized_arrays
@@ -52,8 +53,11 @@ def _check(name: str, problems: list[str], ok_message: str) -> Check:
 
 
 def check_arrays(store: LatentStore) -> Check:
+    """Every declared array's layout, and the attachments the declarations name."""
     n = store.spec.num_samples
-    return _check("arrays", array_problems(store), f"shapes, dtypes and chunks match ({n} samples)")
+    problems = array_problems(store)
+    problems += [] if problems else attached_problems(store)
+    return _check("arrays", problems, f"shapes, dtypes and chunks match ({n} samples)")
 
 
 def check_provenance(store: LatentStore) -> Check:
@@ -151,8 +155,11 @@ def check_quantization(store: LatentStore, summary: dict, max_clipped: float) ->
     adds (rms step / sqrt(12), as a share of each channel's std: reported, never failed)."""
     problems, notes = [], []
     sections = _array_summaries(store, summary)
-    for array in (a for a in store.spec.arrays if a.quant is not None):
+    for array in store.spec.arrays:
         q, section = array.quant, sections.get(array.name, {})
+        if q is None:  # stored as is: only what its writer measured (e.g. float16 rounding)
+            notes += [f"{array.name}: {array.dtype}{_measured(array)}"] if _measured(array) else []
+            continue
         if not q.is_finite():
             problems.append(f"{array.name}: parameters are not finite and positive")
         clipped = section.get("clipped_fraction")
@@ -161,7 +168,9 @@ def check_quantization(store: LatentStore, summary: dict, max_clipped: float) ->
                 f"{array.name}: {clipped:.2e} of values were clipped, above {max_clipped:.0e}: "
                 "the calibration range is too narrow; re-encode with more calibration samples"
             )
-        notes.append(f"{array.name}: clipped {_fraction(clipped)}{_error(q, section)}")
+        notes.append(
+            f"{array.name}: clipped {_fraction(clipped)}{_error(q, section)}{_measured(array)}"
+        )
     return _check("quantization", problems, "; ".join(notes))
 
 
@@ -178,6 +187,18 @@ def _error(q, section: dict) -> str:
     worst = max(range(len(shares)), key=shares.__getitem__)
     mean = sum(shares) / len(shares)
     return f", error {mean:.1%} of std (worst channel {worst}: {shares[worst]:.1%})"
+
+
+def _measured(array: ArraySpec) -> str:
+    """'; measured when written: rms 0.8% of the values' rms, cosine 0.99997' from the
+    declaration's made_by["quantization_error"], when the writer measured it."""
+    measured = (array.made_by or {}).get("quantization_error") or {}
+    parts = []
+    if isinstance(measured.get("relative_rms"), int | float):
+        parts.append(f"rms {measured['relative_rms']:.2%} of the values' rms")
+    if isinstance(measured.get("cosine"), int | float):
+        parts.append(f"cosine {measured['cosine']:.5f}")
+    return f"; measured when written: {', '.join(parts)}" if parts else ""
 
 
 def check_statistics(store: LatentStore, summary: dict) -> Check:

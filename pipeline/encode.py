@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -29,6 +30,7 @@ from foundation.locks import Lock
 from foundation.preemption import StopSignals, stopped
 from latent_store import (
     LABEL_FILL,
+    ArraySpec,
     Failure,
     LatentditError,
     SchemaMismatchError,
@@ -40,11 +42,17 @@ from latent_store import (
 )
 from pipeline.encode_config import FAILURE_RULE, EncodeConfig, parse_max_failures
 from pipeline.encode_graph import BatchLauncher, EncodeGraph
+from pipeline.feature_graph import NAMES as FEATURE_NAMES
+from pipeline.feature_graph import FeatureGraph, FeatureLauncher
+from pipeline.feature_setup import read_projection
+from pipeline.feature_writer import AddedFeatureWriter
+from pipeline.features import load_feature_encoder
+from pipeline.features_config import FEATURES
 from pipeline.loader import Batch, crop_loader, shard_batches
 from pipeline.source import open_source
 from pipeline.store_create import store_lock
 from pipeline.store_setup import prepare_store
-from pipeline.vae import load_vae
+from pipeline.vae import encodable_shape, load_vae
 
 __all__ = ["EncodeConfig", "TooManyFailuresError", "encode", "parse_max_failures"]
 
@@ -102,12 +110,13 @@ def _encode(cfg: EncodeConfig, info: DistInfo, lock: Lock) -> dict | None:
         max_file_mb=cfg.max_file_mb,
     )
     vae, vae_info = load_vae(cfg.vae_config(str(info.device)))
+    encoder = _feature_encoder(cfg, vae, str(info.device))
     pre = cfg.preprocess_config()
     error = None
     if info.is_main:
         try:
             lock.acquire()
-            prepare_store(cfg, source, vae, vae_info, pre)
+            prepare_store(cfg, source, vae, vae_info, pre, encoder)
         except LatentditError as e:
             error = e
     _broadcast_error(error)
@@ -119,7 +128,11 @@ def _encode(cfg: EncodeConfig, info: DistInfo, lock: Lock) -> dict | None:
             "folder change during the run, or do the nodes see different copies?"
         )
     owned = range(info.rank, store.spec.num_shards, info.world_size)
-    writer = StoreWriter(store, owned)
+    features = None if encoder is None else feature_launcher(cfg, encoder, store)
+    if features is not None and store.spec.array(FEATURES).added:  # the latents are kept
+        writer, vae = AddedFeatureWriter(store, owned), None
+    else:
+        writer = StoreWriter(store, owned)
     log.info(
         "rank %d/%d: %d of its %d shards to encode",
         info.rank,
@@ -132,9 +145,10 @@ def _encode(cfg: EncodeConfig, info: DistInfo, lock: Lock) -> dict | None:
         cudnn_benchmark(cfg.cudnn_benchmark),
         StopSignals() as stop,  # a signal: the shard write in flight ends, then the job exits
     ):
-        encode_shards(cfg, source, vae, pre, writer, info, stop)
+        encode_shards(cfg, source, vae, pre, writer, info, stop, features=features)
     if signum := stop.agreed():  # every rank, once its loop ended (a collective, like a barrier)
-        done = store.spec.num_shards - len(store.missing_shards())
+        added = isinstance(writer, AddedFeatureWriter)  # then the features' shards are counted
+        done = sum(r is not None for r in store.records(FEATURES if added else None))
         what = f"stopped with {done} of {store.spec.num_shards} shards of {cfg.out} complete; "
         raise stopped(
             signum, what + "re-run the same command to encode the rest", main=info.is_main
@@ -162,20 +176,37 @@ def _encode(cfg: EncodeConfig, info: DistInfo, lock: Lock) -> dict | None:
     return summary
 
 
-class ShardBuffer:
-    """The declared arrays, labels, failures and modes of one shard while it is being encoded."""
+def _feature_encoder(cfg: EncodeConfig, vae, device: str):
+    """The --features encoder on `device` (None without --features); its token grid follows
+    the latents' (`FeaturesConfig.grid_for`)."""
+    fcfg = cfg.features_config(device)
+    if fcfg is None:
+        return None
+    side = encodable_shape(vae, image_size=cfg.image_size, posterior=cfg.posterior)[1]
+    return load_feature_encoder(fcfg, latent_side=side)
 
-    def __init__(self, spec: StoreSpec, shard: int) -> None:
+
+def feature_launcher(cfg: EncodeConfig, encoder, store) -> FeatureLauncher:
+    """The feature graph of the store's declarations (and projection) and its launcher."""
+    arrays = [store.spec.array(n) for n in FEATURE_NAMES]
+    graph = FeatureGraph(encoder, arrays=arrays, projection=read_projection(store), flip=cfg.flip)
+    return FeatureLauncher(graph)
+
+
+class ShardBuffer:
+    """The arrays, labels, failures and modes of one shard while it is being encoded."""
+
+    def __init__(self, spec: StoreSpec, shard: int, arrays: Sequence[ArraySpec]) -> None:
         self.shard = shard
         self.start, self.stop = spec.shard_bounds(shard)
         self.arrays = {
             a.name: np.zeros((self.stop - self.start, *spec.row_shape(a.name)), a.dtype)
-            for a in spec.base_arrays
+            for a in arrays
         }
         self.labels = np.full(self.stop - self.start, LABEL_FILL, np.int16)
         self.failures: list[Failure] = []
         self.modes: Counter[str] = Counter()
-        self.clipped = 0
+        self.clipped: Counter[str] = Counter()  # per array, as the quantizer counted
         self.seen = 0
 
     @property
@@ -193,16 +224,25 @@ class ShardBuffer:
             self.labels,
             failures=self.failures,
             image_modes=self.modes,
-            clipped={"latents": self.clipped},
+            clipped=dict(self.clipped),
         )
 
 
 def encode_shards(
-    cfg: EncodeConfig, source, vae, pre, writer: StoreWriter, info, stop: StopSignals | None = None
+    cfg: EncodeConfig,
+    source,
+    vae,
+    pre,
+    writer: StoreWriter | AddedFeatureWriter,
+    info,
+    stop: StopSignals | None = None,
+    *,
+    features: FeatureLauncher | None = None,
 ) -> None:
-    """Encode and write the shards in `writer.todo`. On a stop signal (`stop`) no further batch
-    is launched: the launched one is finished and the shard writes in flight end; a shard left
-    partial has no record, and a resume encodes it again.
+    """Encode and write the shards in `writer.todo`: the latents with `vae` (None: none, for
+    features added to a complete store) and the feature arrays with `features`. On a stop signal
+    (`stop`) no further batch is launched: the launched one is finished and the shard writes in
+    flight end; a shard left partial has no record, and a resume encodes it again.
 
     Nothing on the main thread waits for the device between batches: batch k+1 is launched before
     batch k's uint8 codes (copied to pinned memory without blocking) are read back, and a full
@@ -222,10 +262,12 @@ def encode_shards(
         pin_memory=info.device.type == "cuda",
         prefetch=cfg.prefetch,
     )
-    launcher = make_launcher(cfg, vae, spec)
+    launchers = [make_launcher(cfg, vae, spec)] if vae is not None else []
+    launchers += [features] if features is not None else []
     total = sum(b - a for a, b in bounds)
     bar = tqdm(total=total, unit="img", disable=not info.is_main, desc="encode", smoothing=0.05)
-    buffers = {s: ShardBuffer(spec, s) for s in writer.todo}
+    arrays = writer.arrays if isinstance(writer, AddedFeatureWriter) else spec.base_arrays
+    buffers = {s: ShardBuffer(spec, s, arrays) for s in writer.todo}
     writes = _ShardWrites(writer)
     started, previous, seen = time.perf_counter(), None, 0
     with ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as pool:
@@ -237,7 +279,8 @@ def encode_shards(
             if failed > limit:
                 raise TooManyFailuresError(_too_many(cfg, source, failed, limit, buf))
             keys = [source.key(i) for i in batch.ok]
-            current = (batch, buf, launcher.launch(batch.crops, keys) if batch.ok else None)
+            launched = [ln.launch(batch.crops, keys) for ln in launchers] if batch.ok else []
+            current = (batch, buf, launched)
             if previous is not None:
                 _finish(source, *previous, bar, buffers, writes, pool)
             previous, seen = current, seen + len(batch.indices)
@@ -319,13 +362,13 @@ def _record_failures(source, buf: ShardBuffer, batch: Batch) -> int:
 
 def _finish(source, batch: Batch, buf: ShardBuffer, launched, bar, buffers, writes, pool) -> None:
     """Wait for one launched batch, put its codes in its shard buffer, write the shard when full."""
-    if launched is not None:
-        out = launched.wait()
+    if batch.ok:
         rows = np.asarray(batch.ok) - buf.start
-        buf.arrays["latents"][rows] = out.codes.numpy()
-        buf.clipped += int(out.clipped.sum())
-        if out.logstd is not None:
-            buf.arrays["logstd"][rows] = out.logstd.numpy()
+        for one in launched:
+            arrays, clipped = one.wait().named()
+            for name, values in arrays.items():
+                buf.arrays[name][rows] = values.numpy()
+            buf.clipped.update({name: int(count.sum()) for name, count in clipped.items()})
         buf.labels[rows] = [source.label(i) for i in batch.ok]
         buf.modes.update(batch.modes)
     buf.seen += len(batch.indices)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from foundation.autoencoders.loading import VaeConfig
@@ -15,6 +15,7 @@ from foundation.precision import NAMES as DTYPES
 from foundation.urls import check_options_apply, parse_storage_options
 from latent_store import VARIANTS, LatentditError
 from latent_store.schema import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, POSTERIOR_MODES
+from pipeline.features_config import FeaturesConfig
 from pipeline.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig
 from pipeline.source import LABEL_KEY
 
@@ -112,6 +113,23 @@ class EncodeConfig:
     """Samples per Zarr chunk; divides shard_size."""
     calibration_samples: int = 512
     """Images, spread evenly over the source, that set the quantization range."""
+    features: str | None = None
+    """Also store a vision encoder's tokens of every crop and variant, for REPA / REG: patch
+    tokens (array `features`, D x h*w) and class token (`features_cls`, D x 1), preprocessed as
+    REPA does. A transformers model by hub id or folder (DINOv2, DINOv2 with registers, ViT) or
+    an AutoencoderRAE (its encoder). On a complete store made without them, they are added and
+    the latents are not encoded again (docs/encode.md)."""
+    features_revision: str | None = None
+    """Hub revision of the --features encoder."""
+    features_dtype: str = "uint8"
+    """How features are stored: uint8 (per-channel affine, calibrated like the latents) or fp16."""
+    features_dims: int | None = None
+    """Store K dims per token: the projection on the first K principal components (PCA fitted
+    on the calibration images, kept in the store); None: all D."""
+    features_grid: int | None = None
+    """Token grid side G: the crop is resized to G x the encoder's patch (bicubic, after the
+    normalization, as REPA); None: the latent side / 2, the grid of a patch-2 DiT (16: 224 px
+    for DINOv2's 14-px patches at 256 px, 448 px at 512)."""
     command: str = option("", cli=False)
     """The command line, recorded in the store."""
 
@@ -155,6 +173,13 @@ class EncodeConfig:
                 f"--max-failures {self.max_failures}: a count >= 0 or a fraction in [0, 1)"
             )
         check_options_apply(self.out, self.store_options)
+        if self.features is None:  # the features_* options mean nothing without it
+            for f in fields(self):
+                if f.name.startswith("features_") and getattr(self, f.name) != f.default:
+                    flag = "--" + f.name.replace("_", "-")
+                    raise LatentditError(f"{flag} sets how --features are made: add --features")
+        else:
+            self.features_config("cpu")  # its checks, now
 
     @property
     def store_options(self) -> dict | None:
@@ -193,6 +218,20 @@ class EncodeConfig:
         per_rank = max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         # on a GPU the main process only feeds the device; on the CPU it runs the encoder too
         return max(1, per_rank - 1 if device_type == "cuda" else per_rank // 2)
+
+    def features_config(self, device: str) -> FeaturesConfig | None:
+        """How this job computes its features on `device`; None without --features."""
+        if self.features is None:
+            return None
+        return FeaturesConfig(
+            encoder=self.features,
+            revision=self.features_revision,
+            stored=self.features_dtype,
+            dims=self.features_dims,
+            grid=self.features_grid,
+            dtype=self.dtype,
+            device=device,
+        )
 
     def preprocess_config(self) -> PreprocessConfig:
         """How this job decodes and crops each image."""

@@ -16,12 +16,14 @@ computes exactly what `encode_variants` + `quantize` compute.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from latent_store import QuantParams
+from latent_store.arrays import LATENTS, LOGSTD
 from latent_store.quantize import quantize_codes
 from pipeline.vae import key_seed, posterior_latents, posterior_noise
 
@@ -35,6 +37,11 @@ class EncodedBatch:
     codes: torch.Tensor  # uint8 (b, V, C, h, w): the posterior mean or sample, quantized
     clipped: torch.Tensor  # int64 (b,): values of each crop (all variants) clipped by quantization
     logstd: torch.Tensor | None  # uint8 (b, V, C, h, w) quantized log std (posterior "moments")
+
+    def named(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """({array name: codes}, {array name: clipped per crop}), as the store names them."""
+        arrays = {LATENTS: self.codes} | ({LOGSTD: self.logstd} if self.logstd is not None else {})
+        return arrays, {LATENTS: self.clipped}
 
 
 def _channel_buffer(values: tuple[float, ...]) -> torch.Tensor:
@@ -112,26 +119,24 @@ class Launched:
     they are made at once.
     """
 
-    def __init__(self, outputs: tuple, rows: int) -> None:
-        out = EncodedBatch(*outputs)
-        self._host = EncodedBatch(
-            codes=_to_host(out.codes, rows),
-            clipped=_to_host(out.clipped, rows),
-            logstd=None if out.logstd is None else _to_host(out.logstd, rows),
-        )
+    def __init__(self, outputs: tuple, rows: int, make: Callable = EncodedBatch) -> None:
+        """outputs: the graph's tensors (None for an absent one); `make(*copies)` is what `wait`
+        returns (an EncodedBatch for the encode graph)."""
+        self._host = make(*(None if t is None else to_host(t, rows) for t in outputs))
+        first = next(t for t in outputs if t is not None)
         self._done = None
-        if out.codes.is_cuda:  # on the outputs' device, whichever device is current
+        if first.is_cuda:  # on the outputs' device, whichever device is current
             self._done = torch.cuda.Event()
-            self._done.record(torch.cuda.current_stream(out.codes.device))
+            self._done.record(torch.cuda.current_stream(first.device))
 
-    def wait(self) -> EncodedBatch:
+    def wait(self):
         """The batch's outputs on the CPU (waits for this batch only, not later launches)."""
         if self._done is not None:
             self._done.synchronize()
         return self._host
 
 
-def _to_host(t: torch.Tensor, rows: int) -> torch.Tensor:
+def to_host(t: torch.Tensor, rows: int) -> torch.Tensor:
     """A copy of the first `rows` of t in host memory: pinned and not waited for (CUDA), or made
     now (CPU). Never a view: the graph may write its next outputs into t's memory."""
     t = t[:rows]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fsspec.core import url_to_fs
@@ -26,7 +26,7 @@ from foundation.atomic import write_atomic
 from foundation.faults import note_doing
 from foundation.locks import Lock
 from foundation.urls import is_url
-from latent_store import StoreSpec, create_store
+from latent_store import LatentStore, StoreSpec, create_store
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,12 @@ def create_store_marked(
     spec: StoreSpec,
     keys: Sequence[str],
     storage_options: dict | None,
-) -> None:
+    then: Callable[[LatentStore], None] | None = None,
+) -> LatentStore:
     """`latent_store.create_store` between writing and removing the marker OUT.creating.
 
+    `then(store)` writes what belongs to the store's creation beyond its arrays (a feature
+    projection) before the marker goes, so it is redone with the rest if it is cut short.
     On a failure the half-made store is removed at once where possible (a full disk gets its
     space back); if even that fails, the marker stays for the next run to act on.
     """
@@ -92,7 +95,9 @@ def create_store_marked(
         Path(marker).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(marker, "latentdit: creating this store\n")
     try:
-        create_store(out, spec, keys, storage_options=storage_options)
+        store = create_store(out, spec, keys, storage_options=storage_options)
+        if then is not None:
+            then(store)
     except BaseException as e:
         note_doing(e, f"creating the store {out}")
         try:
@@ -102,3 +107,4 @@ def create_store_marked(
         raise
     fs, marker_path = _fs(marker, storage_options)
     fs.rm_file(marker_path)
+    return store

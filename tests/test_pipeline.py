@@ -316,12 +316,17 @@ def _wait_for_some_shards(out: Path, proc: subprocess.Popen, timeout: float = 12
     raise AssertionError(f"no shard completed (exit code {proc.poll()})")
 
 
-def test_two_ranks_under_torchrun_match_one(reference, image_tree, tiny_vae_dir, tmp_path):
-    out = tmp_path / "ranks.zarr"
-    args = ["encode", str(image_tree), "--out", str(out), "--vae", str(tiny_vae_dir)]
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+def torchrun_cli(*args: str, ranks: int = 2) -> None:
+    """`latentdit ARGS` under torchrun with `ranks` CPU processes; asserts it succeeds."""
+    run = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+    ]
     done = subprocess.run(
-        [*run, str(ROOT / "cli.py"), *args, *JOB_ARGS, "--workers", "0", "--device", "cpu"],
+        [*run, str(ROOT / "cli.py"), *args],
         cwd=ROOT,
         env=SUBPROCESS_ENV,
         capture_output=True,
@@ -329,6 +334,12 @@ def test_two_ranks_under_torchrun_match_one(reference, image_tree, tiny_vae_dir,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_ranks_under_torchrun_match_one(reference, image_tree, tiny_vae_dir, tmp_path):
+    out = tmp_path / "ranks.zarr"
+    args = ["encode", str(image_tree), "--out", str(out), "--vae", str(tiny_vae_dir)]
+    torchrun_cli(*args, *JOB_ARGS, "--workers", "0", "--device", "cpu")
     assert _equal(store_contents(out), store_contents(reference))
 
 

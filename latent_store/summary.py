@@ -104,7 +104,7 @@ def format_description(d: dict) -> str:
         f"latents      {'x'.join(map(str, d['latent_shape']))} uint8, variants {', '.join(d['variants'])}, posterior {d['posterior']}",
         f"images       {d['image_size']} px, crop {d['crop']}, modes {d['image_modes']}",
         f"classes      {d['classes']} (per class: min {d['per_class_min']}, max {d['per_class_max']})",
-        f"vae          {d['vae']['id']} ({d['vae']['cls']}, scaling {d['vae']['scaling_factor']}, shift {d['vae']['shift_factor']})",
+        f"vae          {d['vae']['id']} ({_vae(d['vae'])})",
         f"quantization {d['quantization']['scheme']}, clipped {_clipped(d['clipped_fraction'])}",
         f"mean         {floats(d['channel_mean'] or [])}",
         f"std          {floats(d['channel_std'] or [])}",
@@ -137,6 +137,24 @@ def _made_by(array: dict) -> str:
         )
     cosine = (made.get("quantization_error") or {}).get("cosine")
     return text + (f", stored with cosine {cosine:.5f}" if cosine is not None else "")
+
+
+def _vae(vae: dict) -> str:
+    """'AutoencoderKL, f8, 4 channels, pixels in [-1, 1], gaussian posterior, scaling 0.18215'."""
+    low, high = vae.get("image_range") or (-1.0, 1.0)
+    parts = [
+        vae["cls"],
+        f"f{vae.get('downsampling', 8)}",
+        f"{vae.get('latent_channels', 4)} channels",
+        f"pixels in [{low:g}, {high:g}]",
+        f"{vae.get('posterior_kind', 'gaussian')} posterior",
+        f"scaling {vae['scaling_factor']}",
+    ]
+    if vae.get("shift_factor") is not None:
+        parts.append(f"shift {vae['shift_factor']}")
+    if vae.get("normalized_by"):
+        parts.append(f"normalized by {vae['normalized_by']}")
+    return ", ".join(parts)
 
 
 def _clipped(value: float | None) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from latent_store import (
     LatentStore,
     SchemaMismatchError,
     StoreCorruptError,
+    VaeInfo,
     calibrate,
     load_latents,
     validate_store,
@@ -186,6 +188,14 @@ def test_validate_and_inspect_report_each_array(pristine):
     assert d["arrays"][2]["bytes_per_sample"] == 2 * 3 * 4 * 4 * 2
     text = format_description(d)
     assert "array        tokens: 6x5 uint8 affine-uint8-per-channel, 30 B/sample" in text
+    want = "(AutoencoderKL, f8, 4 channels, pixels in [-1, 1], gaussian posterior, scaling 0.5)"
+    assert want in text
+    rae = VaeInfo(id="rae", cls="AutoencoderRAE", latent_channels=768, downsampling=16,
+                  image_range=(0.0, 1.0), posterior_kind="deterministic",
+                  normalized_by="latents_mean/latents_std")  # fmt: skip
+    text = format_description({**d, "vae": asdict(rae)})
+    want = "(AutoencoderRAE, f16, 768 channels, pixels in [0, 1], deterministic posterior, "
+    assert want + "scaling 1.0, normalized by latents_mean/latents_std)" in text
 
 
 @pytest.mark.parametrize(

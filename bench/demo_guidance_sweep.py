@@ -17,12 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from demo.classifier import load_classifier
 from demo.config import DemoConfig
-from demo.data import CLASSES, load_split
-from demo.inception import demo_inception
-from demo.run import Layout, latentdit_command, read_samples
-from demo.verdict import judge
+from demo.data import CLASSES
+from demo.run import Layout, latentdit_command, score_samples
 
 
 def sweep_point(at: Layout, cfg: DemoConfig, scale: float, work: Path) -> dict:
@@ -33,18 +30,9 @@ def sweep_point(at: Layout, cfg: DemoConfig, scale: float, work: Path) -> dict:
            "--cfg", str(scale), "--seed", str(cfg.seed), "--no-grid"]  # fmt: skip
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    images, asked = read_samples(out, cfg.samples_per_class, cfg.seed)
-    real, labels = load_split(at.data, "val")
-    judged = judge(load_classifier(cfg.classifier), images, asked, real, labels)
-    fids = demo_inception(
-        at.data, images, asked, vae_dir=cfg.vae, images_per_class=cfg.fid_per_class
-    )
     return {
         "cfg": scale,
-        "accuracy": judged["accuracy"],
-        "fd_classifier": judged["fd_generated_vs_real"],
-        "fd_classifier_real_vs_real": judged["fd_real_vs_real"],
-        **fids,
+        **score_samples(cfg, at.data, out),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 

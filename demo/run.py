@@ -193,6 +193,27 @@ def read_samples(folder: Path, per_class: int, seed: int) -> tuple[np.ndarray, n
     return np.stack([read_png(p) for p in paths]), asked
 
 
+def score_samples(cfg: DemoConfig, data: Path, samples: Path) -> dict:
+    """The verdict's figures of a folder sampled as the demo samples (`cfg`'s classes, count
+    and seed): the shipped classifier's accuracy and feature FDs against `data`'s held-out
+    images, and the Inception FIDs (samples, the VAE floor, real vs real; `demo.inception`)."""
+    from demo.classifier import load_classifier
+    from demo.data import load_split
+    from demo.inception import demo_inception
+    from demo.verdict import judge
+
+    images, asked = read_samples(samples, cfg.samples_per_class, cfg.seed)
+    real, labels = load_split(data, "val")
+    judged = judge(load_classifier(cfg.classifier), images, asked, real, labels)
+    fids = demo_inception(data, images, asked, vae_dir=cfg.vae, images_per_class=cfg.fid_per_class)
+    return {
+        "accuracy": judged["accuracy"],
+        "fd_classifier": judged["fd_generated_vs_real"],
+        "fd_classifier_real_vs_real": judged["fd_real_vs_real"],
+        **fids,
+    }
+
+
 def write_class_grid(images: np.ndarray, asked: np.ndarray, path: Path) -> Path:
     """grid.png: one row per class, its first GRID_COLUMNS samples.
 

@@ -130,3 +130,8 @@ bench-gpu-perf:  ## on a CUDA machine: encode + train sweeps and kernel-class pr
 .PHONY: bench-gpu-all
 bench-gpu-all:  ## on a CUDA machine: issues 15, 16 and 17 in one call of < 8 min (gpu_perf + gpu_sample; files in OUT)
 	OUT=$${OUT:-gpu_all} bash bench/gpu_all.sh
+
+.PHONY: bench-demo-repa
+bench-demo-repa: setup  ## REPA on the demo: its DiT with and without --repa-coeff, full and half steps, 2 seeds (~40 min on 2 CPU cores)
+	rm -rf demo_repa_out
+	HF_HUB_OFFLINE=1 PYTHONPATH=. $(PY) bench/demo_repa.py --out demo_repa_out

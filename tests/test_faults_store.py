@@ -169,3 +169,24 @@ def test_locks_on_an_object_store(s3):
     assert taken.holder is not None
     taken.release()
     assert f"{url}.lock".removeprefix("s3://") not in s3fs_filesystem().find(url.rsplit("/", 1)[0])
+
+
+def test_a_failure_after_the_arrays_redoes_the_whole_creation(tmp_path):
+    """What `then` writes (a feature projection) belongs to the creation: a failure in it leaves
+    no store that passes for made, and the same call then creates it whole."""
+    from latent_store import open_store
+    from pipeline.store_create import CREATING_SUFFIX, create_store_marked, sidecar
+    from testkit.stores import make_spec
+
+    out, spec, keys = tmp_path / "s.zarr", make_spec(8), [f"k{i}" for i in range(8)]
+
+    def full_disk(store):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        create_store_marked(out, spec, keys, None, then=full_disk)
+    assert not out.exists() and not Path(sidecar(out, CREATING_SUFFIX)).exists()
+    seen = []
+    store = create_store_marked(out, spec, keys, None, then=lambda s: seen.append(s.path))
+    assert seen == [store.path] and not Path(sidecar(out, CREATING_SUFFIX)).exists()
+    assert open_store(out).spec == spec

@@ -11,6 +11,8 @@ rounds over the same shard order:
 - stream: `latent_store.reader.iter_shards` with verify (each shard's checksum and record
           checked, labels filtered, next shard prefetched), every shard consumed whole;
 - stream_no_verify: the same with verify=False.
+Each stream reader keeps one pool of shard memory (`shard_file.Buffers`) from pass to pass, as the
+trainer's stream mode keeps one from epoch to epoch.
 Each pass runs "warm" (files in the page cache, as after writing) and "cold" (every shard file
 dropped from the page cache first with posix_fadvise(DONTNEED), so the bytes come from the disk).
 The ratio stream / raw (bytes per second) of each is printed against the faster of the two raw
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from latent_store import LatentStore, StoreWriter, create_store, finalize_store
 from latent_store.reader import iter_shards, shard_order
+from latent_store.shard_file import Buffers
 from testkit.stores import make_spec
 
 LATENT = (768, 16, 16)  # RAE's DINOv2-B tokens at 256 px
@@ -96,10 +99,11 @@ def read_raw_into(paths: list[list[Path]]) -> int:
     return total
 
 
-def read_stream(store: LatentStore, verify: bool) -> int:
-    """Every shard through the stream-mode reader; the latent and label bytes it yielded."""
+def read_stream(store: LatentStore, verify: bool, buffers: Buffers) -> int:
+    """Every shard through the stream-mode reader, as the trainer reads an epoch (one pool of
+    shard memory for every pass, as for every epoch); the latent and label bytes it yielded."""
     total = 0
-    for shard in iter_shards(store, verify=verify):
+    for shard in iter_shards(store, verify=verify, buffers=buffers):
         total += shard.latents.nbytes + len(shard.labels) * 2  # labels as stored (int16)
     return total
 
@@ -109,11 +113,12 @@ def bench(args: argparse.Namespace) -> dict:
     order = shard_order(store.spec.num_shards, seed=0, epoch=0, rank=0, world_size=1)
     paths = shard_paths(store, order)
     file_bytes = sum(p.stat().st_size for files in paths for p in files)
+    pools = (Buffers(), Buffers())  # each stream reader's, kept from pass to pass
     readers = {
         "raw": lambda: read_raw(paths),
         "raw_readinto": lambda: read_raw_into(paths),
-        "stream": lambda: read_stream(store, verify=True),
-        "stream_no_verify": lambda: read_stream(store, verify=False),
+        "stream": lambda: read_stream(store, verify=True, buffers=pools[0]),
+        "stream_no_verify": lambda: read_stream(store, verify=False, buffers=pools[1]),
     }
     seconds: dict[str, list[float]] = {f"{n}_{c}": [] for c in ("warm", "cold") for n in readers}
     for _ in range(args.rounds):

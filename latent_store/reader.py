@@ -20,6 +20,7 @@ import numpy as np
 from latent_store.arrays import LABELS, LATENTS
 from latent_store.errors import StoreCorruptError
 from latent_store.schema import LABEL_FILL, ShardRecord, StoreSpec
+from latent_store.shard_file import Buffers
 from latent_store.store import LatentStore, open_store
 from latent_store.verify import verify_shard, verify_store, verify_summary
 
@@ -58,14 +59,16 @@ def _shard_arrays(
     record: ShardRecord | None,
     names: Sequence[str],
     added: Mapping[str, list] | None,
+    buffers: Buffers | None = None,
 ) -> LatentArrays:
     """A shard's written samples of `names`; checked against `record` (and the added arrays'
-    records, `added`: name -> records) first, unless `record` is None (no verify)."""
+    records, `added`: name -> records) first, unless `record` is None (no verify). buffers: what
+    a local shard is read into (`shard_file.Buffers`)."""
     if record is None:
-        data = store.read_shard(shard, names)
+        data = store.read_shard(shard, names, buffers=buffers)
     else:
         mine = {n: rs[shard] for n, rs in (added or {}).items()}
-        data = verify_shard(store, shard, record, names=names, added=mine)
+        data = verify_shard(store, shard, record, names=names, added=mine, buffers=buffers)
     keep = data[LABELS] != LABEL_FILL
     rows = slice(None) if keep.all() else keep  # no copy of a shard with every sample written
     start, _ = store.spec.shard_bounds(shard)
@@ -171,12 +174,16 @@ def iter_shards(
     world_size: int = 1,
     allow_incomplete: bool = False,
     verify: bool = True,
+    buffers: Buffers | None = None,
 ) -> Iterator[LatentArrays]:
     """Yield this rank's complete shards of the arrays `names`, whole, in a seeded order that
     changes every epoch.
 
     The next shard is fetched (and, with `verify`, checked) while the consumer works on the
-    current one; with `verify` the store's seal is checked first.
+    current one; with `verify` the store's seal is checked first. A local shard is read into the
+    memory of an earlier one that nothing holds any more (`shard_file.Buffers`): a consumer may
+    keep what it is given as long as it likes. Pass the same `buffers` to every epoch's call to
+    reuse that memory across them too (a new pool otherwise).
     """
     store = open_store(path)
     names = [store.spec.array(n).name for n in names]
@@ -190,8 +197,10 @@ def iter_shards(
     added = _added_records(store, names, verify)
     order = shard_order(len(complete), seed=seed, epoch=epoch, rank=rank, world_size=world_size)
 
+    buffers = Buffers() if buffers is None else buffers  # memory the consumer let go: reused
+
     def fetch(i: int) -> LatentArrays:
-        return _shard_arrays(store, complete[i], checked[complete[i]], names, added)
+        return _shard_arrays(store, complete[i], checked[complete[i]], names, added, buffers)
 
     with ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch") as pool:
         ahead = [pool.submit(fetch, i) for i in order[:PREFETCH]]

@@ -9,12 +9,18 @@ their index at the end: zarr v3 sharding specification), or as one uncompressed 
 else (compression, another layout, a missing or short file, an index that does not describe
 contiguous full chunks) returns None, and the caller reads through zarr as before; the shard's
 checksum (`latent_store.verify`) still checks what was read.
+
+`Buffers` hands the arrays it made out again once nothing else holds them: a shard read into
+memory the process already has costs no page faults (fresh memory is zeroed page by page, and on a
+VM may first have to come back from the host: stalls of up to 0.8 s per 50 MB shard on the dev VM,
+bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +30,34 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecInd
 READ_BLOCK = 1 << 20  # bytes per read: hashed while in the CPU's cache
 INDEX_ENTRY = 16  # (offset, nbytes) as two little-endian uint64 per inner chunk
 CRC32C_BYTES = 4
+_UNHELD = 3  # references to a pooled array no one else holds: the pool's list, the loop, the call
+
+
+class Buffers:
+    """Output arrays for `read_shard_file`, reused once nothing outside holds them.
+
+    An array is handed out again only when no view, slice or other reference to it is left (numpy
+    views and slices reference the array that owns the memory, so its reference count says so);
+    else a new one is made. It keeps at most `keep` arrays (`iter_shards`, the trainer's stream
+    mode: as many as were held at once).
+    """
+
+    def __init__(self, keep: int = 16) -> None:
+        self._arrays: list[np.ndarray] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """An array of `shape` and `dtype` (uninitialized: a reused one holds its old values)."""
+        dtype = np.dtype(dtype)
+        with self._lock:
+            for a in self._arrays:
+                if a.shape == shape and a.dtype == dtype and sys.getrefcount(a) <= _UNHELD:
+                    return a
+            made = np.empty(shape, dtype)
+            if len(self._arrays) < self._keep:
+                self._arrays.append(made)
+            return made
 
 
 def _raw_bytes(codecs) -> bool:
@@ -58,12 +92,15 @@ def _inner_layout(arr: zarr.Array) -> tuple[tuple[int, ...], int] | None:
     return (chunk, index) if chunk[1:] == arr.shape[1:] else None
 
 
-def read_shard_file(arr: zarr.Array, path: Path, rows: int, hasher=None) -> np.ndarray | None:
+def read_shard_file(
+    arr: zarr.Array, path: Path, rows: int, hasher=None, buffers: Buffers | None = None
+) -> np.ndarray | None:
     """The first `rows` rows of the shard (or chunk) file `path` of `arr`, or None (see above).
 
     hasher: a hash object (`update(bytes)`) fed the returned rows' bytes block by block as they
     arrive, while each block is still in the CPU's cache: a checksum without a second pass over
-    the shard. Fed nothing useful when None is returned.
+    the shard. Fed nothing useful when None is returned. buffers: where the array comes from
+    (`Buffers`: reused memory); a new one without.
     """
     layout = _inner_layout(arr)
     if layout is None:
@@ -71,7 +108,8 @@ def read_shard_file(arr: zarr.Array, path: Path, rows: int, hasher=None) -> np.n
     (chunk_rows, *sample), index_bytes = layout
     chunks = math.ceil(rows / chunk_rows)
     chunk_bytes = chunk_rows * math.prod(sample) * arr.dtype.itemsize
-    out = np.empty((chunks * chunk_rows, *sample), arr.dtype)
+    shape = (chunks * chunk_rows, *sample)
+    out = buffers.empty(shape, arr.dtype) if buffers is not None else np.empty(shape, arr.dtype)
     try:
         with open(path, "rb", buffering=0) as f:
             size = f.seek(0, 2)

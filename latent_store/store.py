@@ -30,7 +30,7 @@ from latent_store.errors import (
 from latent_store.provenance import PROVENANCE_KEY, seal
 from latent_store.retry import retry
 from latent_store.schema import ATTRS_KEY, LABEL_FILL, ShardRecord, StoreSpec
-from latent_store.shard_file import read_shard_file
+from latent_store.shard_file import Buffers, read_shard_file
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,7 @@ class LatentStore:
         names: Sequence[str] | None = None,
         *,
         digests: dict[str, str] | None = None,
+        buffers: Buffers | None = None,
     ) -> dict[str, np.ndarray]:
         """Read one shard of the arrays `names` (default: those made with the store) and of the
         labels into RAM: {name: rows}.
@@ -302,7 +303,8 @@ class LatentStore:
         Each array's shard is one object, fetched whole, the arrays' objects at once (on an
         object store: concurrent requests); a failed fetch is retried, then raises
         StoreReadError naming the shard. digests: filled with the CHECKSUM of each array that was
-        hashed as it was read (a local shard read whole), name -> "ALGORITHM:HEX".
+        hashed as it was read (a local shard read whole), name -> "ALGORITHM:HEX". buffers:
+        the arrays a local shard is read into (`shard_file.Buffers`).
         """
         start, stop = self.spec.shard_bounds(shard)
         wanted = [*(self.spec.base_names if names is None else names)]
@@ -315,6 +317,7 @@ class LatentStore:
                     self.local_root / self.chunk_key(n, shard),
                     stop - start,
                     hashers[n] if digests is not None else None,
+                    buffers,
                 )
                 for n in wanted
             ]

@@ -27,6 +27,7 @@ from latent_store.errors import LatentditError, StoreCorruptError, StoreReadErro
 from latent_store.finalize import summarize_records, summary_rows
 from latent_store.provenance import UNSEALED, provenance_problems
 from latent_store.schema import LABEL_FILL, ShardRecord
+from latent_store.shard_file import Buffers
 from latent_store.store import LatentStore, array_layouts
 
 SHARD_FIX = (
@@ -93,6 +94,7 @@ def check_shard(
     *,
     names: Sequence[str] | None = None,
     added: Mapping[str, ShardRecord | None] | None = None,
+    buffers: Buffers | None = None,
 ) -> tuple[dict[str, np.ndarray] | None, list[str], list[str]]:
     """Read and check one complete shard: (its arrays or None, data problems, label problems).
 
@@ -100,7 +102,8 @@ def check_shard(
     the shard's records of the added arrays among `names` (default: read here). The data is read
     first and its files looked up only when it fails its checksum (to name a missing one): on an
     object store each lookup is a request, and data that matches its checksum is what was
-    written, whether zarr stored it or left it as the fill value.
+    written, whether zarr stored it or left it as the fill value. buffers: what a local shard is
+    read into (`LatentStore.read_shard`).
     """
     spec = store.spec
     names = list(spec.base_names if names is None else names)
@@ -116,7 +119,7 @@ def check_shard(
         return None, problems, []
     digests: dict[str, str] = {}  # what was hashed while it was read (local stores)
     try:
-        data = store.read_shard(shard, base + extra, digests=digests)
+        data = store.read_shard(shard, base + extra, digests=digests, buffers=buffers)
     except LatentditError:
         raise
     except Exception as e:  # whatever zarr's codecs raise on damaged bytes (crc32c, reshape...)
@@ -229,10 +232,13 @@ def verify_shard(
     *,
     names: Sequence[str] | None = None,
     added: Mapping[str, ShardRecord | None] | None = None,
+    buffers: Buffers | None = None,
 ) -> dict[str, np.ndarray]:
     """The arrays `names` (default: those made with the store) and labels of a complete shard
     after every check passed (`check_shard`); else StoreCorruptError (one line)."""
-    data, problems, labels = check_shard(store, shard, record, names=names, added=added)
+    data, problems, labels = check_shard(
+        store, shard, record, names=names, added=added, buffers=buffers
+    )
     if problems or labels:
         fix = SHARD_FIX.format(path=store.path)
         raise StoreCorruptError(f"{store.path}: {'; '.join(problems + labels)}; {fix}")

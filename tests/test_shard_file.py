@@ -9,7 +9,8 @@ from conftest import write_store
 
 from latent_store import LatentStore
 from latent_store.checksums import shard_checksum
-from latent_store.shard_file import read_shard_file
+from latent_store.reader import iter_shards, shard_order
+from latent_store.shard_file import Buffers, read_shard_file
 
 
 def _files(store: LatentStore, shard: int) -> dict:
@@ -51,3 +52,37 @@ def test_other_layouts_and_damaged_files_are_left_to_zarr(tmp_path):
     packed = zarr.create_array(tmp_path / "z.zarr", shape=(16, 3), chunks=(8, 3), dtype="uint8")
     packed[:] = 1  # zarr's default codecs compress: not raw bytes
     assert read_shard_file(packed, tmp_path / "z.zarr" / "c" / "0" / "0", 8) is None
+
+
+def test_buffers_are_handed_out_again_only_when_nothing_holds_them():
+    pool = Buffers()
+    a = pool.empty((4, 3), np.uint8)
+    first = a.ctypes.data
+    view = a[1:]  # numpy views reference the array that owns the memory
+    del a
+    held = pool.empty((4, 3), np.uint8)
+    assert held.ctypes.data != first  # the view still holds the first array's memory
+    del view
+    assert pool.empty((4, 3), np.uint8).ctypes.data == first  # let go: reused
+    assert pool.empty((4, 3), np.int16).ctypes.data != first  # another dtype
+    assert pool.empty((5, 3), np.uint8).ctypes.data != first  # another shape
+    assert held.ctypes.data != first
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_stream_shards_reuse_memory_and_what_a_consumer_keeps_stays_intact(tmp_path, verify):
+    store = LatentStore(write_store(tmp_path / "s.zarr", n=96, shard=16, chunk=4, variants=2))
+    want = {s: store.read_shard(s) for s in range(store.spec.num_shards)}
+    order = shard_order(store.spec.num_shards, seed=0, epoch=0, rank=0, world_size=1)
+    kept = list(iter_shards(store, verify=verify))  # every shard held to the end: none reused
+    assert len({s.arrays["latents"].ctypes.data for s in kept}) == len(kept)
+    for shard, got in zip(order, kept, strict=True):
+        np.testing.assert_array_equal(got.arrays["latents"], want[shard]["latents"])
+        np.testing.assert_array_equal(got.labels, want[shard]["labels"])
+    pool, seen = Buffers(), set()
+    for _ in range(2):  # two epochs through one pool, each shard let go once it is read
+        for shard, got in zip(order, iter_shards(store, verify=verify, buffers=pool), strict=True):
+            np.testing.assert_array_equal(got.arrays["latents"], want[shard]["latents"])
+            seen.add(id(got.arrays["latents"].base))
+    pooled = {id(a) for a in pool._arrays}  # the arrays the pool made (malloc may reuse addresses)
+    assert seen <= pooled and len(seen) <= 3  # in hand, fetched ahead, and one being let go

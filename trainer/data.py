@@ -35,6 +35,7 @@ from latent_store import LatentArrays, LatentditError, LatentStore, load_latents
 from latent_store.arrays import LABELS, LATENTS
 from latent_store.quantize import decode
 from latent_store.reader import iter_shards, shard_order
+from latent_store.shard_file import Buffers
 from latent_store.verify import verify_store
 from trainer.memory_budget import check_fits
 from trainer.normalization import LatentNormalization
@@ -214,6 +215,7 @@ class StreamBatches(_Batches):
                 f"{store.path}: too few samples per rank for one step; lower --batch-size"
             )
         self._num_shards = len(complete)
+        self._buffers = Buffers()  # shards' memory, reused from epoch to epoch
         self._iter: Iterator[Rows] | None = None
         self._next: tuple[int, int] | None = None
 
@@ -229,6 +231,7 @@ class StreamBatches(_Batches):
             rank=self.layout.rank,
             world_size=self.layout.world_size,
             verify=self.verify,
+            buffers=self._buffers,
         )
         held: list[LatentArrays] = []
         rest = {n: np.zeros((0, *a.shape), a.dtype) for n, a in self.arrays.items()}

@@ -46,13 +46,13 @@ def main() -> None:
     for size in args.sizes:
         images = rng.integers(0, 256, (args.images, size, size, 3), dtype=np.uint8)
         warm = array_images("warmup", "warmup", images[: args.batch])
-        extract_features(warm, net, batch_size=args.batch, device=args.device)
-        f = extract_features(array_images("bench", "bench", images), net, batch_size=args.batch,
+        extract_features(warm, [net], batch_size=args.batch, device=args.device)
+        f = extract_features(array_images("bench", "bench", images), [net], batch_size=args.batch,
                              device=args.device)  # fmt: skip
         _, resize_s = timed(lambda: inception_input(torch.from_numpy(images[: args.batch])))  # noqa: B023
         rows.append({"size": size, "images": args.images, "images_per_s": f.images_per_s,
                      "resize_ms_per_image": 1e3 * resize_s / args.batch})  # fmt: skip
-        pool = f.pool
+        pool = f.features["pool_3"]
     stats, stats_s = timed(lambda: GaussianStats.of(pool))
     _, fid_s = timed(lambda: frechet_distance(stats, GaussianStats.of(pool[::-1].copy())))
     _, pr_s = timed(lambda: precision_recall(pool, pool, device=args.device))
